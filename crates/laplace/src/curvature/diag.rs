@@ -1,0 +1,71 @@
+//! Diagonal of a Gram matrix of per-sample gradients, without forming them
+//! for the whole layer at once ("SumGradSquared" / "DiagGGN").
+//!
+//! diag(Σ_{n,k} g_{n,k} g_{n,k}ᵀ) = Σ_{n,k} g_{n,k}², with g_{n,k} the
+//! per-sample, per-column gradient of [`super::batch_grad`]. For a Linear
+//! layer (R = 1) g = V[n, k] ⊗ U[n], so the weight part is
+//!
+//!   Σ_{n,k} V[n,k,o]² U[n,i]² = ((Σ_k V²)ᵀ U²)[o, i],
+//!
+//! one (O × M) · (M × I) product and no per-sample gradients at all. For
+//! Conv2d the sum over positions r does not factor, and per-sample
+//! gradients are formed a few samples at a time.
+
+use super::batch_grad::{bias_grads, weight_grads};
+use super::selection::{LayerSelection, Selected};
+use crate::engine::AffineView;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// `(n,)` diagonal entries for the selected coordinates of the layer in
+/// `view`. `chunk_elems` bounds the size of temporary per-sample gradients.
+pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<Tensor> {
+    let (u, v) = (&view.patches, &view.sensitivities);
+    let mut parts = Vec::with_capacity(2);
+    if let Some(s) = &sel.weight {
+        let (m, _, o, r) = v.dims4()?;
+        let i = u.dim(1)?;
+        let part = match s {
+            Selected::All if r == 1 => {
+                let v2 = v.sqr()?.sum(1)?.reshape((m, o))?; // Σ_k V²  (M, O)
+                let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
+                v2.t()?.matmul(&u2)?.reshape(o * i)?
+            }
+            _ => chunked_sum_sq(m, chunk_elems / per_sample_elems(v, s, i).max(1), |start, len| {
+                weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, s)
+            })?,
+        };
+        parts.push(part);
+    }
+    if let Some(s) = &sel.bias {
+        parts.push(bias_grads(v, s)?.sqr()?.sum((0, 1))?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Elements of the temporaries per sample when forming weight gradients.
+fn per_sample_elems(v: &Tensor, s: &Selected, i: usize) -> usize {
+    let d = v.dims();
+    let (k, o, r) = (d[1], d[2], d[3]);
+    match s {
+        Selected::All => k * o * (i + r),
+        Selected::Some(ids) => k * ids.len() * r,
+    }
+}
+
+/// Σ over samples 0..m, in chunks of `chunk` samples, of Σ_k g², g = `grads(start, len)` `(len, K, n)`.
+fn chunked_sum_sq(m: usize, chunk: usize, grads: impl Fn(usize, usize) -> Result<Tensor>) -> Result<Tensor> {
+    let chunk = chunk.clamp(1, m.max(1));
+    let mut acc: Option<Tensor> = None;
+    let mut start = 0;
+    while start < m {
+        let len = chunk.min(m - start);
+        let part = grads(start, len)?.sqr()?.sum((0, 1))?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+        start += len;
+    }
+    Ok(acc.expect("at least one sample"))
+}

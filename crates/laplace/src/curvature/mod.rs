@@ -1,0 +1,258 @@
+//! Curvature of a network's loss: laplace-torch's `CurvatureInterface`,
+//! `GGNInterface` and `EFInterface` in one object.
+//!
+//! | method                  | returns                                        | shape          |
+//! |-------------------------|------------------------------------------------|----------------|
+//! | `jacobians`             | J[n, c, p] = ∂f_c(x_n)/∂θ_p, and f             | (M, C, P), (M, C) |
+//! | `last_layer_jacobians`  | the same for the final Linear layer            | (M, C, P_ll)   |
+//! | `gradients`             | G[n] = ∇_θ ℓ(f(x_n), y_n), and Σ_n ℓ_n         | (M, P), (1,)   |
+//! | `full`                  | Σ_n ℓ_n and H = Σ_n J_nᵀ Λ̃_n J_n                | (1,), (P, P)   |
+//! | `diag`                  | Σ_n ℓ_n and diag(H)                            | (1,), (P,)     |
+//!
+//! with Λ̃_n = Λ_n (GGN), its Monte-Carlo estimate (1/S) Σ_s g_s g_sᵀ
+//! (Fisher), or ∇_f ℓ_n ∇_f ℓ_nᵀ (empirical Fisher, H = Σ_n G_n G_nᵀ).
+//! All of them are Gram matrices Σ_{n,k} g_{n,k} g_{n,k}ᵀ of per-sample
+//! gradients g_{n,k} = J_nᵀ r_{n,k} for K output rows r_{n,k} with
+//! Σ_k r_{n,k} r_{n,k}ᵀ = Λ̃_n; the rows are pushed back through the network
+//! by the [`crate::engine`] and each layer turns them into its share.
+//! P counts the selected parameters ([`Subset`]).
+
+mod batch_grad;
+mod diag;
+mod selection;
+
+pub use selection::{LayerSelection, ParamSelection, Selected, Subset};
+
+use std::str::FromStr;
+
+use crate::engine::{self, Tape};
+use crate::error::{bail, Error, Result};
+use crate::likelihood::Likelihood;
+use crate::model::Sequential;
+use crate::tensor::Tensor;
+
+/// Which curvature: GGN, Monte-Carlo Fisher or empirical Fisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CurvatureKind {
+    /// Exact generalized Gauss-Newton (= Fisher for these likelihoods).
+    Ggn,
+    /// Monte-Carlo Fisher with `samples` draws ỹ ~ p(y | f) per point.
+    FisherMc { samples: usize, seed: u64 },
+    /// Empirical Fisher Σ_n G_n G_nᵀ.
+    Ef,
+}
+
+impl FromStr for CurvatureKind {
+    type Err = Error;
+    /// `ggn`, `fisher-mc` (1 sample, seed 0; set them on the value), `ef`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "ggn" => Ok(CurvatureKind::Ggn),
+            "fisher-mc" | "fisher" => Ok(CurvatureKind::FisherMc { samples: 1, seed: 0 }),
+            "ef" => Ok(CurvatureKind::Ef),
+            other => bail!(Invalid, "unknown curvature {other:?} (expected ggn, fisher-mc or ef)"),
+        }
+    }
+}
+
+/// A batch of data: inputs, targets, and the position of its first point
+/// in the data set (which seeds the Monte-Carlo streams, so that MC results
+/// do not depend on how the data set is batched).
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub offset: usize,
+}
+
+impl Batch {
+    pub fn new(x: Tensor, y: Tensor) -> Self {
+        Batch { x, y, offset: 0 }
+    }
+}
+
+/// Curvature of `model`'s loss under `likelihood`, for a parameter subset.
+pub struct Curvature<'m> {
+    model: &'m Sequential,
+    likelihood: Likelihood,
+    kind: CurvatureKind,
+    selection: ParamSelection,
+    /// Bound on the elements of per-chunk temporaries (per-sample gradients
+    /// of a batch chunk): the memory knob of `full` and `diag`.
+    chunk_elems: usize,
+}
+
+/// Default bound on temporaries: 2^24 elements (128 MiB in f64).
+const DEFAULT_CHUNK_ELEMS: usize = 1 << 24;
+
+impl<'m> Curvature<'m> {
+    pub fn new(model: &'m Sequential, likelihood: Likelihood, kind: CurvatureKind, subset: &Subset) -> Result<Self> {
+        if let CurvatureKind::FisherMc { samples: 0, .. } = kind {
+            bail!(Invalid, "the Monte-Carlo Fisher needs at least one sample");
+        }
+        Ok(Curvature {
+            model,
+            likelihood,
+            kind,
+            selection: ParamSelection::new(model, subset)?,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+        })
+    }
+
+    /// Bound the temporaries of `full` and `diag` to about `elems` elements.
+    pub fn with_chunk_elems(mut self, elems: usize) -> Self {
+        self.chunk_elems = elems.max(1);
+        self
+    }
+
+    pub fn model(&self) -> &Sequential {
+        self.model
+    }
+
+    pub fn likelihood(&self) -> Likelihood {
+        self.likelihood
+    }
+
+    pub fn kind(&self) -> CurvatureKind {
+        self.kind
+    }
+
+    pub fn selection(&self) -> &ParamSelection {
+        &self.selection
+    }
+
+    /// Number of parameters the quantities are computed for.
+    pub fn n_params(&self) -> usize {
+        self.selection.len()
+    }
+
+    /// Jacobians J `(M, C, P)` of the outputs with respect to the selected
+    /// parameters, and the outputs f `(M, C)`.
+    pub fn jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        jacobians_for(self.model, &self.selection, x)
+    }
+
+    /// Jacobians with respect to the final Linear layer only `(M, C, C·D [+ C])`,
+    /// computed from its input features φ alone, and f.
+    pub fn last_layer_jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let sel = ParamSelection::new(self.model, &Subset::LastLayer)?;
+        jacobians_for(self.model, &sel, x)
+    }
+
+    /// Per-sample gradients G `(M, P)` of ℓ(f(x_n), y_n), and Σ_n ℓ_n `(1,)`.
+    pub fn gradients(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let tape = engine::forward(self.model, x, self.selection.first_layer())?;
+        let y = self.targets(y, &tape.output)?;
+        let loss = self.likelihood.loss(&tape.output, &y)?;
+        let rows = self.likelihood.gradient(&tape.output, &y)?.unsqueeze(1)?;
+        let g = batch_grads(self.model, &self.selection, &tape, rows)?.squeeze(1)?;
+        Ok((check_finite(self.selection.reorder(g, 1)?, "gradients")?, loss))
+    }
+
+    /// Σ_n ℓ_n `(1,)` and the dense curvature H `(P, P)`, accumulated from
+    /// per-sample gradients a chunk of samples at a time.
+    pub fn full(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let m = batch.x.dim(0)?;
+        let p = self.selection.len();
+        let rows_per_point = self.rows_per_point();
+        let chunk = (self.chunk_elems / (rows_per_point * p).max(1)).clamp(1, m.max(1));
+        let mut h = Tensor::zeros((p, p), self.model.dtype(), self.model.device())?;
+        let mut loss = Tensor::zeros(1, self.model.dtype(), self.model.device())?;
+        let mut start = 0;
+        while start < m {
+            let len = chunk.min(m - start);
+            let (x, y) = (batch.x.narrow(0, start, len)?, batch.y.narrow(0, start, len)?);
+            let tape = engine::forward(self.model, &x, self.selection.first_layer())?;
+            let y = self.targets(&y, &tape.output)?;
+            loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
+            let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
+            let k = rows.dim(1)?;
+            // H += Aᵀ A, A = the (len·K, P) stacked per-sample gradients.
+            let a = batch_grads(self.model, &self.selection, &tape, rows)?.reshape((len * k, p))?;
+            h = (h + a.t()?.matmul(&a)?)?;
+            start += len;
+        }
+        let h = self.selection.reorder(self.selection.reorder(h, 0)?, 1)?;
+        Ok((loss, check_finite(h, "curvature")?))
+    }
+
+    /// Σ_n ℓ_n `(1,)` and the diagonal of H `(P,)`, without per-sample
+    /// gradients of the whole network.
+    pub fn diag(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
+        let y = self.targets(&batch.y, &tape.output)?;
+        let loss = self.likelihood.loss(&tape.output, &y)?;
+        let rows = self.output_rows(&tape.output, &y, batch.offset)?;
+        let mut parts = Vec::new();
+        engine::backward(self.model, &tape, rows, |view| {
+            if let Some(sel) = self.selection.layer(view.layer) {
+                parts.push(diag::diag_gram(&view, sel, self.chunk_elems)?);
+            }
+            Ok(())
+        })?;
+        parts.reverse();
+        let d = self.selection.reorder(Tensor::cat(&parts, 0)?, 0)?;
+        Ok((loss, check_finite(d, "curvature diagonal")?))
+    }
+
+    /// Number of output rows K per data point for this kind.
+    fn rows_per_point(&self) -> usize {
+        match self.kind {
+            CurvatureKind::Ggn => self.model.n_outputs(),
+            CurvatureKind::FisherMc { samples, .. } => samples,
+            CurvatureKind::Ef => 1,
+        }
+    }
+
+    /// Output rows `(M, K, C)` whose Gram matrix per point is Λ̃_n.
+    fn output_rows(&self, f: &Tensor, y: &Tensor, offset: usize) -> Result<Tensor> {
+        match self.kind {
+            CurvatureKind::Ggn => self.likelihood.sqrt_hessian(f),
+            CurvatureKind::FisherMc { samples, seed } => self.likelihood.sampled_gradients(f, samples, seed, offset),
+            CurvatureKind::Ef => Ok(self.likelihood.gradient(f, y)?.unsqueeze(1)?),
+        }
+    }
+
+    fn targets(&self, y: &Tensor, f: &Tensor) -> Result<Tensor> {
+        let (m, c) = f.dims2()?;
+        self.likelihood.prepare_targets(y, m, c, self.model.dtype())
+    }
+}
+
+/// Jacobians over a selection: identity rows pushed back.
+fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let tape = engine::forward(model, x, sel.first_layer())?;
+    let (m, c) = tape.output.dims2()?;
+    let rows = Tensor::eye(c, model.dtype(), model.device())?
+        .unsqueeze(0)?
+        .broadcast_as((m, c, c))?
+        .contiguous()?;
+    let j = batch_grads(model, sel, &tape, rows)?;
+    Ok((check_finite(sel.reorder(j, 2)?, "Jacobians")?, tape.output))
+}
+
+/// `(M, K, P)` per-sample gradients of the selected parameters for output rows `(M, K, C)`.
+fn batch_grads(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows: Tensor) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    engine::backward(model, tape, rows, |view| {
+        if let Some(s) = sel.layer(view.layer) {
+            parts.push(batch_grad::batch_grads(&view, s)?);
+        }
+        Ok(())
+    })?;
+    parts.reverse();
+    Ok(Tensor::cat(&parts, 2)?)
+}
+
+/// Refuse to return NaN or infinity.
+fn check_finite(t: Tensor, what: &str) -> Result<Tensor> {
+    if let Some(pos) = crate::tensor::first_non_finite(&t)? {
+        bail!(
+            NonFinite,
+            "the {what} hold a non-finite value at index {:?} (overflow in the network or its inputs?)",
+            crate::tensor::unravel(pos, t.dims())
+        );
+    }
+    Ok(t)
+}
+

@@ -1,0 +1,183 @@
+//! Which parameters a quantity is computed for: all of θ, the last layer, or
+//! a subnetwork given as indices into θ.
+//!
+//! Quantities are computed only for the selected coordinates, layer by layer
+//! (a layer with nothing selected contributes no work, and the backward pass
+//! stops at the first layer with something selected), in θ order. A
+//! subnetwork given in another order is permuted into that order at the end,
+//! so that results match `quantity[..., subnetwork_indices]` of the full
+//! object.
+
+use std::collections::BTreeMap;
+
+use crate::error::{bail, Result};
+use crate::model::Sequential;
+use crate::tensor::{self, Tensor};
+
+/// The parameters a curvature object works on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subset {
+    All,
+    /// The final Linear layer (weight and bias).
+    LastLayer,
+    /// Indices into θ; unique, any order.
+    Subnetwork(Vec<i64>),
+}
+
+/// Selected coordinates of one parameter tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selected {
+    All,
+    /// Sorted local (row-major) indices.
+    Some(Vec<usize>),
+}
+
+impl Selected {
+    pub fn len(&self, numel: usize) -> usize {
+        match self {
+            Selected::All => numel,
+            Selected::Some(ids) => ids.len(),
+        }
+    }
+}
+
+/// The selection within one layer: its weight and its bias.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayerSelection {
+    pub weight: Option<Selected>,
+    pub bias: Option<Selected>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSelection {
+    layers: BTreeMap<usize, LayerSelection>,
+    /// Output position j holds computed column `order[j]` (subnetworks in
+    /// user order); `None` when the computed order is the output order.
+    order: Option<Vec<usize>>,
+    len: usize,
+    first_layer: usize,
+}
+
+impl ParamSelection {
+    pub fn new(model: &Sequential, subset: &Subset) -> Result<Self> {
+        let mut layers: BTreeMap<usize, LayerSelection> = BTreeMap::new();
+        let mut put = |layer: usize, name: &str, sel: Selected| {
+            let entry = layers.entry(layer).or_default();
+            if name.ends_with(".bias") {
+                entry.bias = Some(sel);
+            } else {
+                entry.weight = Some(sel);
+            }
+        };
+        let params = model.params();
+        let mut order = None;
+        match subset {
+            Subset::All => {
+                if params.is_empty() {
+                    bail!(Invalid, "the model has no parameters");
+                }
+                for p in params {
+                    put(p.layer, &p.name, Selected::All);
+                }
+            }
+            Subset::LastLayer => {
+                let last = model.last_linear()?;
+                for p in params.iter().filter(|p| p.layer == last) {
+                    put(p.layer, &p.name, Selected::All);
+                }
+            }
+            Subset::Subnetwork(indices) => {
+                let n_params = model.n_params();
+                if indices.is_empty() {
+                    bail!(Invalid, "the subnetwork index list is empty");
+                }
+                let mut seen = vec![usize::MAX; n_params];
+                for (pos, &idx) in indices.iter().enumerate() {
+                    if idx < 0 || idx as usize >= n_params {
+                        bail!(
+                            Invalid,
+                            "subnetwork index {idx} (position {pos}) is out of range: the model has {n_params} parameters"
+                        );
+                    }
+                    let idx = idx as usize;
+                    if seen[idx] != usize::MAX {
+                        bail!(
+                            Invalid,
+                            "subnetwork index {idx} appears twice (positions {} and {pos})",
+                            seen[idx]
+                        );
+                    }
+                    seen[idx] = pos;
+                }
+                let mut sorted: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
+                sorted.sort_unstable();
+                for p in params {
+                    let local: Vec<usize> = sorted
+                        .iter()
+                        .filter(|&&i| i >= p.offset && i < p.offset + p.numel)
+                        .map(|&i| i - p.offset)
+                        .collect();
+                    if local.len() == p.numel {
+                        put(p.layer, &p.name, Selected::All);
+                    } else if !local.is_empty() {
+                        put(p.layer, &p.name, Selected::Some(local));
+                    }
+                }
+                // Rank of each requested index in θ order.
+                let rank_of: std::collections::HashMap<usize, usize> =
+                    sorted.iter().enumerate().map(|(r, &i)| (i, r)).collect();
+                let ord: Vec<usize> = indices.iter().map(|&i| rank_of[&(i as usize)]).collect();
+                if ord.iter().enumerate().any(|(j, &r)| j != r) {
+                    order = Some(ord);
+                }
+            }
+        }
+        let len = params
+            .iter()
+            .map(|p| {
+                let sel = layers.get(&p.layer).and_then(|l| {
+                    if p.name.ends_with(".bias") {
+                        l.bias.as_ref()
+                    } else {
+                        l.weight.as_ref()
+                    }
+                });
+                sel.map_or(0, |s| s.len(p.numel))
+            })
+            .sum();
+        let first_layer = *layers.keys().next().expect("a selection is never empty");
+        Ok(ParamSelection {
+            layers,
+            order,
+            len,
+            first_layer,
+        })
+    }
+
+    /// Number of selected coordinates.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first layer with a selected parameter: where the backward pass stops.
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// The selection within `layer`, if any.
+    pub fn layer(&self, layer: usize) -> Option<&LayerSelection> {
+        self.layers.get(&layer)
+    }
+
+    /// Put the parameter axis `dim` of `t` (computed in θ order) into output order.
+    pub fn reorder(&self, t: Tensor, dim: usize) -> Result<Tensor> {
+        match &self.order {
+            None => Ok(t),
+            Some(ord) => tensor::select(&t, &tensor::index_tensor(ord, t.device())?, dim),
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! One error type for the whole crate.
+//!
+//! Every variant carries a message that names the thing that is wrong (the
+//! layer index and type, the weight key, the data key, the offending shape),
+//! because the user of a curvature tool usually exported the model from
+//! somewhere else and needs to know *where* the two disagree.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model spec (JSON) is malformed or describes a network we cannot build.
+    #[error("model spec: {0}")]
+    Spec(String),
+
+    /// The weights do not match the spec: a missing, unexpected or mis-shaped tensor.
+    #[error("weights: {0}")]
+    Weights(String),
+
+    /// The data file or an in-memory batch does not fit the model or likelihood.
+    #[error("data: {0}")]
+    Data(String),
+
+    /// An argument (subnetwork indices, sample count, ...) is out of range.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+
+    /// A computation produced NaN or infinity.
+    #[error("numerical error: {0}")]
+    NonFinite(String),
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A tensor operation failed; this is a bug or an exotic input we did not check for.
+    #[error("tensor operation: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `bail!(Spec, "layer {i}: ...")` returns early with that error variant.
+macro_rules! bail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err($crate::error::Error::$kind(format!($($arg)*)))
+    };
+}
+pub(crate) use bail;

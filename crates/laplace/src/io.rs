@@ -1,0 +1,108 @@
+//! Files: safetensors (weights, data, results), numpy `.npz` (data) and
+//! `.npy` (index lists). Part of the candle boundary (see [`crate::tensor`]).
+//!
+//! Results are written atomically (a temporary file in the same directory,
+//! then a rename), so a failed run never leaves a half-written output.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{bail, Error, Result};
+use crate::tensor::{self, Device, Tensor};
+
+/// All tensors of a safetensors file.
+pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::Data(format!("{}: not a readable safetensors file: {e}", path.display()))
+    })
+}
+
+/// All arrays of a numpy `.npz` archive (uncompressed or deflated).
+pub fn read_npz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
+    let arrays = Tensor::read_npz(path)
+        .map_err(|e| Error::Data(format!("{}: not a readable .npz archive: {e}", path.display())))?;
+    arrays
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect()
+}
+
+/// One numpy `.npy` array.
+pub fn read_npy(path: &Path, device: &Device) -> Result<Tensor> {
+    if !path.exists() {
+        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
+    }
+    let t = Tensor::read_npy(path)
+        .map_err(|e| Error::Data(format!("{}: not a readable .npy array: {e}", path.display())))?;
+    Ok(t.to_device(device)?)
+}
+
+/// A tensor file by extension: `.npz` or `.safetensors`.
+pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npz") => read_npz(path, device),
+        Some("safetensors") => read_safetensors(path, device),
+        _ => bail!(Data, "{}: expected a .npz or .safetensors file", path.display()),
+    }
+}
+
+/// A 1-D integer index list from `.npy` (or a `.safetensors` / `.npz` holding
+/// exactly one array).
+pub fn read_indices(path: &Path) -> Result<Vec<i64>> {
+    let t = match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => read_npy(path, &Device::Cpu)?,
+        _ => {
+            let all = read_tensors(path, &Device::Cpu)?;
+            if all.len() != 1 {
+                bail!(Data, "{}: expected exactly one index array, found {}", path.display(), all.len());
+            }
+            all.into_values().next().expect("one array")
+        }
+    };
+    if t.rank() != 1 {
+        bail!(Data, "{}: indices must be a 1-D array, got shape {:?}", path.display(), t.dims());
+    }
+    if !tensor::is_int_dtype(t.dtype()) {
+        bail!(
+            Data,
+            "{}: indices must be integers (int64), got dtype {}",
+            path.display(),
+            tensor::dtype_name(t.dtype())
+        );
+    }
+    tensor::to_vec_i64(&t)
+}
+
+/// Write tensors to a safetensors file, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let tmp = temp_path(path);
+    candle_core::safetensors::save(&map, &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        match e {
+            candle_core::Error::Io(io) => Error::io(path, io),
+            other => Error::Tensor(other),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// A sibling temporary file: `dir/.name.tmp-<pid>`.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = format!(".{name}.tmp-{}", std::process::id());
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(tmp),
+        _ => PathBuf::from(tmp),
+    }
+}

@@ -1,0 +1,46 @@
+//! # laplace
+//!
+//! Curvature of neural-network losses — Jacobians, per-sample gradients, the
+//! generalized Gauss-Newton (GGN), Monte-Carlo Fisher and empirical Fisher
+//! (EF), as full matrices or diagonals, over all weights, the last layer or a
+//! subnetwork — for PyTorch `nn.Sequential` models exported as a JSON spec
+//! plus safetensors weights. The numbers match laplace-torch's
+//! `laplace.curvature` module; see `shared/spec/curvature-conventions.md`
+//! for every convention.
+//!
+//! ```no_run
+//! use laplace::{Curvature, CurvatureKind, Likelihood, Sequential, Subset, Batch};
+//! use laplace::tensor::Device;
+//! # fn main() -> laplace::Result<()> {
+//! let dev = Device::Cpu;
+//! let model = Sequential::load("model.json", "weights.safetensors", None, &dev)?;
+//! let data = laplace::Dataset::load("data.npz".as_ref(), model.dtype(), &dev)?;
+//! let ggn = Curvature::new(&model, Likelihood::Classification, CurvatureKind::Ggn, &Subset::All)?;
+//! let (loss, diag) = ggn.diag(&data.batch(0, data.len())?)?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`spec`] parses the model description, [`nn`] holds one module
+//! per layer, [`model`] chains them, [`engine`] propagates sensitivities,
+//! [`curvature`] turns them into quantities, [`likelihood`] supplies the
+//! output-space pieces. [`tensor`] and [`io`] are the only places that talk
+//! to candle directly.
+
+pub mod curvature;
+pub mod data;
+pub mod engine;
+pub mod error;
+pub mod io;
+pub mod likelihood;
+pub mod model;
+pub mod nn;
+pub mod rng;
+pub mod spec;
+pub mod tensor;
+
+pub use curvature::{Batch, Curvature, CurvatureKind, Subset};
+pub use data::Dataset;
+pub use error::{Error, Result};
+pub use likelihood::Likelihood;
+pub use model::Sequential;
+pub use spec::ModelSpec;

@@ -1,0 +1,146 @@
+//! Elementwise activations: y = σ(x), and the diagonal Jacobian σ'(x).
+//!
+//! Each formula follows PyTorch's definition exactly, including its branch
+//! choices at kinks (σ'(0) of ReLU is 0, of LeakyReLU the slope, of ELU α)
+//! and Softplus' switch to the identity above its threshold.
+
+use super::{Layer, Saved};
+use crate::error::Result;
+use crate::spec::Activation;
+use crate::tensor::{self, Tensor};
+
+pub struct Elementwise {
+    act: Activation,
+    shape: Vec<usize>,
+}
+
+/// Forward state: σ'(x), same shape as the input.
+struct ElementwiseSaved {
+    derivative: Tensor,
+}
+
+impl Elementwise {
+    pub(crate) fn new(act: Activation, shape: &[usize]) -> Self {
+        Elementwise {
+            act,
+            shape: shape.to_vec(),
+        }
+    }
+
+    pub fn activation(&self) -> Activation {
+        self.act
+    }
+}
+
+/// 1 where `mask` holds, 0 elsewhere, in the dtype of `like`.
+fn indicator(mask: &Tensor, like: &Tensor) -> Result<Tensor> {
+    Ok(mask.to_dtype(like.dtype())?)
+}
+
+/// eˣ − 1 accurate near 0 (Kahan): with u = eˣ, (u − 1)·x / log u, = x where u == 1.
+fn expm1(x: &Tensor) -> Result<Tensor> {
+    let u = x.exp()?;
+    let um1 = (&u - 1.0)?;
+    let is_one = um1.eq(0.0)?;
+    let logu = is_one.where_cond(&u.ones_like()?, &u.log()?)?;
+    let general = (um1 * x)?.div(&logu)?;
+    Ok(is_one.where_cond(x, &general)?)
+}
+
+/// σ(x) and σ'(x).
+pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok(match act {
+        Activation::ReLU => {
+            let pos = indicator(&x.gt(0.0)?, x)?;
+            ((x * &pos)?, pos)
+        }
+        Activation::LeakyReLU { negative_slope } => {
+            // y = x for x > 0, slope·x otherwise; σ' = 1 or slope.
+            let pos = indicator(&x.gt(0.0)?, x)?;
+            let d = ((&pos * (1.0 - negative_slope))? + negative_slope)?;
+            ((x * &d)?, d)
+        }
+        Activation::Tanh => {
+            let y = x.tanh()?;
+            let d = (1.0 - y.sqr()?)?;
+            (y, d)
+        }
+        Activation::Sigmoid => {
+            let y = tensor::sigmoid(x)?;
+            let d = (&y * (1.0 - &y)?)?;
+            (y, d)
+        }
+        Activation::Softplus { beta, threshold } => {
+            // y = log(1 + e^{βx}) / β, or x where βx > threshold;
+            // σ' = sigmoid(βx), or 1 there. log(1 + e^z) = max(z, 0) + log1p(e^{−|z|}).
+            let z = (x * beta)?;
+            let above = z.gt(threshold)?;
+            let soft = ((z.relu()? + tensor::log1p(&z.abs()?.neg()?.exp()?)?)? / beta)?;
+            let y = above.where_cond(x, &soft)?;
+            let d = above.where_cond(&x.ones_like()?, &tensor::sigmoid(&z)?)?;
+            (y, d)
+        }
+        Activation::ELU { alpha } => {
+            // y = x for x > 0, α(eˣ − 1) otherwise; σ' = 1 or α eˣ.
+            let pos = x.gt(0.0)?;
+            let neg_part = (expm1(x)? * alpha)?;
+            let y = pos.where_cond(x, &neg_part)?;
+            let d = pos.where_cond(&x.ones_like()?, &(x.exp()? * alpha)?)?;
+            (y, d)
+        }
+        Activation::GELU {
+            tanh_approximation: false,
+        } => {
+            // y = x Φ(x), Φ(x) = ½(1 + erf(x/√2)); σ' = Φ(x) + x φ(x).
+            let cdf = ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5;
+            let cdf = cdf?;
+            let pdf = ((x.sqr()? * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2))?;
+            let y = (x * &cdf)?;
+            let d = (cdf + (x * pdf)?)?;
+            (y, d)
+        }
+        Activation::GELU {
+            tanh_approximation: true,
+        } => {
+            // y = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³);
+            // σ' = ½(1 + tanh u) + ½x(1 − tanh²u)·√(2/π)(1 + 3·0.044715x²).
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let x2 = x.sqr()?;
+            let u = ((x * (&x2 * 0.044715)?)? + x)?;
+            let t = (u * c)?.tanh()?;
+            let half_one_plus_t = ((&t + 1.0)? * 0.5)?;
+            let du = (((&x2 * (3.0 * 0.044715))? + 1.0)? * c)?;
+            let y = (x * &half_one_plus_t)?;
+            let d = (half_one_plus_t + ((x * 0.5)? * (1.0 - t.sqr()?)?)?.mul(&du)?)?;
+            (y, d)
+        }
+        Activation::SiLU => {
+            // y = x s(x), s the logistic sigmoid; σ' = s (1 + x (1 − s)).
+            let s = tensor::sigmoid(x)?;
+            let y = (x * &s)?;
+            let d = (&s * ((x * (1.0 - &s)?)? + 1.0)?)?;
+            (y, d)
+        }
+    })
+}
+
+impl Layer for Elementwise {
+    fn type_name(&self) -> &'static str {
+        self.act.type_name()
+    }
+
+    fn out_shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        let (y, d) = value_and_derivative(self.act, x)?;
+        Ok((y, save.then(|| Saved::new(ElementwiseSaved { derivative: d }))))
+    }
+
+    fn backward(&self, saved: &Saved, v: &Tensor) -> Result<Tensor> {
+        // Jᵀ v = σ'(x) ⊙ v, broadcast over the K columns.
+        let d = saved.get::<ElementwiseSaved>().derivative.unsqueeze(1)?;
+        Ok(v.broadcast_mul(&d)?)
+    }
+}

@@ -1,0 +1,177 @@
+//! `torch.nn.Conv2d` (groups = 1) as a matrix product over unfolded
+//! receptive fields: z[:, r] = W U[:, r] + b with W `(out_c, in_c·kh·kw)`.
+
+use std::collections::HashMap;
+
+use super::patches::{with_sentinel, PatchIndex, Window};
+use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
+use crate::error::Result;
+use crate::spec::{LayerSpec, Padding};
+use crate::tensor::{DType, Tensor};
+
+pub struct Conv2d {
+    /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
+    weight4: Tensor,
+    /// The same weight flattened to `(O, I)`, I = in_c·kh·kw.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    index: PatchIndex,
+    in_shape: [usize; 3],
+    out_shape: [usize; 3],
+}
+
+/// Forward state: the unfolded input U `(M, I, R)`.
+struct ConvSaved {
+    patches: Tensor,
+}
+
+impl Conv2d {
+    pub(crate) fn build(
+        ctx: &LayerCtx,
+        in_shape: &[usize],
+        weights: &mut HashMap<String, Tensor>,
+        dtype: DType,
+    ) -> Result<Self> {
+        let LayerSpec::Conv2d {
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            bias,
+        } = *ctx.spec
+        else {
+            unreachable!("Conv2d::build called with another spec")
+        };
+        let &[c, h, w] = in_shape else {
+            return Err(ctx.spec_err(format!(
+                "its input has per-sample shape {in_shape:?}, but Conv2d needs (channels, height, width)"
+            )));
+        };
+        if c != in_channels {
+            return Err(ctx.spec_err(format!(
+                "its input has {c} channels (shape {in_shape:?}), but in_channels = {in_channels}"
+            )));
+        }
+        // (before, after) padding per axis; "same" may be asymmetric, as in torch.
+        let pads: [[usize; 2]; 2] = match padding {
+            Padding::Explicit(p) => [[p[0], p[0]], [p[1], p[1]]],
+            Padding::Valid => [[0, 0], [0, 0]],
+            Padding::Same => std::array::from_fn(|a| {
+                let total = dilation[a] * (kernel_size[a] - 1);
+                [total / 2, total - total / 2]
+            }),
+        };
+        let mut out_hw = [0; 2];
+        for a in 0..2 {
+            let n = [h, w][a];
+            out_hw[a] = Window::out_len(n, kernel_size[a], stride[a], pads[a][0], pads[a][1], dilation[a], false)
+                .ok_or_else(|| {
+                    ctx.spec_err(format!(
+                        "input {h}×{w} (padded by {pads:?}) is smaller than the dilated kernel {kernel_size:?} \
+                         (dilation {dilation:?})"
+                    ))
+                })?;
+        }
+        let window = Window {
+            in_hw: [h, w],
+            kernel: kernel_size,
+            stride,
+            pad_before: [pads[0][0], pads[1][0]],
+            dilation,
+            out_hw,
+        };
+        let wshape = [out_channels, in_channels, kernel_size[0], kernel_size[1]];
+        let weight4 = ctx.take_param(weights, "weight", &wshape, dtype)?;
+        let weight = weight4.reshape((out_channels, ()))?;
+        let bias = if bias {
+            Some(ctx.take_param(weights, "bias", &[out_channels], dtype)?)
+        } else {
+            None
+        };
+        let index = PatchIndex::new(&window.index_table(c), c * h * w, ctx.device)?;
+        Ok(Conv2d {
+            weight4,
+            weight,
+            bias,
+            index,
+            in_shape: [c, h, w],
+            out_shape: [out_channels, out_hw[0], out_hw[1]],
+        })
+    }
+
+    fn positions(&self) -> usize {
+        self.out_shape[1] * self.out_shape[2]
+    }
+
+    /// The weight flattened to `(O, in_c·kh·kw)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Layer for Conv2d {
+    fn type_name(&self) -> &'static str {
+        "Conv2d"
+    }
+
+    fn out_shape(&self) -> &[usize] {
+        &self.out_shape
+    }
+
+    fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        let m = x.dim(0)?;
+        let (o, i) = self.weight.dims2()?;
+        let r = self.positions();
+        // U = im2col(x): (M, I, R), zero padding through the sentinel.
+        let u = self.index.unfold(&with_sentinel(x, 0.0)?)?.reshape((m, i, r))?;
+        // z = W U + b: (O, I) @ (M, I, R) → (M, O, R).
+        let mut z = self.weight.broadcast_left(m)?.matmul(&u)?;
+        if let Some(b) = &self.bias {
+            z = z.broadcast_add(&b.reshape((o, 1))?)?;
+        }
+        let z = z.reshape((m, self.out_shape[0], self.out_shape[1], self.out_shape[2]))?;
+        let saved = save.then(|| Saved::new(ConvSaved { patches: u }));
+        Ok((z, saved))
+    }
+
+    fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
+        // Jᵀ v = col2im(Wᵀ V): (M·K, O, R) → (M·K, I, R) → (M·K, C·H·W).
+        let (m, k) = (v.dim(0)?, v.dim(1)?);
+        let (o, i) = self.weight.dims2()?;
+        let r = self.positions();
+        let vv = merge_mk(v)?.reshape((m * k, o, r))?;
+        let cols = self.weight.t()?.broadcast_left(m * k)?.matmul(&vv)?;
+        let vin = self.index.fold(&cols.reshape((m * k, i * r))?)?;
+        let [c, h, w] = self.in_shape;
+        split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut p = vec![("weight", &self.weight4)];
+        if let Some(b) = &self.bias {
+            p.push(("bias", b));
+        }
+        p
+    }
+
+    fn affine(&self) -> Option<&dyn AffineLayer> {
+        Some(self)
+    }
+}
+
+impl AffineLayer for Conv2d {
+    fn affine_dims(&self) -> (usize, usize, usize) {
+        let (o, i) = self.weight.dims2().expect("weight is 2-D");
+        (o, i, self.positions())
+    }
+
+    fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    fn patches(&self, saved: &Saved) -> Result<Tensor> {
+        Ok(saved.get::<ConvSaved>().patches.clone())
+    }
+}

@@ -1,0 +1,527 @@
+//! The model description: a JSON file naming `torch.nn` classes and their
+//! constructor arguments, with torch's defaults.
+//!
+//! ```json
+//! {"input_shape": [1, 28, 28],
+//!  "layers": [{"type": "Conv2d", "in_channels": 1, "out_channels": 8, "kernel_size": 5},
+//!             {"type": "ReLU"}, {"type": "Flatten"},
+//!             {"type": "Linear", "in_features": 4608, "out_features": 10}]}
+//! ```
+//!
+//! Parsing is strict: an unknown type, an unknown argument, a missing
+//! required argument or a value of the wrong kind is an error that names the
+//! layer index and the argument, so a typo never silently means "default".
+
+use serde_json::{Map, Value};
+
+use crate::error::{bail, Result};
+
+/// A parsed model spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    /// Shape of one input sample, without the batch dimension.
+    pub input_shape: Vec<usize>,
+    pub layers: Vec<LayerSpec>,
+}
+
+/// Conv2d `padding`: explicit amounts, or torch's `"valid"` / `"same"`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Padding {
+    Explicit([usize; 2]),
+    Valid,
+    Same,
+}
+
+/// One layer with all constructor arguments resolved (defaults filled in).
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerSpec {
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    },
+    Conv2d {
+        in_channels: usize,
+        out_channels: usize,
+        kernel_size: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+        dilation: [usize; 2],
+        bias: bool,
+    },
+    Flatten {
+        start_dim: i64,
+        end_dim: i64,
+    },
+    Activation(Activation),
+    /// `Identity`, and `Dropout` at evaluation time.
+    Identity,
+    MaxPool2d {
+        kernel_size: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        ceil_mode: bool,
+    },
+    AvgPool2d {
+        kernel_size: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        ceil_mode: bool,
+        count_include_pad: bool,
+        divisor_override: Option<usize>,
+    },
+}
+
+/// Elementwise activations with their parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    ReLU,
+    Tanh,
+    Sigmoid,
+    Softplus { beta: f64, threshold: f64 },
+    ELU { alpha: f64 },
+    LeakyReLU { negative_slope: f64 },
+    GELU { tanh_approximation: bool },
+    SiLU,
+}
+
+impl LayerSpec {
+    /// The `torch.nn` class name.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            LayerSpec::Linear { .. } => "Linear",
+            LayerSpec::Conv2d { .. } => "Conv2d",
+            LayerSpec::Flatten { .. } => "Flatten",
+            LayerSpec::Identity => "Identity",
+            LayerSpec::MaxPool2d { .. } => "MaxPool2d",
+            LayerSpec::AvgPool2d { .. } => "AvgPool2d",
+            LayerSpec::Activation(a) => a.type_name(),
+        }
+    }
+}
+
+impl Activation {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Activation::ReLU => "ReLU",
+            Activation::Tanh => "Tanh",
+            Activation::Sigmoid => "Sigmoid",
+            Activation::Softplus { .. } => "Softplus",
+            Activation::ELU { .. } => "ELU",
+            Activation::LeakyReLU { .. } => "LeakyReLU",
+            Activation::GELU { .. } => "GELU",
+            Activation::SiLU => "SiLU",
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Parse a spec from JSON text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let root: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => bail!(Spec, "not valid JSON: {e}"),
+        };
+        let Some(root) = root.as_object() else {
+            bail!(Spec, "the top level must be an object with \"input_shape\" and \"layers\"");
+        };
+        for key in root.keys() {
+            if key != "input_shape" && key != "layers" {
+                bail!(Spec, "unknown top-level key {key:?} (expected \"input_shape\", \"layers\")");
+            }
+        }
+        let input_shape = match root.get("input_shape") {
+            None => bail!(Spec, "missing \"input_shape\" (the shape of one sample, e.g. [784])"),
+            Some(v) => usize_list(v).ok_or_else(|| {
+                crate::Error::Spec(format!(
+                    "\"input_shape\" must be a list of positive integers, got {v}"
+                ))
+            })?,
+        };
+        if input_shape.is_empty() || input_shape.contains(&0) {
+            bail!(Spec, "\"input_shape\" must be non-empty with positive sizes, got {input_shape:?}");
+        }
+        let Some(layers) = root.get("layers").and_then(Value::as_array) else {
+            bail!(Spec, "missing \"layers\" (a list of layer objects)");
+        };
+        if layers.is_empty() {
+            bail!(Spec, "\"layers\" is empty");
+        }
+        let layers = layers
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_layer(i, v))
+            .collect::<Result<_>>()?;
+        Ok(ModelSpec {
+            input_shape,
+            layers,
+        })
+    }
+}
+
+fn usize_list(v: &Value) -> Option<Vec<usize>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_u64().map(|u| u as usize))
+        .collect()
+}
+
+/// The arguments of one layer, consumed one by one so that leftovers are
+/// reported as unknown.
+struct Args {
+    index: usize,
+    ty: String,
+    map: Map<String, Value>,
+}
+
+impl Args {
+    fn err(&self, msg: String) -> crate::Error {
+        crate::Error::Spec(format!("layer {} ({}): {msg}", self.index, self.ty))
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_req(&mut self, key: &str) -> Result<usize> {
+        match self.take(key) {
+            None => Err(self.err(format!("missing required argument {key:?}"))),
+            Some(v) => self.as_usize(key, &v),
+        }
+    }
+
+    fn as_usize(&self, key: &str, v: &Value) -> Result<usize> {
+        match v.as_u64() {
+            Some(u) => Ok(u as usize),
+            None => Err(self.err(format!("argument {key:?} must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn i64_or(&mut self, key: &str, default: i64) -> Result<i64> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_i64()
+                .ok_or_else(|| self.err(format!("argument {key:?} must be an integer, got {v}"))),
+        }
+    }
+
+    fn f64_or(&mut self, key: &str, default: f64) -> Result<f64> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(x),
+                _ => Err(self.err(format!("argument {key:?} must be a finite number, got {v}"))),
+            },
+        }
+    }
+
+    fn bool_or(&mut self, key: &str, default: bool) -> Result<bool> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("argument {key:?} must be true or false, got {v}"))),
+        }
+    }
+
+    /// An `int` or a pair `[h, w]`, as torch's `_pair`.
+    fn pair(&mut self, key: &str, default: Option<[usize; 2]>) -> Result<[usize; 2]> {
+        match self.take(key) {
+            None => default.ok_or_else(|| self.err(format!("missing required argument {key:?}"))),
+            Some(v) => self.pair_value(key, &v),
+        }
+    }
+
+    fn pair_value(&self, key: &str, v: &Value) -> Result<[usize; 2]> {
+        if let Some(u) = v.as_u64() {
+            return Ok([u as usize, u as usize]);
+        }
+        match usize_list(v).as_deref() {
+            Some([a, b]) => Ok([*a, *b]),
+            _ => Err(self.err(format!(
+                "argument {key:?} must be an integer or a pair of integers, got {v}"
+            ))),
+        }
+    }
+
+    /// Accept an argument that has no effect at evaluation time (e.g. `inplace`).
+    fn ignore(&mut self, key: &str) {
+        self.map.remove(key);
+    }
+
+    fn finish(self) -> Result<()> {
+        if let Some(k) = self.map.keys().next() {
+            return Err(self.err(format!("unknown argument {k:?}")));
+        }
+        Ok(())
+    }
+}
+
+fn positive(a: &Args, key: &str, v: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(a.err(format!("argument {key:?} must be positive")));
+    }
+    Ok(v)
+}
+
+fn positive_pair(a: &Args, key: &str, v: [usize; 2]) -> Result<[usize; 2]> {
+    if v.contains(&0) {
+        return Err(a.err(format!("argument {key:?} must be positive, got {v:?}")));
+    }
+    Ok(v)
+}
+
+fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
+    let Some(obj) = v.as_object() else {
+        bail!(Spec, "layer {index}: must be an object with a \"type\", got {v}");
+    };
+    let mut map = obj.clone();
+    let ty = match map.remove("type") {
+        Some(Value::String(s)) => s,
+        Some(other) => bail!(Spec, "layer {index}: \"type\" must be a string, got {other}"),
+        None => bail!(Spec, "layer {index}: missing \"type\" (a torch.nn class name such as \"Linear\")"),
+    };
+    let mut a = Args {
+        index,
+        ty: ty.clone(),
+        map,
+    };
+    let layer = match ty.as_str() {
+        "Linear" => {
+            let in_features = a.usize_req("in_features")?;
+            let in_features = positive(&a, "in_features", in_features)?;
+            let out_features = a.usize_req("out_features")?;
+            let out_features = positive(&a, "out_features", out_features)?;
+            let bias = a.bool_or("bias", true)?;
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+                bias,
+            }
+        }
+        "Conv2d" => {
+            let in_channels = a.usize_req("in_channels")?;
+            let in_channels = positive(&a, "in_channels", in_channels)?;
+            let out_channels = a.usize_req("out_channels")?;
+            let out_channels = positive(&a, "out_channels", out_channels)?;
+            let kernel_size = a.pair("kernel_size", None)?;
+            let kernel_size = positive_pair(&a, "kernel_size", kernel_size)?;
+            let stride = a.pair("stride", Some([1, 1]))?;
+            let stride = positive_pair(&a, "stride", stride)?;
+            let dilation = a.pair("dilation", Some([1, 1]))?;
+            let dilation = positive_pair(&a, "dilation", dilation)?;
+            let padding = match a.take("padding") {
+                None => Padding::Explicit([0, 0]),
+                Some(Value::String(s)) if s == "valid" => Padding::Valid,
+                Some(Value::String(s)) if s == "same" => {
+                    if stride != [1, 1] {
+                        return Err(a.err("padding=\"same\" requires stride 1 (as in torch)".into()));
+                    }
+                    Padding::Same
+                }
+                Some(v) => Padding::Explicit(a.pair_value("padding", &v)?),
+            };
+            let groups = match a.take("groups") {
+                None => 1,
+                Some(v) => a.as_usize("groups", &v)?,
+            };
+            if groups != 1 {
+                return Err(a.err(format!("groups = {groups} is not supported (only groups = 1)")));
+            }
+            if let Some(mode) = a.take("padding_mode") {
+                if mode != "zeros" {
+                    return Err(a.err(format!(
+                        "padding_mode {mode} is not supported (only \"zeros\")"
+                    )));
+                }
+            }
+            let bias = a.bool_or("bias", true)?;
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                bias,
+            }
+        }
+        "Flatten" => LayerSpec::Flatten {
+            start_dim: a.i64_or("start_dim", 1)?,
+            end_dim: a.i64_or("end_dim", -1)?,
+        },
+        "Identity" => LayerSpec::Identity,
+        "Dropout" => {
+            let p = a.f64_or("p", 0.5)?;
+            if !(0.0..=1.0).contains(&p) {
+                return Err(a.err(format!("argument \"p\" must be in [0, 1], got {p}")));
+            }
+            a.ignore("inplace");
+            LayerSpec::Identity
+        }
+        "ReLU" => {
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::ReLU)
+        }
+        "Tanh" => LayerSpec::Activation(Activation::Tanh),
+        "Sigmoid" => LayerSpec::Activation(Activation::Sigmoid),
+        "SiLU" => {
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::SiLU)
+        }
+        "Softplus" => {
+            let beta = a.f64_or("beta", 1.0)?;
+            if beta == 0.0 {
+                return Err(a.err("argument \"beta\" must be non-zero".into()));
+            }
+            let threshold = a.f64_or("threshold", 20.0)?;
+            LayerSpec::Activation(Activation::Softplus { beta, threshold })
+        }
+        "ELU" => {
+            let alpha = a.f64_or("alpha", 1.0)?;
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::ELU { alpha })
+        }
+        "LeakyReLU" => {
+            let negative_slope = a.f64_or("negative_slope", 0.01)?;
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::LeakyReLU { negative_slope })
+        }
+        "GELU" => {
+            let tanh_approximation = match a.take("approximate") {
+                None => false,
+                Some(Value::String(s)) if s == "none" => false,
+                Some(Value::String(s)) if s == "tanh" => true,
+                Some(v) => {
+                    return Err(a.err(format!(
+                        "argument \"approximate\" must be \"none\" or \"tanh\", got {v}"
+                    )))
+                }
+            };
+            LayerSpec::Activation(Activation::GELU { tanh_approximation })
+        }
+        "MaxPool2d" => {
+            let kernel_size = a.pair("kernel_size", None)?;
+            let kernel_size = positive_pair(&a, "kernel_size", kernel_size)?;
+            let stride = a.pair("stride", Some(kernel_size))?;
+            let stride = positive_pair(&a, "stride", stride)?;
+            let padding = a.pair("padding", Some([0, 0]))?;
+            let dilation = a.pair("dilation", Some([1, 1]))?;
+            let dilation = positive_pair(&a, "dilation", dilation)?;
+            let ceil_mode = a.bool_or("ceil_mode", false)?;
+            if a.bool_or("return_indices", false)? {
+                return Err(a.err("return_indices = true is not supported".into()));
+            }
+            check_pool_padding(&a, padding, kernel_size)?;
+            LayerSpec::MaxPool2d {
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                ceil_mode,
+            }
+        }
+        "AvgPool2d" => {
+            let kernel_size = a.pair("kernel_size", None)?;
+            let kernel_size = positive_pair(&a, "kernel_size", kernel_size)?;
+            let stride = a.pair("stride", Some(kernel_size))?;
+            let stride = positive_pair(&a, "stride", stride)?;
+            let padding = a.pair("padding", Some([0, 0]))?;
+            let ceil_mode = a.bool_or("ceil_mode", false)?;
+            let count_include_pad = a.bool_or("count_include_pad", true)?;
+            let divisor_override = match a.take("divisor_override") {
+                None => None,
+                Some(v) => Some(positive(&a, "divisor_override", a.as_usize("divisor_override", &v)?)?),
+            };
+            check_pool_padding(&a, padding, kernel_size)?;
+            LayerSpec::AvgPool2d {
+                kernel_size,
+                stride,
+                padding,
+                ceil_mode,
+                count_include_pad,
+                divisor_override,
+            }
+        }
+        other => bail!(
+            Spec,
+            "layer {index}: unknown layer type {other:?} (known: Linear, Conv2d, Flatten, ReLU, Tanh, \
+             Sigmoid, Softplus, ELU, LeakyReLU, GELU, SiLU, Identity, Dropout, MaxPool2d, AvgPool2d)"
+        ),
+    };
+    a.finish()?;
+    Ok(layer)
+}
+
+/// torch: "pad should be at most half of effective kernel size".
+fn check_pool_padding(a: &Args, padding: [usize; 2], kernel: [usize; 2]) -> Result<()> {
+    for d in 0..2 {
+        if padding[d] * 2 > kernel[d] {
+            return Err(a.err(format!(
+                "padding {padding:?} must be at most half the kernel size {kernel:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_torch() {
+        let s = ModelSpec::from_json(
+            r#"{"input_shape":[1,8,8],"layers":[
+                {"type":"Conv2d","in_channels":1,"out_channels":2,"kernel_size":3},
+                {"type":"MaxPool2d","kernel_size":2},
+                {"type":"Softplus"},{"type":"Flatten"},
+                {"type":"Linear","in_features":18,"out_features":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.layers[0],
+            LayerSpec::Conv2d {
+                in_channels: 1,
+                out_channels: 2,
+                kernel_size: [3, 3],
+                stride: [1, 1],
+                padding: Padding::Explicit([0, 0]),
+                dilation: [1, 1],
+                bias: true
+            }
+        );
+        match &s.layers[1] {
+            LayerSpec::MaxPool2d { stride, .. } => assert_eq!(*stride, [2, 2]),
+            l => panic!("{l:?}"),
+        }
+        assert_eq!(
+            s.layers[2],
+            LayerSpec::Activation(Activation::Softplus {
+                beta: 1.0,
+                threshold: 20.0
+            })
+        );
+        assert_eq!(s.layers[3], LayerSpec::Flatten { start_dim: 1, end_dim: -1 });
+    }
+
+    #[test]
+    fn errors_name_layer_and_argument() {
+        let e = ModelSpec::from_json(
+            r#"{"input_shape":[4],"layers":[{"type":"Linear","in_features":4,"out_features":2,"bais":false}]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("layer 0 (Linear)") && e.contains("\"bais\""), "{e}");
+        let e = ModelSpec::from_json(r#"{"input_shape":[4],"layers":[{"type":"Relu"}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 0") && e.contains("unknown layer type \"Relu\""), "{e}");
+        let e = ModelSpec::from_json(r#"{"input_shape":[4],"layers":[{"type":"Linear","in_features":4}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing required argument \"out_features\""), "{e}");
+    }
+}

@@ -1,0 +1,160 @@
+//! The candle boundary.
+//!
+//! candle-core is our tensor library (CPU now, CUDA later), but its 0.x API
+//! moves. Everything in the crate takes `Tensor`, `DType` and `Device` from
+//! here, and every candle call that is not a plain arithmetic method
+//! (index gathering and scattering, host transfers, conversions to faer,
+//! file formats) goes through a function in this module or in [`crate::io`],
+//! so that an API change is one edit in one place.
+
+pub use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{bail, Error, Result};
+
+/// An index tensor (u32) for `index_select` / `index_add` style operations.
+pub fn index_tensor(ids: &[usize], device: &Device) -> Result<Tensor> {
+    let ids: Vec<u32> = ids
+        .iter()
+        .map(|&i| u32::try_from(i).map_err(|_| Error::Invalid(format!("index {i} exceeds u32"))))
+        .collect::<Result<_>>()?;
+    let n = ids.len();
+    Ok(Tensor::from_vec(ids, n, device)?)
+}
+
+/// `src[..., ids[j], ...]` along `dim`: a gather of whole slices.
+pub fn select(src: &Tensor, ids: &Tensor, dim: usize) -> Result<Tensor> {
+    Ok(src.contiguous()?.index_select(ids, dim)?)
+}
+
+/// The adjoint of [`select`]: a zero tensor of length `len` along `dim`
+/// into which slice `j` of `src` is added at position `ids[j]`.
+pub fn select_adjoint(src: &Tensor, ids: &Tensor, dim: usize, len: usize) -> Result<Tensor> {
+    let mut shape = src.dims().to_vec();
+    shape[dim] = len;
+    let zeros = Tensor::zeros(shape, src.dtype(), src.device())?;
+    Ok(zeros.index_add(ids, &src.contiguous()?, dim)?)
+}
+
+/// `src` gathered along `dim` with a full index tensor (same rank as `src`).
+pub fn gather(src: &Tensor, ids: &Tensor, dim: usize) -> Result<Tensor> {
+    Ok(src.contiguous()?.gather(&ids.contiguous()?, dim)?)
+}
+
+/// The adjoint of [`gather`] into a zero tensor of `shape`.
+pub fn gather_adjoint(src: &Tensor, ids: &Tensor, dim: usize, shape: &[usize]) -> Result<Tensor> {
+    let zeros = Tensor::zeros(shape, src.dtype(), src.device())?;
+    Ok(zeros.scatter_add(&ids.contiguous()?, &src.contiguous()?, dim)?)
+}
+
+/// All elements, flattened row-major, converted to f64 on the host.
+pub fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+}
+
+/// All elements of an integer tensor, flattened row-major, as i64 on the host.
+pub fn to_vec_i64(t: &Tensor) -> Result<Vec<i64>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::I64 => t.to_vec1::<i64>()?,
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::U8 => t.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::I16 => t.to_vec1::<i16>()?.into_iter().map(i64::from).collect(),
+        other => bail!(Invalid, "expected an integer tensor, got dtype {other:?}"),
+    })
+}
+
+/// The single value of a one-element tensor, as f64.
+pub fn scalar_f64(t: &Tensor) -> Result<f64> {
+    let v = to_vec_f64(t)?;
+    if v.len() != 1 {
+        bail!(Invalid, "expected one element, got shape {:?}", t.dims());
+    }
+    Ok(v[0])
+}
+
+/// A tensor of `shape` and `dtype` from row-major f64 data.
+pub fn from_f64(data: Vec<f64>, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+}
+
+/// Is `dtype` a floating-point type we compute in?
+pub fn is_compute_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F64)
+}
+
+/// Is `dtype` an integer type (for class labels and indices)?
+pub fn is_int_dtype(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::U8 | DType::U32 | DType::I16 | DType::I32 | DType::I64
+    )
+}
+
+/// Short lowercase name of a dtype, as in numpy / safetensors ("f32", "i64").
+pub fn dtype_name(dtype: DType) -> &'static str {
+    dtype.as_str()
+}
+
+/// The position (row-major) of the first NaN or infinity in `t`, if any.
+pub fn first_non_finite(t: &Tensor) -> Result<Option<usize>> {
+    if !is_compute_dtype(t.dtype()) {
+        return Ok(None);
+    }
+    // Cheap on-device test first: x - x is NaN exactly for NaN and ±inf.
+    let probe = t.flatten_all()?.sub(&t.flatten_all()?)?.sum_all()?;
+    if scalar_f64(&probe)?.is_finite() {
+        return Ok(None);
+    }
+    Ok(to_vec_f64(t)?.iter().position(|v| !v.is_finite()))
+}
+
+/// Multi-index of row-major position `pos` in `shape` (for error messages).
+pub fn unravel(mut pos: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[i] = pos % d;
+            pos /= d;
+        }
+    }
+    idx
+}
+
+/// A `(rows, cols)` tensor as a faer matrix (f64).
+pub fn to_faer(t: &Tensor) -> Result<faer::Mat<f64>> {
+    let (r, c) = t.dims2()?;
+    let v = to_vec_f64(t)?;
+    Ok(faer::Mat::from_fn(r, c, |i, j| v[i * c + j]))
+}
+
+/// A faer matrix as a `(rows, cols)` tensor.
+pub fn from_faer(m: faer::MatRef<'_, f64>, dtype: DType, device: &Device) -> Result<Tensor> {
+    let (r, c) = (m.nrows(), m.ncols());
+    let mut v = Vec::with_capacity(r * c);
+    for i in 0..r {
+        for j in 0..c {
+            v.push(m[(i, j)]);
+        }
+    }
+    from_f64(v, &[r, c], dtype, device)
+}
+
+/// `log(1 + u)` accurate also for tiny `u` (Goldberg's trick), elementwise
+/// with tensor ops so that it runs on any device: with w = 1 + u (rounded),
+/// log1p(u) = log(w) · u / (w − 1), and = u where w == 1.
+pub fn log1p(u: &Tensor) -> Result<Tensor> {
+    let w = (u + 1.0)?;
+    let wm1 = (&w - 1.0)?;
+    let is_one = wm1.eq(0.0)?;
+    // Avoid 0/0 in the branch that is not taken.
+    let safe = is_one.where_cond(&wm1.ones_like()?, &wm1)?;
+    let ratio = (u / &safe)?;
+    let general = (w.log()? * ratio)?;
+    Ok(is_one.where_cond(u, &general)?)
+}
+
+/// The logistic sigmoid 1 / (1 + e^(−x)), elementwise.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok((x.neg()?.exp()? + 1.0)?.recip()?)
+}
