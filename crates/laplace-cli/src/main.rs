@@ -1,1 +1,50 @@
-fn main() {}
+//! The `laplace` command: curvature of a PyTorch-exported `nn.Sequential`
+//! from the shell. Every subcommand reads a model spec (JSON), weights
+//! (safetensors) and data (.npz / .safetensors) and writes its result as
+//! safetensors; errors go to stderr with a non-zero exit status and no
+//! output file.
+
+mod args;
+mod cmd_curvature;
+mod cmd_demo;
+mod cmd_jacobians;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "laplace", version, about = "Curvature of neural-network losses (GGN, Fisher, EF, Jacobians) for PyTorch-exported models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Curvature of the loss over a data set: GGN, Monte-Carlo Fisher or empirical Fisher, full or diagonal.
+    Curvature(cmd_curvature::CurvatureArgs),
+    /// Jacobians J (N, C, P) of the network outputs and the outputs f (N, C).
+    Jacobians(cmd_jacobians::JacobiansArgs),
+    /// Per-sample gradients G (N, P) of the loss, and the summed loss.
+    Gradients(cmd_jacobians::GradientsArgs),
+    /// Run the main job on the bundled digits example and print a summary.
+    Demo(cmd_demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Curvature(a) => cmd_curvature::run(&a),
+        Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),
+        Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
+        Command::Demo(a) => cmd_demo::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

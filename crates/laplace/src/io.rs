@@ -18,6 +18,12 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, 
     })
 }
 
+/// All tensors of a safetensors file already in memory.
+pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| Error::Data(format!("not a readable safetensors buffer: {e}")))
+}
+
 /// All arrays of a numpy `.npz` archive (uncompressed or deflated).
 pub fn read_npz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     if !path.exists() {

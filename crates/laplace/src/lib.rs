@@ -32,6 +32,7 @@ pub mod engine;
 pub mod error;
 pub mod io;
 pub mod likelihood;
+pub mod linalg;
 pub mod model;
 pub mod nn;
 pub mod rng;

@@ -1,0 +1,87 @@
+//! Arguments shared by the subcommands, and loading what they name.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use laplace::tensor::{DType, Device};
+use laplace::{Dataset, Sequential, Subset};
+
+/// Model, weights and data.
+#[derive(Args, Debug, Clone)]
+pub struct Inputs {
+    /// Model spec (JSON: input_shape and torch.nn layers).
+    #[arg(long, value_name = "M.json")]
+    pub model: PathBuf,
+    /// Weights: safetensors with nn.Sequential state_dict names ("0.weight").
+    #[arg(long, value_name = "W.safetensors")]
+    pub weights: PathBuf,
+    /// Data: .npz or .safetensors with x (N, *input_shape) and y.
+    #[arg(long, value_name = "D.npz")]
+    pub data: PathBuf,
+    /// Compute dtype (default: the dtype of the weights).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Points per batch; results are sums (or concatenations) over batches.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+}
+
+/// Which parameters.
+#[derive(Args, Debug, Clone)]
+pub struct SubsetArgs {
+    /// Only the final Linear layer's parameters.
+    #[arg(long, conflicts_with = "subnetwork")]
+    pub last_layer: bool,
+    /// Only these parameter indices (int64 .npy, indices into θ in parameters() order).
+    #[arg(long, value_name = "IDX.npy")]
+    pub subnetwork: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DTypeArg {
+    F32,
+    F64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LikelihoodArg {
+    Classification,
+    Regression,
+}
+
+impl From<LikelihoodArg> for laplace::Likelihood {
+    fn from(l: LikelihoodArg) -> Self {
+        match l {
+            LikelihoodArg::Classification => laplace::Likelihood::Classification,
+            LikelihoodArg::Regression => laplace::Likelihood::Regression,
+        }
+    }
+}
+
+impl Inputs {
+    /// Load the model and the data (inputs in the compute dtype).
+    pub fn load(&self) -> laplace::Result<(Sequential, Dataset)> {
+        let dev = Device::Cpu;
+        let dtype = self.dtype.map(|d| match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F64 => DType::F64,
+        });
+        let model = Sequential::load(&self.model, &self.weights, dtype, &dev)?;
+        let data = Dataset::load(&self.data, model.dtype(), &dev)?;
+        Ok((model, data))
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size as usize
+    }
+}
+
+impl SubsetArgs {
+    pub fn subset(&self) -> laplace::Result<Subset> {
+        Ok(match (&self.subnetwork, self.last_layer) {
+            (Some(path), _) => Subset::Subnetwork(laplace::io::read_indices(path)?),
+            (None, true) => Subset::LastLayer,
+            (None, false) => Subset::All,
+        })
+    }
+}
