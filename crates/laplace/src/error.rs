@@ -42,7 +42,18 @@ pub enum Error {
 
     /// A tensor operation failed; this is a bug or an exotic input we did not check for.
     #[error("tensor operation: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps candle's message, drops the backtrace it attaches when
+    /// `RUST_BACKTRACE` is set (it would bury the message a user needs).
+    fn from(e: candle_core::Error) -> Self {
+        match e {
+            candle_core::Error::WithBacktrace { inner, .. } => Error::from(*inner),
+            other => Error::Tensor(other),
+        }
+    }
 }
 
 impl Error {

@@ -260,6 +260,9 @@ fn weights_dtype(weights: &HashMap<String, Tensor>) -> Result<DType> {
     let mut found: Option<(DType, &String)> = None;
     for k in keys {
         let dt = weights[k].dtype();
+        if !tensor::is_compute_dtype(dt) {
+            bail!(Weights, "tensor {k:?} has dtype {}, expected f32 or f64", tensor::dtype_name(dt));
+        }
         match found {
             None => found = Some((dt, k)),
             Some((d0, k0)) if d0 != dt => bail!(

@@ -141,8 +141,8 @@ impl<'m> Curvature<'m> {
 
     /// Per-sample gradients G `(M, P)` of ℓ(f(x_n), y_n), and Σ_n ℓ_n `(1,)`.
     pub fn gradients(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let y = self.targets(y, x)?;
         let tape = engine::forward(self.model, x, self.selection.first_layer())?;
-        let y = self.targets(y, &tape.output)?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.likelihood.gradient(&tape.output, &y)?.unsqueeze(1)?;
         let g = batch_grads(self.model, &self.selection, &tape, rows)?.squeeze(1)?;
@@ -156,14 +156,14 @@ impl<'m> Curvature<'m> {
         let p = self.selection.len();
         let rows_per_point = self.rows_per_point();
         let chunk = (self.chunk_elems / (rows_per_point * p).max(1)).clamp(1, m.max(1));
+        let targets = self.targets(&batch.y, &batch.x)?;
         let mut h = Tensor::zeros((p, p), self.model.dtype(), self.model.device())?;
         let mut loss = Tensor::zeros(1, self.model.dtype(), self.model.device())?;
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let (x, y) = (batch.x.narrow(0, start, len)?, batch.y.narrow(0, start, len)?);
+            let (x, y) = (batch.x.narrow(0, start, len)?, targets.narrow(0, start, len)?);
             let tape = engine::forward(self.model, &x, self.selection.first_layer())?;
-            let y = self.targets(&y, &tape.output)?;
             loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
             let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
             let k = rows.dim(1)?;
@@ -179,8 +179,8 @@ impl<'m> Curvature<'m> {
     /// Σ_n ℓ_n `(1,)` and the diagonal of H `(P,)`, without per-sample
     /// gradients of the whole network.
     pub fn diag(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let y = self.targets(&batch.y, &batch.x)?;
         let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
-        let y = self.targets(&batch.y, &tape.output)?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
         let mut parts = Vec::new();
@@ -213,9 +213,11 @@ impl<'m> Curvature<'m> {
         }
     }
 
-    fn targets(&self, y: &Tensor, f: &Tensor) -> Result<Tensor> {
-        let (m, c) = f.dims2()?;
-        self.likelihood.prepare_targets(y, m, c, self.model.dtype())
+    /// Checked targets for the inputs `x`.
+    fn targets(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+        self.model.check_input(x)?;
+        let m = x.dim(0)?;
+        self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
     }
 }
 

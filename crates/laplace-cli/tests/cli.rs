@@ -1,0 +1,277 @@
+//! The `laplace` command end to end: results through the CLI equal the
+//! laplace-torch fixtures, and bad input exits non-zero with a message that
+//! names the problem and writes nothing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use laplace::tensor::{self, DType, Device, Tensor};
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../laplace/tests/fixtures").join(case)
+}
+
+/// A fresh scratch directory for one test.
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("laplace-cli-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn laplace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_laplace")).args(args).output().expect("run laplace")
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    laplace::io::read_safetensors(path, &Device::Cpu).unwrap()
+}
+
+fn expected(case: &str) -> HashMap<String, Tensor> {
+    read(&fixture(case).join("expected.safetensors"))
+}
+
+#[track_caller]
+fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    assert_eq!(a.dims(), b.dims(), "{what}: shape");
+    let a = tensor::to_vec_f64(a).unwrap();
+    let b = tensor::to_vec_f64(b).unwrap();
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    assert!(num / den <= 1e-8, "{what}: relative error {:.2e}", num / den);
+}
+
+#[track_caller]
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "laplace failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Base arguments for a fixture.
+fn base<'a>(cmd: &'a str, dir: &'a Path) -> Vec<String> {
+    vec![
+        cmd.to_string(),
+        "--model".into(),
+        p(&dir.join("model.json")).into(),
+        "--weights".into(),
+        p(&dir.join("weights.safetensors")).into(),
+        "--data".into(),
+        p(&dir.join("data.npz")).into(),
+    ]
+}
+
+fn run(args: Vec<String>) -> Output {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    laplace(&refs)
+}
+
+#[test]
+fn curvature_through_the_cli_matches_laplace_torch() {
+    let tmp = scratch("curvature");
+    for (case, lik) in [("cls_cnn", "classification"), ("reg_multi", "regression"), ("act_gelu", "classification")] {
+        let dir = fixture(case);
+        let exp = expected(case);
+        let mut subsets: Vec<(&str, Vec<String>)> = vec![("", vec![]), ("last_layer.", vec!["--last-layer".into()])];
+        if dir.join("subnetwork.npy").exists() {
+            subsets.push(("subnetwork.", vec!["--subnetwork".into(), p(&dir.join("subnetwork.npy")).into()]));
+        }
+        for (prefix, extra) in &subsets {
+            for curvature in ["ggn", "ef"] {
+                for structure in ["full", "diag"] {
+                    let out = tmp.join(format!("{case}-{curvature}-{structure}.safetensors"));
+                    let mut args = base("curvature", &dir);
+                    args.extend(["--likelihood", lik, "--curvature", curvature, "--structure", structure, "--batch-size", "4"].map(String::from));
+                    args.extend(extra.iter().cloned());
+                    args.extend(["--out".to_string(), p(&out).to_string()]);
+                    assert_ok(&run(args));
+                    let got = read(&out);
+                    let what = format!("{case} {prefix}{curvature}.{structure}");
+                    assert_close(&got["H"], &exp[&format!("{prefix}{curvature}.{structure}")], &what);
+                    assert_close(&got["loss"], &exp["loss"], &format!("{what} loss"));
+                    assert_eq!(got["H"].dtype(), DType::F64, "{what}: dtype follows the weights");
+                }
+            }
+        }
+        // Jacobians and gradients.
+        let out = tmp.join(format!("{case}-jac.safetensors"));
+        let mut args = base("jacobians", &dir);
+        args.extend(["--batch-size", "4", "--out", p(&out)].map(String::from));
+        assert_ok(&run(args));
+        let got = read(&out);
+        assert_close(&got["J"], &exp["jacobians.J"], &format!("{case} J"));
+        assert_close(&got["f"], &exp["jacobians.f"], &format!("{case} f"));
+        let mut args = base("jacobians", &dir);
+        args.extend(["--last-layer", "--out", p(&out)].map(String::from));
+        assert_ok(&run(args));
+        assert_close(&read(&out)["J"], &exp["last_layer_jacobians.J"], &format!("{case} last-layer J"));
+        let out = tmp.join(format!("{case}-grad.safetensors"));
+        let mut args = base("gradients", &dir);
+        args.extend(["--likelihood", lik, "--batch-size", "3", "--out", p(&out)].map(String::from));
+        assert_ok(&run(args));
+        let got = read(&out);
+        assert_close(&got["G"], &exp["gradients.G"], &format!("{case} G"));
+        assert_close(&got["loss"], &exp["gradients.loss"], &format!("{case} gradients loss"));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn monte_carlo_fisher_is_reproducible_and_batch_independent() {
+    let tmp = scratch("mc");
+    let dir = fixture("cls_mlp");
+    let go = |bs: &str, seed: &str, out: &Path| {
+        let mut args = base("curvature", &dir);
+        args.extend(
+            ["--likelihood", "classification", "--curvature", "fisher-mc", "--structure", "diag", "--samples", "5"]
+                .map(String::from),
+        );
+        args.extend(["--seed", seed, "--batch-size", bs, "--out", p(out)].map(String::from));
+        assert_ok(&run(args));
+        read(out)["H"].clone()
+    };
+    let a = go("8", "3", &tmp.join("a.safetensors"));
+    let b = go("3", "3", &tmp.join("b.safetensors"));
+    let c = go("8", "4", &tmp.join("c.safetensors"));
+    // Same draws whatever the batching (sums in another order: rounding only).
+    let diff = |x: &Tensor, y: &Tensor| {
+        let (x, y) = (tensor::to_vec_f64(x).unwrap(), tensor::to_vec_f64(y).unwrap());
+        x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    };
+    assert!(diff(&a, &b) < 1e-12, "batch size changed the MC draws: {}", diff(&a, &b));
+    assert!(diff(&a, &c) > 1e-3, "the seed had no effect");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn float32_on_request() {
+    let tmp = scratch("f32");
+    let dir = fixture("act_tanh");
+    let out = tmp.join("h.safetensors");
+    let mut args = base("curvature", &dir);
+    args.extend(
+        ["--likelihood", "classification", "--curvature", "ggn", "--structure", "full", "--dtype", "f32", "--out", p(&out)]
+            .map(String::from),
+    );
+    assert_ok(&run(args));
+    let h = read(&out)["H"].clone();
+    assert_eq!(h.dtype(), DType::F32);
+    let e = expected("act_tanh")["ggn.full"].clone();
+    let (a, b) = (tensor::to_vec_f64(&h).unwrap(), tensor::to_vec_f64(&e).unwrap());
+    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(err < 1e-5, "f32 GGN off by {err}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Write `x`, `y` data to a safetensors file.
+fn write_data(path: &Path, x: Tensor, y: Tensor) {
+    laplace::io::write_safetensors(path, &[("x".into(), x), ("y".into(), y)]).unwrap();
+}
+
+#[test]
+fn bad_input_exits_non_zero_names_the_problem_and_writes_nothing() {
+    let tmp = scratch("errors");
+    let dir = fixture("act_tanh"); // 3 → 5 → 3, classification
+    let dev = Device::Cpu;
+    let out = tmp.join("out.safetensors");
+
+    // Spec problems.
+    let bad_spec = tmp.join("bad.json");
+    std::fs::write(&bad_spec, r#"{"input_shape":[3],"layers":[{"type":"Linear","in_features":3,"out_features":5},{"type":"Tanhh"},{"type":"Linear","in_features":5,"out_features":3}]}"#).unwrap();
+    let shape_spec = tmp.join("shape.json");
+    std::fs::write(&shape_spec, r#"{"input_shape":[4],"layers":[{"type":"Linear","in_features":3,"out_features":5},{"type":"Tanh"},{"type":"Linear","in_features":5,"out_features":3}]}"#).unwrap();
+    // Weight problems.
+    let w = read(&dir.join("weights.safetensors"));
+    let save = |name: &str, map: &HashMap<String, Tensor>| {
+        let path = tmp.join(name);
+        let v: Vec<(String, Tensor)> = map.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        laplace::io::write_safetensors(&path, &v).unwrap();
+        path
+    };
+    let mut m = w.clone();
+    m.remove("2.weight");
+    let missing = save("missing.safetensors", &m);
+    let mut m = w.clone();
+    m.insert("3.weight".into(), Tensor::zeros(2, DType::F64, &dev).unwrap());
+    let unexpected = save("unexpected.safetensors", &m);
+    let mut m = w.clone();
+    m.insert("0.weight".into(), Tensor::zeros((3, 5), DType::F64, &dev).unwrap());
+    let misshaped = save("misshaped.safetensors", &m);
+    // Data problems.
+    let x = Tensor::zeros((4, 3), DType::F64, &dev).unwrap();
+    let bad_label = tmp.join("label.safetensors");
+    write_data(&bad_label, x.clone(), Tensor::new(&[0i64, 1, 3, 2], &dev).unwrap());
+    let bad_x = tmp.join("xshape.safetensors");
+    write_data(&bad_x, Tensor::zeros((4, 2), DType::F64, &dev).unwrap(), Tensor::new(&[0i64, 1, 2, 2], &dev).unwrap());
+    let nan_x = tmp.join("nan.safetensors");
+    let xs = Tensor::new(&[[0.0f64, 1.0, 2.0], [f64::NAN, 0.0, 0.0]], &dev).unwrap();
+    write_data(&nan_x, xs, Tensor::new(&[0i64, 1], &dev).unwrap());
+    let reg_y = tmp.join("regy.safetensors");
+    write_data(&reg_y, x.clone(), Tensor::zeros((4, 2), DType::F64, &dev).unwrap());
+    // Subnetwork problems.
+    let sub_range = tmp.join("range.npy");
+    Tensor::new(&[1i64, 38], &dev).unwrap().write_npy(&sub_range).unwrap();
+    let sub_dup = tmp.join("dup.npy");
+    Tensor::new(&[1i64, 5, 1], &dev).unwrap().write_npy(&sub_dup).unwrap();
+    let sub_float = tmp.join("float.npy");
+    Tensor::new(&[1.0f64, 2.0], &dev).unwrap().write_npy(&sub_float).unwrap();
+
+    let model = dir.join("model.json");
+    let weights = dir.join("weights.safetensors");
+    let data = dir.join("data.npz");
+    let curv = |m: &Path, w: &Path, d: &Path, lik: &str, extra: &[&str]| {
+        let mut a: Vec<String> = ["curvature", "--model", p(m), "--weights", p(w), "--data", p(d), "--likelihood", lik]
+            .map(String::from)
+            .to_vec();
+        a.extend(["--curvature", "ggn", "--structure", "diag", "--out", p(&out)].map(String::from));
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let cls = "classification";
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (curv(&bad_spec, &weights, &data, cls, &[]), vec!["layer 1", "unknown layer type \"Tanhh\""]),
+        (curv(&shape_spec, &weights, &data, cls, &[]), vec!["layer 0 (Linear)", "[4]", "in_features = 3"]),
+        (curv(&model, &missing, &data, cls, &[]), vec!["missing tensor \"2.weight\""]),
+        (curv(&model, &unexpected, &data, cls, &[]), vec!["unexpected", "\"3.weight\""]),
+        (curv(&model, &misshaped, &data, cls, &[]), vec!["\"0.weight\"", "[3, 5]", "[5, 3]"]),
+        (curv(&model, &weights, &bad_label, cls, &[]), vec!["y[2] = 3", "[0, 3)"]),
+        (curv(&model, &weights, &bad_x, cls, &[]), vec!["[4, 2]", "(N, 3)"]),
+        (curv(&model, &weights, &nan_x, cls, &[]), vec!["non-finite", "[1, 0]"]),
+        (curv(&model, &weights, &reg_y, "regression", &[]), vec!["[4, 2]", "(4, 3)"]),
+        (curv(&model, &weights, &data, cls, &["--subnetwork", p(&sub_range)]), vec!["index 38", "38 parameters"]),
+        (curv(&model, &weights, &data, cls, &["--subnetwork", p(&sub_dup)]), vec!["index 1 appears twice"]),
+        (curv(&model, &weights, &data, cls, &["--subnetwork", p(&sub_float)]), vec!["integers", "f64"]),
+        (curv(&model, &weights, &tmp.join("nope.npz"), cls, &[]), vec!["nope.npz"]),
+        (curv(&model, &weights, &data, "poisson", &[]), vec!["poisson"]),
+        (curv(&model, &weights, &data, cls, &["--samples", "0"]), vec!["samples"]),
+    ];
+    for (args, needles) in cases {
+        let o = run(args.clone());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: stderr {err:?} does not mention {n:?}");
+        }
+        assert!(!out.exists(), "{args:?} wrote an output file");
+    }
+    // A failing run leaves an existing output untouched.
+    std::fs::write(&out, b"previous").unwrap();
+    assert!(!run(curv(&model, &weights, &bad_label, cls, &[])).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), b"previous");
+    let leftovers: Vec<_> = std::fs::read_dir(&tmp).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty(), "temporary files left behind");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[test]
+fn demo_runs_and_agrees_with_laplace_torch() {
+    let o = laplace(&["demo"]);
+    assert_ok(&o);
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("all agree within"), "{s}");
+    assert!(s.contains("GGN diagonal"), "{s}");
+}
