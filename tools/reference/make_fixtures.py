@@ -4,7 +4,7 @@
 Run with the reference virtual environment (torch 2.15, laplace-torch 0.3,
 backpack-for-pytorch 1.7.1, curvlinops-for-pytorch 3.0.1, asdfghjkl/asdl)::
 
-    /work/venv/bin/python tools/reference/make_fixtures.py
+    venv/bin/python tools/reference/make_fixtures.py
 
 For every case below the script
 

@@ -7,7 +7,7 @@ files against them and against each other (EF = G^T G, diag = diagonal of full,
 last-layer = trailing block of the full quantity, subnetwork = full quantity
 indexed with ``subnetwork.npy`` in its stored order, ...).
 
-    /work/venv/bin/python tools/reference/verify_fixtures.py
+    venv/bin/python tools/reference/verify_fixtures.py
 """
 
 from __future__ import annotations
