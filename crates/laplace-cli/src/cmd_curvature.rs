@@ -3,22 +3,22 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use laplace::{Curvature, CurvatureKind};
+use laplace::tensor::Tensor;
+use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
 
-#[derive(Args, Debug)]
-pub struct CurvatureArgs {
-    #[command(flatten)]
-    pub inputs: Inputs,
+/// What to compute: the curvature flags shared by `curvature` and `bench`.
+#[derive(Args, Debug, Clone)]
+pub struct CurvatureSpec {
     #[command(flatten)]
     pub subset: SubsetArgs,
     #[arg(long, value_enum)]
     pub likelihood: LikelihoodArg,
     /// ggn: exact generalized Gauss-Newton; fisher-mc: Monte-Carlo Fisher; ef: empirical Fisher.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, default_value = "diag")]
     pub structure: StructureArg,
     /// Monte-Carlo samples per point (fisher-mc).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -26,6 +26,14 @@ pub struct CurvatureArgs {
     /// Seed of the Monte-Carlo draws (fisher-mc); each point has its own stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct CurvatureArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[command(flatten)]
+    pub spec: CurvatureSpec,
     /// Output safetensors: loss (1,) and H ((P, P) or (P,)).
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
@@ -44,7 +52,7 @@ pub enum StructureArg {
     Diag,
 }
 
-impl CurvatureArgs {
+impl CurvatureSpec {
     pub fn kind(&self) -> CurvatureKind {
         match self.curvature {
             CurvatureArg::Ggn => CurvatureKind::Ggn,
@@ -55,24 +63,25 @@ impl CurvatureArgs {
             CurvatureArg::Ef => CurvatureKind::Ef,
         }
     }
+
+    /// The curvature object for `model`.
+    pub fn curvature<'m>(&self, model: &'m Sequential) -> laplace::Result<Curvature<'m>> {
+        Curvature::new(model, self.likelihood.into(), self.kind(), &self.subset.subset()?)
+    }
+
+    /// Loss and curvature over `data`, as named output tensors.
+    pub fn compute(&self, curv: &Curvature, data: &Dataset, batch_size: usize) -> laplace::Result<Vec<(String, Tensor)>> {
+        let (loss, h) = match self.structure {
+            StructureArg::Full => curv.full_over(data, batch_size)?,
+            StructureArg::Diag => curv.diag_over(data, batch_size)?,
+        };
+        Ok(vec![("loss".into(), loss), ("H".into(), h)])
+    }
 }
 
 pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
-    let curv = Curvature::new(&model, a.likelihood.into(), a.kind(), &a.subset.subset()?)?;
-    data.targets()?;
-    let mut total: Option<(laplace::tensor::Tensor, laplace::tensor::Tensor)> = None;
-    for (offset, len) in data.batch_ranges(a.inputs.batch_size()) {
-        let batch = data.batch(offset, len)?;
-        let (loss, h) = match a.structure {
-            StructureArg::Full => curv.full(&batch)?,
-            StructureArg::Diag => curv.diag(&batch)?,
-        };
-        total = Some(match total {
-            None => (loss, h),
-            Some((l0, h0)) => ((l0 + loss)?, (h0 + h)?),
-        });
-    }
-    let (loss, h) = total.expect("a data set has at least one point");
-    laplace::io::write_safetensors(&a.out, &[("loss".into(), loss), ("H".into(), h)])
+    let curv = a.spec.curvature(&model)?;
+    let out = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
+    laplace::io::write_safetensors(&a.out, &out)
 }

@@ -51,18 +51,10 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
 }
 
-/// Sum a curvature diagonal and the loss over the data set, timed.
+/// A curvature diagonal and the loss over the data set, timed.
 fn diag_over(curv: &Curvature, data: &Dataset, batch: usize) -> laplace::Result<(f64, Tensor, f64)> {
     let t0 = Instant::now();
-    let mut acc: Option<(Tensor, Tensor)> = None;
-    for (o, n) in data.batch_ranges(batch) {
-        let (l, d) = curv.diag(&data.batch(o, n)?)?;
-        acc = Some(match acc {
-            None => (l, d),
-            Some((l0, d0)) => ((l0 + l)?, (d0 + d)?),
-        });
-    }
-    let (l, d) = acc.expect("non-empty");
+    let (l, d) = curv.diag_over(data, batch)?;
     Ok((tensor::scalar_f64(&l)?, d, t0.elapsed().as_secs_f64()))
 }
 
@@ -110,15 +102,7 @@ pub fn run(a: &DemoArgs) -> laplace::Result<()> {
 
     let t0 = Instant::now();
     let ll = Curvature::new(&model, lik, CurvatureKind::Ggn, &Subset::LastLayer)?;
-    let mut ll_h: Option<Tensor> = None;
-    for (o, n) in train.batch_ranges(a.batch_size) {
-        let (_, h) = ll.full(&train.batch(o, n)?)?;
-        ll_h = Some(match ll_h {
-            None => h,
-            Some(h0) => (h0 + h)?,
-        });
-    }
-    let ll_h = ll_h.expect("non-empty");
+    let (_, ll_h) = ll.full_over(&train, a.batch_size)?;
     let t_ll = t0.elapsed().as_secs_f64();
     let mut eig = laplace::linalg::symmetric_eigenvalues(&ll_h)?;
     eig.reverse();

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use laplace::tensor::Tensor;
 use laplace::{Curvature, CurvatureKind, Likelihood, Subset};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
@@ -38,33 +37,13 @@ pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
     let subset = a.subset.subset()?;
     // The likelihood plays no part in Jacobians.
     let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?;
-    let (mut js, mut fs) = (Vec::new(), Vec::new());
-    for (offset, len) in data.batch_ranges(a.inputs.batch_size()) {
-        let x = data.inputs(offset, len)?;
-        let (j, f) = match subset {
-            Subset::LastLayer => curv.last_layer_jacobians(&x)?,
-            _ => curv.jacobians(&x)?,
-        };
-        js.push(j);
-        fs.push(f);
-    }
-    let out = [("J".to_string(), Tensor::cat(&js, 0)?), ("f".to_string(), Tensor::cat(&fs, 0)?)];
-    laplace::io::write_safetensors(&a.out, &out)
+    let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
+    laplace::io::write_safetensors(&a.out, &[("J".into(), j), ("f".into(), f)])
 }
 
 pub fn run_gradients(a: &GradientsArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
     let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset()?)?;
-    let (mut gs, mut loss) = (Vec::new(), None::<Tensor>);
-    for (offset, len) in data.batch_ranges(a.inputs.batch_size()) {
-        let b = data.batch(offset, len)?;
-        let (g, l) = curv.gradients(&b.x, &b.y)?;
-        gs.push(g);
-        loss = Some(match loss {
-            None => l,
-            Some(l0) => (l0 + l)?,
-        });
-    }
-    let out = [("G".to_string(), Tensor::cat(&gs, 0)?), ("loss".to_string(), loss.expect("data is non-empty"))];
-    laplace::io::write_safetensors(&a.out, &out)
+    let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
+    laplace::io::write_safetensors(&a.out, &[("G".into(), g), ("loss".into(), loss)])
 }

@@ -5,6 +5,7 @@
 //! output file.
 
 mod args;
+mod cmd_bench;
 mod cmd_curvature;
 mod cmd_demo;
 mod cmd_jacobians;
@@ -30,6 +31,8 @@ enum Command {
     Gradients(cmd_jacobians::GradientsArgs),
     /// Run the main job on the bundled digits example and print a summary.
     Demo(cmd_demo::DemoArgs),
+    /// Time one quantity (model and data loaded; warm-up, then median of --repeat runs) and report peak memory.
+    Bench(cmd_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),
         Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
         Command::Demo(a) => cmd_demo::run(&a),
+        Command::Bench(a) => cmd_bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

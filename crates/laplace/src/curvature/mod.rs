@@ -19,6 +19,7 @@
 
 mod batch_grad;
 mod diag;
+mod over_data;
 mod selection;
 
 pub use selection::{LayerSelection, ParamSelection, Selected, Subset};

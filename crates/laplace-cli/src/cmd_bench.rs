@@ -1,0 +1,130 @@
+//! `laplace bench`: time one quantity with model and data already loaded
+//! (one warm-up run, then `--repeat` runs; the median is reported) and
+//! report the process's peak resident memory. `bench/harness.py` runs it
+//! side by side with laplace-torch.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use laplace::tensor::{self, Tensor};
+use laplace::{Curvature, CurvatureKind, Dataset, Likelihood};
+
+use crate::args::Inputs;
+use crate::cmd_curvature::CurvatureSpec;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[command(flatten)]
+    pub spec: CurvatureSpec,
+    /// What to time: the curvature (default), Jacobians or per-sample gradients.
+    #[arg(long, value_enum, default_value = "curvature")]
+    pub quantity: QuantityArg,
+    /// Timed runs after the warm-up.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+    /// Worker threads (sets RAYON_NUM_THREADS; default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the result (as `curvature` / `jacobians` / `gradients` would).
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantityArg {
+    Curvature,
+    Jacobians,
+    Gradients,
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<Vec<(String, Tensor)>> {
+    let bs = a.inputs.batch_size();
+    Ok(match a.quantity {
+        QuantityArg::Curvature => a.spec.compute(curv, data, bs)?,
+        QuantityArg::Jacobians => {
+            let (j, f) = curv.jacobians_over(data, bs, a.spec.subset.last_layer)?;
+            vec![("J".into(), j), ("f".into(), f)]
+        }
+        QuantityArg::Gradients => {
+            let (g, l) = curv.gradients_over(data, bs)?;
+            vec![("G".into(), g), ("loss".into(), l)]
+        }
+    })
+}
+
+pub fn run(a: &BenchArgs) -> laplace::Result<()> {
+    if let Some(t) = a.threads {
+        // Read by candle's matrix kernels and rayon when they first start.
+        std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+    }
+    let (model, data) = a.inputs.load()?;
+    let kind = match a.quantity {
+        QuantityArg::Curvature => a.spec.kind(),
+        QuantityArg::Jacobians => CurvatureKind::Ggn,
+        QuantityArg::Gradients => CurvatureKind::Ef,
+    };
+    let lik: Likelihood = a.spec.likelihood.into();
+    let curv = Curvature::new(&model, lik, kind, &a.spec.subset.subset()?)?;
+    let mut result = compute(a, &curv, &data)?; // warm-up
+    let mut times = Vec::with_capacity(a.repeat as usize);
+    for _ in 0..a.repeat {
+        let t0 = Instant::now();
+        result = compute(a, &curv, &data)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let peak = peak_rss_bytes();
+    let what = match a.quantity {
+        QuantityArg::Curvature => format!("{:?} {:?}", a.spec.curvature, a.spec.structure).to_lowercase(),
+        q => format!("{q:?}").to_lowercase(),
+    };
+    let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok());
+    if a.json {
+        let shapes: serde_json::Map<String, serde_json::Value> =
+            result.iter().map(|(k, t)| (k.clone(), serde_json::json!(t.dims()))).collect();
+        let obj = serde_json::json!({
+            "quantity": what,
+            "last_layer": a.spec.subset.last_layer,
+            "median_s": median,
+            "min_s": sorted[0],
+            "times_s": times,
+            "peak_rss_bytes": peak,
+            "n_params": model.n_params(),
+            "n_selected": curv.n_params(),
+            "n_data": data.len(),
+            "dtype": tensor::dtype_name(model.dtype()),
+            "threads": threads,
+            "shapes": shapes,
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "{what}: median {median:.4} s over {} runs (min {:.4} s), peak RSS {:.1} MB, P = {}, N = {}",
+            a.repeat,
+            sorted[0],
+            peak.unwrap_or(0) as f64 / 1e6,
+            curv.n_params(),
+            data.len()
+        );
+    }
+    if let Some(out) = &a.out {
+        laplace::io::write_safetensors(out, &result)?;
+    }
+    Ok(())
+}

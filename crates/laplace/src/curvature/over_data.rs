@@ -1,0 +1,69 @@
+//! Quantities over a whole [`Dataset`], batch by batch: curvatures and
+//! losses are sums over batches, per-sample quantities are concatenated.
+
+use super::Curvature;
+use crate::data::Dataset;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Σ of `(loss, H)` pairs.
+fn add(acc: Option<(Tensor, Tensor)>, next: (Tensor, Tensor)) -> Result<Option<(Tensor, Tensor)>> {
+    Ok(Some(match acc {
+        None => next,
+        Some((l, h)) => ((l + next.0)?, (h + next.1)?),
+    }))
+}
+
+impl Curvature<'_> {
+    /// `full` summed over the data set in batches of `batch_size` points.
+    pub fn full_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
+        data.targets()?;
+        let mut acc = None;
+        for (offset, len) in data.batch_ranges(batch_size) {
+            acc = add(acc, self.full(&data.batch(offset, len)?)?)?;
+        }
+        Ok(acc.expect("a data set has at least one point"))
+    }
+
+    /// `diag` summed over the data set in batches of `batch_size` points.
+    pub fn diag_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
+        data.targets()?;
+        let mut acc = None;
+        for (offset, len) in data.batch_ranges(batch_size) {
+            acc = add(acc, self.diag(&data.batch(offset, len)?)?)?;
+        }
+        Ok(acc.expect("a data set has at least one point"))
+    }
+
+    /// `jacobians` (or `last_layer_jacobians` with `last_layer`) of every
+    /// point: J `(N, C, P)` and f `(N, C)`.
+    pub fn jacobians_over(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
+        let (mut js, mut fs) = (Vec::new(), Vec::new());
+        for (offset, len) in data.batch_ranges(batch_size) {
+            let x = data.inputs(offset, len)?;
+            let (j, f) = if last_layer {
+                self.last_layer_jacobians(&x)?
+            } else {
+                self.jacobians(&x)?
+            };
+            js.push(j);
+            fs.push(f);
+        }
+        Ok((Tensor::cat(&js, 0)?, Tensor::cat(&fs, 0)?))
+    }
+
+    /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`.
+    pub fn gradients_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
+        let y = data.targets()?;
+        let (mut gs, mut loss) = (Vec::new(), None::<Tensor>);
+        for (offset, len) in data.batch_ranges(batch_size) {
+            let (g, l) = self.gradients(&data.inputs(offset, len)?, &y.narrow(0, offset, len)?)?;
+            gs.push(g);
+            loss = Some(match loss {
+                None => l,
+                Some(l0) => (l0 + l)?,
+            });
+        }
+        Ok((Tensor::cat(&gs, 0)?, loss.expect("a data set has at least one point")))
+    }
+}
