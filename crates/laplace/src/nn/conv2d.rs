@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::patches::{with_sentinel, PatchIndex, Window};
+use super::patches::{columns_with_sentinel, PatchIndex, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
@@ -124,26 +124,33 @@ impl Layer for Conv2d {
         let m = x.dim(0)?;
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        // U = im2col(x): (M, I, R), zero padding through the sentinel.
-        let u = self.index.unfold(&with_sentinel(x, 0.0)?)?.reshape((m, i, r))?;
-        // z = W U + b: (O, I) @ (M, I, R) → (M, O, R).
-        let mut z = self.weight.broadcast_left(m)?.matmul(&u)?;
+        // Uᵀ = im2col(x) with the sample axis last: (I·R, M), zero padding via the sentinel.
+        let ut = self.index.unfold(&columns_with_sentinel(x, 0.0)?)?;
+        // z = W U + b for all samples at once: (O, I) @ (I, R·M) → (O, R, M).
+        let mut z = self.weight.matmul(&ut.reshape((i, r * m))?)?;
         if let Some(b) = &self.bias {
             z = z.broadcast_add(&b.reshape((o, 1))?)?;
         }
+        let z = z.reshape((o, r, m))?.permute((2, 0, 1))?.contiguous()?;
         let z = z.reshape((m, self.out_shape[0], self.out_shape[1], self.out_shape[2]))?;
-        let saved = save.then(|| Saved::new(ConvSaved { patches: u }));
+        let saved = if save {
+            let patches = ut.reshape((i, r, m))?.permute((2, 0, 1))?.contiguous()?;
+            Some(Saved::new(ConvSaved { patches }))
+        } else {
+            None
+        };
         Ok((z, saved))
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
-        // Jᵀ v = col2im(Wᵀ V): (M·K, O, R) → (M·K, I, R) → (M·K, C·H·W).
+        // Jᵀ v = col2im(Wᵀ V) for all M·K columns at once:
+        // V as (O, R·M·K); Wᵀ V (I, R·M·K) = (I·R, M·K) columns; col2im → (C·H·W, M·K).
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let vv = merge_mk(v)?.reshape((m * k, o, r))?;
-        let cols = self.weight.t()?.broadcast_left(m * k)?.matmul(&vv)?;
-        let vin = self.index.fold(&cols.reshape((m * k, i * r))?)?;
+        let vt = merge_mk(v)?.reshape((m * k, o, r))?.permute((1, 2, 0))?.contiguous()?;
+        let cols = self.weight.t()?.matmul(&vt.reshape((o, r * m * k))?)?;
+        let vin = self.index.fold(&cols.reshape((i * r, m * k))?)?.t()?.contiguous()?;
         let [c, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }

@@ -98,15 +98,19 @@ impl Window {
     }
 }
 
-/// A flattened input with its sentinel slot: `(M, C, H, W) → (M, C·H·W + 1)`.
-pub fn with_sentinel(x: &Tensor, pad_value: f64) -> Result<Tensor> {
+/// Inputs as columns with the sentinel row: `(M, C, H, W) → (C·H·W + 1, M)`.
+///
+/// The index axis comes first so that gathering and scattering move whole
+/// contiguous rows of M (or M·K) values, and the convolution becomes one
+/// large matrix product over all samples instead of M small ones.
+pub fn columns_with_sentinel(x: &Tensor, pad_value: f64) -> Result<Tensor> {
     let m = x.dim(0)?;
-    let flat = x.reshape((m, ()))?;
-    let pad = Tensor::full(pad_value, (m, 1), x.device())?.to_dtype(x.dtype())?;
-    Ok(Tensor::cat(&[&flat, &pad], 1)?)
+    let cols = x.reshape((m, ()))?.t()?;
+    let pad = Tensor::full(pad_value, (1, m), x.device())?.to_dtype(x.dtype())?;
+    Ok(Tensor::cat(&[&cols, &pad], 0)?)
 }
 
-/// A gathered index table, ready for [`unfold`] / [`fold`].
+/// A gathered index table, ready for [`PatchIndex::unfold`] / [`PatchIndex::fold`].
 pub struct PatchIndex {
     ids: Tensor,
     /// Length of the flattened input, C·H·W (the sentinel is one past it).
@@ -121,15 +125,15 @@ impl PatchIndex {
         })
     }
 
-    /// im2col: `(B, C·H·W + 1)` with sentinel → `(B, table length)`.
-    pub fn unfold(&self, x_sentinel: &Tensor) -> Result<Tensor> {
-        tensor::select(x_sentinel, &self.ids, 1)
+    /// im2col: `(C·H·W + 1, B)` with sentinel row → `(table length, B)`.
+    pub fn unfold(&self, x_cols: &Tensor) -> Result<Tensor> {
+        tensor::select(x_cols, &self.ids, 0)
     }
 
     /// col2im, the adjoint of `unfold` without the sentinel:
-    /// `(B, table length)` → `(B, C·H·W)`.
+    /// `(table length, B)` → `(C·H·W, B)`.
     pub fn fold(&self, cols: &Tensor) -> Result<Tensor> {
-        let full = tensor::select_adjoint(cols, &self.ids, 1, self.input_len + 1)?;
-        Ok(full.narrow(1, 0, self.input_len)?)
+        let full = tensor::select_adjoint(cols, &self.ids, 0, self.input_len + 1)?;
+        Ok(full.narrow(0, 0, self.input_len)?)
     }
 }

@@ -1,7 +1,7 @@
 //! `torch.nn.MaxPool2d` and `torch.nn.AvgPool2d`, channel by channel, on
 //! the same receptive-field tables as convolution ([`super::patches`]).
 
-use super::patches::{with_sentinel, PatchIndex, Window};
+use super::patches::{columns_with_sentinel, PatchIndex, Window};
 use super::{merge_mk, split_mk, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
@@ -97,18 +97,18 @@ impl Layer for MaxPool2d {
         let m = x.dim(0)?;
         let [c, oh, ow] = self.out_shape;
         let r = oh * ow;
-        // Windows (M, C, kh·kw, R), padding at −∞ as in torch.
+        // Windows (C, kh·kw, R, M), padding at −∞ as in torch.
         let u = self
             .index
-            .unfold(&with_sentinel(x, f64::NEG_INFINITY)?)?
-            .reshape((m, c, self.window_len, r))?;
-        let y = u.max_keepdim(2)?;
+            .unfold(&columns_with_sentinel(x, f64::NEG_INFINITY)?)?
+            .reshape((c, self.window_len, r, m))?;
+        let y = u.max(1)?.permute((2, 0, 1))?.contiguous()?; // (M, C, R)
         let saved = if save {
             // First maximal element of each window in scan order (torch's choice
             // at ties), mapped to its flat input position.
-            let arg = u.argmax_keepdim(2)?;
-            let table = self.table.unsqueeze(0)?.broadcast_as((m, c, self.window_len, r))?;
-            let argmax = tensor::gather(&table, &arg, 2)?.reshape((m, c * r))?;
+            let arg = u.argmax_keepdim(1)?; // (C, 1, R, M)
+            let table = self.table.unsqueeze(3)?.broadcast_as((c, self.window_len, r, m))?;
+            let argmax = tensor::gather(&table, &arg, 1)?.reshape((c * r, m))?.t()?.contiguous()?;
             Some(Saved::new(MaxPoolSaved { argmax }))
         } else {
             None
@@ -202,22 +202,25 @@ impl Layer for AvgPool2d {
         let r = oh * ow;
         let u = self
             .index
-            .unfold(&with_sentinel(x, 0.0)?)?
-            .reshape((m, c, self.window_len, r))?;
-        let inv = self.inv_divisor.to_dtype(x.dtype())?;
-        let y = u.sum(2)?.broadcast_mul(&inv)?;
+            .unfold(&columns_with_sentinel(x, 0.0)?)?
+            .reshape((c, self.window_len, r, m))?;
+        let inv = self.inv_divisor.to_dtype(x.dtype())?.reshape((1, r, 1))?;
+        let y = u.sum(1)?.broadcast_mul(&inv)?.permute((2, 0, 1))?.contiguous()?;
         Ok((y.reshape((m, c, oh, ow))?, save.then(|| Saved::new(()))))
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
-        // Every window element receives v[c, r] / divisor[r].
+        // Every window element receives v[c, r] / divisor[r]: columns
+        // (C, kh·kw, R, M·K), then col2im.
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let [c, oh, ow] = self.out_shape;
         let r = oh * ow;
-        let inv = self.inv_divisor.to_dtype(v.dtype())?;
-        let scaled = merge_mk(v)?.reshape((m * k, c, 1, r))?.broadcast_mul(&inv.reshape((1, 1, 1, r))?)?;
-        let cols = scaled.broadcast_as((m * k, c, self.window_len, r))?.reshape((m * k, ()))?;
+        let inv = self.inv_divisor.to_dtype(v.dtype())?.reshape((1, 1, r, 1))?;
+        let vt = merge_mk(v)?.reshape((m * k, c, r))?.permute((1, 2, 0))?.unsqueeze(1)?; // (C, 1, R, MK)
+        let cols = vt.broadcast_mul(&inv)?.broadcast_as((c, self.window_len, r, m * k))?;
+        let cols = cols.reshape((c * self.window_len * r, m * k))?;
+        let vin = self.index.fold(&cols)?.t()?.contiguous()?;
         let [ci, h, w] = self.in_shape;
-        split_mk(&self.index.fold(&cols)?.reshape((m * k, ci, h, w))?, m, k)
+        split_mk(&vin.reshape((m * k, ci, h, w))?, m, k)
     }
 }
