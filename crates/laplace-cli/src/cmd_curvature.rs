@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use laplace::tensor::Tensor;
+use laplace::curvature::KfacApprox;
 use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
@@ -26,6 +27,18 @@ pub struct CurvatureSpec {
     /// Seed of the Monte-Carlo draws (fisher-mc); each point has its own stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// KFAC treatment of convolution positions (structure kron).
+    #[arg(long, value_enum, default_value = "expand")]
+    pub kfac_approx: KfacApproxArg,
+    /// N of the KFAC input factors A = (1/N) Σ a aᵀ (structure kron; default: points in the data).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub n_data: Option<u64>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum KfacApproxArg {
+    Expand,
+    Reduce,
 }
 
 #[derive(Args, Debug)]
@@ -34,7 +47,7 @@ pub struct CurvatureArgs {
     pub inputs: Inputs,
     #[command(flatten)]
     pub spec: CurvatureSpec,
-    /// Output safetensors: loss (1,) and H ((P, P) or (P,)).
+    /// Output safetensors: loss (1,) and H ((P, P) or (P,)), or kron.<block>.<factor>.
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
 }
@@ -50,6 +63,8 @@ pub enum CurvatureArg {
 pub enum StructureArg {
     Full,
     Diag,
+    /// Kronecker factors per parameter tensor (KFAC); keys kron.<block>.<factor>.
+    Kron,
 }
 
 impl CurvatureSpec {
@@ -74,6 +89,21 @@ impl CurvatureSpec {
         let (loss, h) = match self.structure {
             StructureArg::Full => curv.full_over(data, batch_size)?,
             StructureArg::Diag => curv.diag_over(data, batch_size)?,
+            StructureArg::Kron => {
+                let approx = match self.kfac_approx {
+                    KfacApproxArg::Expand => KfacApprox::Expand,
+                    KfacApproxArg::Reduce => KfacApprox::Reduce,
+                };
+                let n = self.n_data.map_or(data.len(), |n| n as usize);
+                let (loss, kron) = curv.kron_over(data, batch_size, n, approx)?;
+                let mut out = vec![("loss".to_string(), loss)];
+                for (b, fs) in kron.blocks.into_iter().enumerate() {
+                    for (f, t) in fs.into_iter().enumerate() {
+                        out.push((format!("kron.{b}.{f}"), t));
+                    }
+                }
+                return Ok(out);
+            }
         };
         Ok(vec![("loss".into(), loss), ("H".into(), h)])
     }

@@ -275,3 +275,42 @@ fn demo_runs_and_agrees_with_laplace_torch() {
     assert!(s.contains("all agree within"), "{s}");
     assert!(s.contains("GGN diagonal"), "{s}");
 }
+
+#[test]
+fn kron_through_the_cli_matches_curvlinops() {
+    let tmp = scratch("kron");
+    for (case, lik) in [("cls_cnn", "classification"), ("reg_multi", "regression")] {
+        let dir = fixture(case);
+        let exp = read(&dir.join("kron.safetensors"));
+        let n_blocks = read(&dir.join("weights.safetensors")).len();
+        for (curvature, approx) in [("ggn", "expand"), ("ef", "reduce")] {
+            let out = tmp.join(format!("{case}-{curvature}-{approx}.safetensors"));
+            let mut args = base("curvature", &dir);
+            args.extend(["--likelihood", lik, "--curvature", curvature, "--structure", "kron", "--kfac-approx", approx, "--batch-size", "3", "--out", p(&out)].map(String::from));
+            assert_ok(&run(args));
+            let got = read(&out);
+            assert_close(&got["loss"], &exp[&format!("{curvature}.{approx}.loss")], &format!("{case} loss"));
+            for b in 0..n_blocks {
+                let factors: Vec<Tensor> = (0..2).filter_map(|f| got.get(&format!("kron.{b}.{f}")).cloned()).collect();
+                let k = laplace::kron::Kron::new(vec![factors]).unwrap();
+                let what = format!("{case} {curvature}.{approx} block {b}");
+                assert_close(&k.to_matrix().unwrap(), &exp[&format!("{curvature}.{approx}.{b}.product")], &what);
+            }
+            assert!(!got.contains_key(&format!("kron.{n_blocks}.0")), "{case}: one block per parameter tensor");
+        }
+    }
+    // --n-data rescales A only: the products scale by N / n_data.
+    let dir = fixture("act_tanh");
+    let go = |extra: &[&str], out: &Path| {
+        let mut args = base("curvature", &dir);
+        args.extend(["--likelihood", "classification", "--structure", "kron", "--out", p(out)].map(String::from));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        assert_ok(&run(args));
+        read(out)
+    };
+    let a = go(&[], &tmp.join("a.safetensors"));
+    let b = go(&["--n-data", "18"], &tmp.join("b.safetensors"));
+    assert_close(&(&b["kron.0.1"] * 3.0).unwrap(), &a["kron.0.1"], "A with N = 18 vs N = 6");
+    assert_close(&b["kron.0.0"], &a["kron.0.0"], "B does not depend on N");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

@@ -31,6 +31,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod io;
+pub mod kron;
 pub mod likelihood;
 pub mod linalg;
 pub mod model;

@@ -19,14 +19,17 @@
 
 mod batch_grad;
 mod diag;
+mod kfac;
 mod over_data;
 mod selection;
 
+pub use kfac::KfacApprox;
 pub use selection::{LayerSelection, ParamSelection, Selected, Subset};
 
 use std::str::FromStr;
 
 use crate::engine::{self, Tape};
+use crate::kron::Kron;
 use crate::error::{bail, Error, Result};
 use crate::likelihood::Likelihood;
 use crate::model::Sequential;
@@ -194,6 +197,41 @@ impl<'m> Curvature<'m> {
         parts.reverse();
         let d = self.selection.reorder(Tensor::cat(&parts, 0)?, 0)?;
         Ok((loss, check_finite(d, "curvature diagonal")?))
+    }
+
+    /// Σ_n ℓ_n `(1,)` and the Kronecker-factored curvature (KFAC): one block
+    /// per parameter tensor, with A normalized by `n_data` (the number of
+    /// points of the whole data set, so that sums over batches add up).
+    pub fn kron(&self, batch: &Batch, n_data: usize, approx: KfacApprox) -> Result<(Tensor, Kron)> {
+        if n_data == 0 {
+            bail!(Invalid, "KFAC needs the number of data points N ≥ 1");
+        }
+        if !self.selection.whole_tensors() {
+            bail!(
+                Invalid,
+                "KFAC is defined per parameter tensor; a subnetwork of single coordinates has no Kronecker \
+                 factors (use the full or diagonal structure)"
+            );
+        }
+        let y = self.targets(&batch.y, &batch.x)?;
+        let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
+        let loss = self.likelihood.loss(&tape.output, &y)?;
+        let rows = self.output_rows(&tape.output, &y, batch.offset)?;
+        let mut layers = Vec::new();
+        engine::backward(self.model, &tape, rows, |view| {
+            if self.selection.layer(view.layer).is_some() {
+                layers.push(kfac::layer_blocks(&view, n_data, approx)?);
+            }
+            Ok(())
+        })?;
+        layers.reverse();
+        let kron = Kron::new(layers.into_iter().flatten().collect())?;
+        for (b, fs) in kron.blocks.iter().enumerate() {
+            for f in fs {
+                check_finite(f.clone(), &format!("Kronecker factors of block {b}"))?;
+            }
+        }
+        Ok((loss, kron))
     }
 
     /// Number of output rows K per data point for this kind.

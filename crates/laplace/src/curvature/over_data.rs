@@ -1,7 +1,8 @@
 //! Quantities over a whole [`Dataset`], batch by batch: curvatures and
 //! losses are sums over batches, per-sample quantities are concatenated.
 
-use super::Curvature;
+use super::{Curvature, KfacApprox};
+use crate::kron::Kron;
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -31,6 +32,21 @@ impl Curvature<'_> {
         let mut acc = None;
         for (offset, len) in data.batch_ranges(batch_size) {
             acc = add(acc, self.diag(&data.batch(offset, len)?)?)?;
+        }
+        Ok(acc.expect("a data set has at least one point"))
+    }
+
+    /// `kron` over the data set: factor-wise sums over batches, A normalized
+    /// by `n_data` (usually the number of points in `data`).
+    pub fn kron_over(&self, data: &Dataset, batch_size: usize, n_data: usize, approx: KfacApprox) -> Result<(Tensor, Kron)> {
+        data.targets()?;
+        let mut acc: Option<(Tensor, Kron)> = None;
+        for (offset, len) in data.batch_ranges(batch_size) {
+            let (l, k) = self.kron(&data.batch(offset, len)?, n_data, approx)?;
+            acc = Some(match acc {
+                None => (l, k),
+                Some((l0, k0)) => ((l0 + l)?, k0.add(&k)?),
+            });
         }
         Ok(acc.expect("a data set has at least one point"))
     }

@@ -154,6 +154,16 @@ impl ParamSelection {
         })
     }
 
+    /// Does the selection consist of whole parameter tensors (all of θ or
+    /// the last layer), as Kronecker factorizations need?
+    pub fn whole_tensors(&self) -> bool {
+        self.order.is_none()
+            && self
+                .layers
+                .values()
+                .all(|l| [&l.weight, &l.bias].iter().all(|s| !matches!(s, Some(Selected::Some(_)))))
+    }
+
     /// Number of selected coordinates.
     pub fn len(&self) -> usize {
         self.len
