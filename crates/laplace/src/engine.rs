@@ -22,6 +22,20 @@ pub struct Tape {
     pub output: Tensor,
 }
 
+impl Tape {
+    /// What layer `i` saved (`i ≥ first`).
+    pub fn saved(&self, i: usize) -> &Saved {
+        self.saved[i]
+            .as_ref()
+            .expect("the tape saves every layer from `first` on")
+    }
+
+    /// The first layer with saved state.
+    pub fn first(&self) -> usize {
+        self.first
+    }
+}
+
 /// One parameterized layer as the backward pass meets it.
 pub struct AffineView<'a> {
     pub layer: usize,

@@ -21,10 +21,11 @@ mod batch_grad;
 mod diag;
 mod kfac;
 mod over_data;
+mod products;
 mod selection;
 
 pub use kfac::KfacApprox;
-pub use selection::{LayerSelection, ParamSelection, Selected, Subset};
+pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Subset};
 
 use std::str::FromStr;
 
@@ -44,17 +45,20 @@ pub enum CurvatureKind {
     FisherMc { samples: usize, seed: u64 },
     /// Empirical Fisher Σ_n G_n G_nᵀ.
     Ef,
+    /// The exact Hessian ∇²_θ Σ_n ℓ_n (second-order terms included).
+    Hessian,
 }
 
 impl FromStr for CurvatureKind {
     type Err = Error;
-    /// `ggn`, `fisher-mc` (1 sample, seed 0; set them on the value), `ef`.
+    /// `ggn`, `fisher-mc` (1 sample, seed 0; set them on the value), `ef`, `hessian`.
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "ggn" => Ok(CurvatureKind::Ggn),
             "fisher-mc" | "fisher" => Ok(CurvatureKind::FisherMc { samples: 1, seed: 0 }),
             "ef" => Ok(CurvatureKind::Ef),
-            other => bail!(Invalid, "unknown curvature {other:?} (expected ggn, fisher-mc or ef)"),
+            "hessian" => Ok(CurvatureKind::Hessian),
+            other => bail!(Invalid, "unknown curvature {other:?} (expected ggn, fisher-mc, ef or hessian)"),
         }
     }
 }
@@ -156,6 +160,12 @@ impl<'m> Curvature<'m> {
     /// Σ_n ℓ_n `(1,)` and the dense curvature H `(P, P)`, accumulated from
     /// per-sample gradients a chunk of samples at a time.
     pub fn full(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        if self.kind == CurvatureKind::Hessian {
+            // Hessian-vector products with identity columns, a block at a time.
+            let p = self.selection.len();
+            let (loss, h) = products::full_by_products(self, batch, p.min(64))?;
+            return Ok((loss, check_finite(h, "Hessian")?));
+        }
         let m = batch.x.dim(0)?;
         let p = self.selection.len();
         let rows_per_point = self.rows_per_point();
@@ -183,6 +193,10 @@ impl<'m> Curvature<'m> {
     /// Σ_n ℓ_n `(1,)` and the diagonal of H `(P,)`, without per-sample
     /// gradients of the whole network.
     pub fn diag(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        if self.kind == CurvatureKind::Hessian {
+            let (loss, d) = products::hessian_diag(self, batch)?;
+            return Ok((loss, check_finite(d, "Hessian diagonal")?));
+        }
         let y = self.targets(&batch.y, &batch.x)?;
         let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
@@ -205,6 +219,9 @@ impl<'m> Curvature<'m> {
     pub fn kron(&self, batch: &Batch, n_data: usize, approx: KfacApprox) -> Result<(Tensor, Kron)> {
         if n_data == 0 {
             bail!(Invalid, "KFAC needs the number of data points N ≥ 1");
+        }
+        if self.kind == CurvatureKind::Hessian {
+            bail!(Invalid, "the exact Hessian has no Kronecker factorization (use ggn, fisher-mc or ef for kron)");
         }
         if !self.selection.whole_tensors() {
             bail!(
@@ -234,26 +251,39 @@ impl<'m> Curvature<'m> {
         Ok((loss, kron))
     }
 
+    /// Products with K directions: `v (K, P)` → Σ_n ℓ_n `(1,)` and `(K, P)`,
+    /// row k = H v_k for the curvature H of this kind (the exact Hessian by
+    /// Pearlmutter's R-operator, the others as J ᵀ Λ̃ J v), never forming H.
+    pub fn matmat(&self, batch: &Batch, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (loss, hv) = products::matmat(self, batch, v)?;
+        Ok((loss, check_finite(hv, "curvature-vector products")?))
+    }
+
+    /// The bound on temporaries, in elements.
+    pub(crate) fn chunk_elems(&self) -> usize {
+        self.chunk_elems
+    }
+
     /// Number of output rows K per data point for this kind.
     fn rows_per_point(&self) -> usize {
         match self.kind {
-            CurvatureKind::Ggn => self.model.n_outputs(),
+            CurvatureKind::Ggn | CurvatureKind::Hessian => self.model.n_outputs(),
             CurvatureKind::FisherMc { samples, .. } => samples,
             CurvatureKind::Ef => 1,
         }
     }
 
     /// Output rows `(M, K, C)` whose Gram matrix per point is Λ̃_n.
-    fn output_rows(&self, f: &Tensor, y: &Tensor, offset: usize) -> Result<Tensor> {
+    pub(crate) fn output_rows(&self, f: &Tensor, y: &Tensor, offset: usize) -> Result<Tensor> {
         match self.kind {
-            CurvatureKind::Ggn => self.likelihood.sqrt_hessian(f),
+            CurvatureKind::Ggn | CurvatureKind::Hessian => self.likelihood.sqrt_hessian(f),
             CurvatureKind::FisherMc { samples, seed } => self.likelihood.sampled_gradients(f, samples, seed, offset),
             CurvatureKind::Ef => Ok(self.likelihood.gradient(f, y)?.unsqueeze(1)?),
         }
     }
 
     /// Checked targets for the inputs `x`.
-    fn targets(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn targets(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
         self.model.check_input(x)?;
         let m = x.dim(0)?;
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())

@@ -41,6 +41,21 @@ impl Selected {
     }
 }
 
+/// A parameter tensor with something selected, and where its selected
+/// coordinates sit among all selected ones (in θ order).
+#[derive(Clone, Debug)]
+pub struct SelectedTensor {
+    pub layer: usize,
+    pub is_bias: bool,
+    /// Elements of the whole tensor.
+    pub numel: usize,
+    pub selected: Selected,
+    /// First column of this tensor among the selected coordinates.
+    pub column: usize,
+    /// Number of selected coordinates.
+    pub len: usize,
+}
+
 /// The selection within one layer: its weight and its bias.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LayerSelection {
@@ -181,6 +196,44 @@ impl ParamSelection {
     /// The selection within `layer`, if any.
     pub fn layer(&self, layer: usize) -> Option<&LayerSelection> {
         self.layers.get(&layer)
+    }
+
+    /// The selected tensors in θ order, with their columns in the θ-ordered
+    /// (sorted) layout of selected coordinates.
+    pub fn tensors(&self, model: &Sequential) -> Vec<SelectedTensor> {
+        let mut out = Vec::new();
+        let mut col = 0;
+        for p in model.params() {
+            let is_bias = p.name.ends_with(".bias");
+            let sel = self.layers.get(&p.layer).and_then(|l| if is_bias { l.bias.clone() } else { l.weight.clone() });
+            if let Some(selected) = sel {
+                let len = selected.len(p.numel);
+                out.push(SelectedTensor {
+                    layer: p.layer,
+                    is_bias,
+                    numel: p.numel,
+                    selected,
+                    column: col,
+                    len,
+                });
+                col += len;
+            }
+        }
+        out
+    }
+
+    /// The inverse of [`ParamSelection::reorder`]: output order to θ order.
+    pub fn to_theta_order(&self, t: Tensor, dim: usize) -> Result<Tensor> {
+        match &self.order {
+            None => Ok(t),
+            Some(ord) => {
+                let mut inv = vec![0; ord.len()];
+                for (j, &r) in ord.iter().enumerate() {
+                    inv[r] = j;
+                }
+                tensor::select(&t, &tensor::index_tensor(&inv, t.device())?, dim)
+            }
+        }
     }
 
     /// Put the parameter axis `dim` of `t` (computed in θ order) into output order.

@@ -14,8 +14,9 @@ pub struct Elementwise {
     shape: Vec<usize>,
 }
 
-/// Forward state: σ'(x), same shape as the input.
+/// Forward state: the input x and σ'(x).
 struct ElementwiseSaved {
+    input: Tensor,
     derivative: Tensor,
 }
 
@@ -124,6 +125,63 @@ pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tenso
     })
 }
 
+/// σ''(x), or `None` where it is zero almost everywhere (ReLU, LeakyReLU).
+pub(crate) fn second_derivative(act: Activation, x: &Tensor) -> Result<Option<Tensor>> {
+    Ok(Some(match act {
+        Activation::ReLU | Activation::LeakyReLU { .. } => return Ok(None),
+        // tanh'' = −2 y (1 − y²)
+        Activation::Tanh => {
+            let y = x.tanh()?;
+            ((&y * -2.0)? * (1.0 - y.sqr()?)?)?
+        }
+        // s'' = s (1 − s)(1 − 2s)
+        Activation::Sigmoid => {
+            let s = tensor::sigmoid(x)?;
+            ((&s * (1.0 - &s)?)? * (1.0 - (&s * 2.0)?)?)?
+        }
+        // β s(βx)(1 − s(βx)) below the threshold, 0 where softplus is the identity
+        Activation::Softplus { beta, threshold } => {
+            let z = (x * beta)?;
+            let s = tensor::sigmoid(&z)?;
+            let d2 = ((&s * (1.0 - &s)?)? * beta)?;
+            z.gt(threshold)?.where_cond(&x.zeros_like()?, &d2)?
+        }
+        // 0 for x > 0, α eˣ otherwise (torch's branch at 0)
+        Activation::ELU { alpha } => {
+            let pos = x.gt(0.0)?;
+            pos.where_cond(&x.zeros_like()?, &(x.exp()? * alpha)?)?
+        }
+        // (xΦ(x))'' = φ(x)(2 − x²)
+        Activation::GELU {
+            tanh_approximation: false,
+        } => {
+            let x2 = x.sqr()?;
+            let pdf = ((&x2 * -0.5)?.exp()? * (0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2))?;
+            (pdf * (2.0 - x2)?)?
+        }
+        // (1 − t²)[u' + ½x(u'' − 2t u'²)], t = tanh u, u = c(x + a x³)
+        Activation::GELU {
+            tanh_approximation: true,
+        } => {
+            let (c, a) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
+            let x2 = x.sqr()?;
+            let u = ((x * (&x2 * a)?)? + x)?;
+            let t = (u * c)?.tanh()?;
+            let du = (((&x2 * (3.0 * a))? + 1.0)? * c)?;
+            let ddu = (x * (6.0 * a * c))?;
+            let inner = (ddu - ((&t * 2.0)? * du.sqr()?)?)?;
+            let bracket = (du + ((x * 0.5)? * inner)?)?;
+            ((1.0 - t.sqr()?)? * bracket)?
+        }
+        // (x s)'' = s(1 − s)(2 + x(1 − 2s))
+        Activation::SiLU => {
+            let s = tensor::sigmoid(x)?;
+            let inner = ((x * (1.0 - (&s * 2.0)?)?)? + 2.0)?;
+            ((&s * (1.0 - &s)?)? * inner)?
+        }
+    }))
+}
+
 impl Layer for Elementwise {
     fn type_name(&self) -> &'static str {
         self.act.type_name()
@@ -135,12 +193,31 @@ impl Layer for Elementwise {
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
         let (y, d) = value_and_derivative(self.act, x)?;
-        Ok((y, save.then(|| Saved::new(ElementwiseSaved { derivative: d }))))
+        let saved = save.then(|| {
+            Saved::new(ElementwiseSaved {
+                input: x.clone(),
+                derivative: d,
+            })
+        });
+        Ok((y, saved))
     }
 
     fn backward(&self, saved: &Saved, v: &Tensor) -> Result<Tensor> {
         // Jᵀ v = σ'(x) ⊙ v, broadcast over the K columns.
         let d = saved.get::<ElementwiseSaved>().derivative.unsqueeze(1)?;
         Ok(v.broadcast_mul(&d)?)
+    }
+
+    fn jvp_input(&self, saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        // J is diagonal: the same product as the backward pass.
+        self.backward(saved, x_dot)
+    }
+
+    fn input_residual(&self, saved: &Saved, g: &Tensor) -> Result<Option<Tensor>> {
+        // Σ_i g_i ∇²_x y_i = diag(σ''(x) ⊙ g).
+        match second_derivative(self.act, &saved.get::<ElementwiseSaved>().input)? {
+            Some(d2) => Ok(Some((d2 * g)?)),
+            None => Ok(None),
+        }
     }
 }

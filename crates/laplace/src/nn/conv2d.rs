@@ -155,6 +155,17 @@ impl Layer for Conv2d {
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }
 
+    fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        // J ẋ = W im2col(ẋ): the convolution without bias, on all M·K tangents.
+        let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
+        let (o, i) = self.weight.dims2()?;
+        let r = self.positions();
+        let ut = self.index.unfold(&columns_with_sentinel(&merge_mk(x_dot)?, 0.0)?)?;
+        let z = self.weight.matmul(&ut.reshape((i, r * m * k))?)?;
+        let z = z.reshape((o, r, m * k))?.permute((2, 0, 1))?.contiguous()?;
+        split_mk(&z.reshape((m * k, o, self.out_shape[1], self.out_shape[2]))?, m, k)
+    }
+
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
         let mut p = vec![("weight", &self.weight4)];
         if let Some(b) = &self.bias {
@@ -180,5 +191,26 @@ impl AffineLayer for Conv2d {
 
     fn patches(&self, saved: &Saved) -> Result<Tensor> {
         Ok(saved.get::<ConvSaved>().patches.clone())
+    }
+
+    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
+        let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
+        let (_, i) = self.weight.dims2()?;
+        let r = self.positions();
+        let ut = self.index.unfold(&columns_with_sentinel(&merge_mk(x_dot)?, 0.0)?)?; // (I·R, M·K)
+        Ok(ut.reshape((i, r, m, k))?.permute((2, 3, 0, 1))?.contiguous()?)
+    }
+
+    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor> {
+        // Column k: col2im(W_kᵀ V[:, k]); (K, I, O) @ (K, O, M·R) → (K, I, M, R).
+        let (m, k) = (v.dim(0)?, v.dim(1)?);
+        let (o, i) = self.weight.dims2()?;
+        let r = self.positions();
+        let vk = v.reshape((m, k, o, r))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((k, o, m * r))?;
+        let cols = w.transpose(1, 2)?.contiguous()?.matmul(&vk)?; // (K, I, M·R)
+        let cols = cols.reshape((k, i, m, r))?.permute((1, 3, 2, 0))?.contiguous()?.reshape((i * r, m * k))?;
+        let vin = self.index.fold(&cols)?.t()?.contiguous()?;
+        let [c, h, ww] = self.in_shape;
+        split_mk(&vin.reshape((m * k, c, h, ww))?, m, k)
     }
 }

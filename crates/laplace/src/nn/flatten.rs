@@ -58,4 +58,8 @@ impl Layer for Flatten {
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
         Ok(v.reshape(with_leading(&v.dims()[..2], &self.in_shape))?)
     }
+
+    fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        Ok(x_dot.reshape(with_leading(&x_dot.dims()[..2], &self.out_shape))?)
+    }
 }

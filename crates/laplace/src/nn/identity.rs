@@ -33,4 +33,8 @@ impl Layer for Identity {
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
         Ok(v.clone())
     }
+
+    fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        Ok(x_dot.clone())
+    }
 }

@@ -84,6 +84,13 @@ impl Layer for Linear {
         Ok(vin.reshape((m, k, self.weight.dim(1)?))?)
     }
 
+    fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        // J ẋ = W ẋ for every column.
+        let (m, k, i) = x_dot.dims3()?;
+        let out = x_dot.reshape((m * k, i))?.matmul(&self.weight.t()?)?;
+        Ok(out.reshape((m, k, self.out_shape[0]))?)
+    }
+
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
         let mut p = vec![("weight", &self.weight)];
         if let Some(b) = &self.bias {
@@ -111,5 +118,15 @@ impl AffineLayer for Linear {
         let a = &saved.get::<LinearSaved>().input;
         let (m, i) = a.dims2()?;
         Ok(a.reshape((m, i, 1))?)
+    }
+
+    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
+        Ok(x_dot.unsqueeze(3)?)
+    }
+
+    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor> {
+        // Column k: v[:, k] W_k, (K, M, O) @ (K, O, I) → (K, M, I).
+        let vk = v.transpose(0, 1)?.contiguous()?;
+        Ok(vk.matmul(w)?.transpose(0, 1)?.contiguous()?)
     }
 }

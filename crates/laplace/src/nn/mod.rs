@@ -67,6 +67,20 @@ pub trait Layer: Send + Sync {
     /// Jacobian of the layer's output with respect to its input at sample n.
     fn backward(&self, saved: &Saved, v: &Tensor) -> Result<Tensor>;
 
+    /// Forward-mode derivative with respect to the input: output tangents
+    /// `(M, K, *out)` = J_n ẋ[n, k] for input tangents `x_dot (M, K, *in)`.
+    fn jvp_input(&self, saved: &Saved, x_dot: &Tensor) -> Result<Tensor>;
+
+    /// The second-order term of the input-output map for an output
+    /// gradient g `(M, *out)`: r = Σ_i g_i ∇²_x y_i, when it is diagonal,
+    /// as `(M, *in)`. `None` for layers linear in their input almost
+    /// everywhere (affine layers, pooling, ReLU and LeakyReLU: their second
+    /// derivative is zero except on a set of measure zero, where it does
+    /// not exist).
+    fn input_residual(&self, _saved: &Saved, _g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
     /// Trainable tensors in PyTorch `parameters()` order, with their names
     /// within the layer ("weight", "bias").
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
@@ -101,6 +115,14 @@ pub trait AffineLayer {
 
     /// The patches U `(M, I, R)` of the batch this `saved` came from.
     fn patches(&self, saved: &Saved) -> Result<Tensor>;
+
+    /// The patches of input tangents `x_dot (M, K, *in)`: `(M, K, I, R)`.
+    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor>;
+
+    /// Jᵀ for another weight per column: `v (M, K, *out)` pulled back to
+    /// `(M, K, *in)` through the layer with weight `w[k]` `(K, O, I)` for
+    /// column k (the mixed parameter-input term of Hessian-vector products).
+    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor>;
 }
 
 /// Builds the layer at `index` for per-sample input shape `in_shape`,

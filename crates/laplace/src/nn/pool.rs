@@ -126,6 +126,17 @@ impl Layer for MaxPool2d {
         let vin = tensor::gather_adjoint(&v.reshape((m, k, len))?, &ids, 2, &[m, k, c * h * w])?;
         Ok(vin.reshape((m, k, c, h, w))?)
     }
+
+    fn jvp_input(&self, saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        // The tangent of each window's maximum is the tangent of its argmax.
+        let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
+        let [c, oh, ow] = self.out_shape;
+        let argmax = &saved.get::<MaxPoolSaved>().argmax;
+        let len = argmax.dim(1)?;
+        let ids = argmax.unsqueeze(1)?.broadcast_as((m, k, len))?;
+        let out = tensor::gather(&x_dot.reshape((m, k, ()))?, &ids, 2)?;
+        Ok(out.reshape((m, k, c, oh, ow))?)
+    }
 }
 
 pub struct AvgPool2d {
@@ -222,5 +233,12 @@ impl Layer for AvgPool2d {
         let vin = self.index.fold(&cols)?.t()?.contiguous()?;
         let [ci, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, ci, h, w))?, m, k)
+    }
+
+    fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
+        // Average pooling is linear: its tangent map is the pooling itself.
+        let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
+        let (y, _) = self.forward(&merge_mk(x_dot)?, false)?;
+        split_mk(&y, m, k)
     }
 }
