@@ -36,6 +36,7 @@ pub mod likelihood;
 pub mod linalg;
 pub mod model;
 pub mod nn;
+pub mod operator;
 pub mod rng;
 pub mod spec;
 pub mod tensor;
