@@ -11,7 +11,7 @@ use laplace::tensor::{self, Tensor};
 use laplace::{Curvature, CurvatureKind, Dataset, Likelihood};
 
 use crate::args::Inputs;
-use crate::cmd_curvature::CurvatureSpec;
+use crate::cmd_curvature::{CurvatureSpec, McSamples};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -19,6 +19,8 @@ pub struct BenchArgs {
     pub inputs: Inputs,
     #[command(flatten)]
     pub spec: CurvatureSpec,
+    #[command(flatten)]
+    pub mc: McSamples,
     /// What to time: the curvature (default), Jacobians or per-sample gradients.
     #[arg(long, value_enum, default_value = "curvature")]
     pub quantity: QuantityArg,
@@ -73,7 +75,7 @@ pub fn run(a: &BenchArgs) -> laplace::Result<()> {
     }
     let (model, data) = a.inputs.load()?;
     let kind = match a.quantity {
-        QuantityArg::Curvature => a.spec.kind(),
+        QuantityArg::Curvature => a.spec.kind(a.mc.samples),
         QuantityArg::Jacobians => CurvatureKind::Ggn,
         QuantityArg::Gradients => CurvatureKind::Ef,
     };

@@ -16,14 +16,12 @@ pub struct CurvatureSpec {
     pub subset: SubsetArgs,
     #[arg(long, value_enum)]
     pub likelihood: LikelihoodArg,
-    /// ggn: exact generalized Gauss-Newton; fisher-mc: Monte-Carlo Fisher; ef: empirical Fisher.
+    /// ggn: exact generalized Gauss-Newton; fisher-mc: Monte-Carlo Fisher; ef: empirical Fisher;
+    /// hessian: the exact Hessian (full or diag).
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
     #[arg(long, value_enum, default_value = "diag")]
     pub structure: StructureArg,
-    /// Monte-Carlo samples per point (fisher-mc).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
-    pub samples: u64,
     /// Seed of the Monte-Carlo draws (fisher-mc); each point has its own stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -41,12 +39,22 @@ pub enum KfacApproxArg {
     Reduce,
 }
 
+/// Monte-Carlo samples per point for fisher-mc (`--samples`; `trace` calls it `--mc-samples`).
+#[derive(Args, Debug, Clone)]
+pub struct McSamples {
+    /// Monte-Carlo samples per point (fisher-mc).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub samples: u64,
+}
+
 #[derive(Args, Debug)]
 pub struct CurvatureArgs {
     #[command(flatten)]
     pub inputs: Inputs,
     #[command(flatten)]
     pub spec: CurvatureSpec,
+    #[command(flatten)]
+    pub mc: McSamples,
     /// Output safetensors: loss (1,) and H ((P, P) or (P,)), or kron.<block>.<factor>.
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
@@ -57,6 +65,7 @@ pub enum CurvatureArg {
     Ggn,
     FisherMc,
     Ef,
+    Hessian,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,20 +77,21 @@ pub enum StructureArg {
 }
 
 impl CurvatureSpec {
-    pub fn kind(&self) -> CurvatureKind {
+    pub fn kind(&self, mc_samples: u64) -> CurvatureKind {
         match self.curvature {
             CurvatureArg::Ggn => CurvatureKind::Ggn,
             CurvatureArg::FisherMc => CurvatureKind::FisherMc {
-                samples: self.samples as usize,
+                samples: mc_samples as usize,
                 seed: self.seed,
             },
             CurvatureArg::Ef => CurvatureKind::Ef,
+            CurvatureArg::Hessian => CurvatureKind::Hessian,
         }
     }
 
     /// The curvature object for `model`.
-    pub fn curvature<'m>(&self, model: &'m Sequential) -> laplace::Result<Curvature<'m>> {
-        Curvature::new(model, self.likelihood.into(), self.kind(), &self.subset.subset()?)
+    pub fn curvature<'m>(&self, model: &'m Sequential, mc_samples: u64) -> laplace::Result<Curvature<'m>> {
+        Curvature::new(model, self.likelihood.into(), self.kind(mc_samples), &self.subset.subset()?)
     }
 
     /// Loss and curvature over `data`, as named output tensors.
@@ -111,7 +121,7 @@ impl CurvatureSpec {
 
 pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model)?;
+    let curv = a.spec.curvature(&model, a.mc.samples)?;
     let out = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
     laplace::io::write_safetensors(&a.out, &out)
 }

@@ -9,6 +9,7 @@ mod cmd_bench;
 mod cmd_curvature;
 mod cmd_demo;
 mod cmd_jacobians;
+mod cmd_operator;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,10 @@ enum Command {
     Jacobians(cmd_jacobians::JacobiansArgs),
     /// Per-sample gradients G (N, P) of the loss, and the summed loss.
     Gradients(cmd_jacobians::GradientsArgs),
+    /// Top-k eigenpairs of a curvature (Lanczos with full reorthogonalization, matrix-free).
+    Eigen(cmd_operator::EigenArgs),
+    /// Trace of a curvature: exact (from its diagonal), Hutchinson or Hutch++.
+    Trace(cmd_operator::TraceArgs),
     /// Run the main job on the bundled digits example and print a summary.
     Demo(cmd_demo::DemoArgs),
     /// Time one quantity (model and data loaded; warm-up, then median of --repeat runs) and report peak memory.
@@ -41,6 +46,8 @@ fn main() -> ExitCode {
         Command::Curvature(a) => cmd_curvature::run(&a),
         Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),
         Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
+        Command::Eigen(a) => cmd_operator::run_eigen(&a),
+        Command::Trace(a) => cmd_operator::run_trace(&a),
         Command::Demo(a) => cmd_demo::run(&a),
         Command::Bench(a) => cmd_bench::run(&a),
     };

@@ -314,3 +314,43 @@ fn kron_through_the_cli_matches_curvlinops() {
     assert_close(&b["kron.0.0"], &a["kron.0.0"], "B does not depend on N");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn hessian_eigen_and_trace_through_the_cli() {
+    let tmp = scratch("hessian");
+    let dir = fixture("hess_smooth_cnn");
+    let exp = read(&dir.join("hessian.safetensors"));
+    for structure in ["full", "diag"] {
+        let out = tmp.join(format!("h-{structure}.safetensors"));
+        let mut args = base("curvature", &dir);
+        args.extend(["--likelihood", "classification", "--curvature", "hessian", "--structure", structure, "--batch-size", "3", "--out", p(&out)].map(String::from));
+        assert_ok(&run(args));
+        let key = if structure == "full" { "hessian.full" } else { "hessian.diag" };
+        assert_close(&read(&out)["H"], &exp[key], &format!("CLI {key}"));
+    }
+    // Top eigenvalues of the GGN against the dense fixture matrix.
+    let ggn = expected("cls_cnn")["ggn.full"].clone();
+    let mut dense = laplace::linalg::symmetric_eigenvalues(&ggn).unwrap();
+    dense.reverse();
+    let dir = fixture("cls_cnn");
+    let out = tmp.join("eig.safetensors");
+    let mut args = base("eigen", &dir);
+    args.extend(["--likelihood", "classification", "--curvature", "ggn", "--top-k", "4", "--tol", "1e-10", "--out", p(&out)].map(String::from));
+    assert_ok(&run(args));
+    let got = read(&out);
+    let vals = tensor::to_vec_f64(&got["eigenvalues"]).unwrap();
+    assert_eq!(got["eigenvectors"].dims(), [4, 228]);
+    for (i, (a, b)) in vals.iter().zip(&dense).enumerate() {
+        assert!((a - b).abs() <= 1e-8 * b.abs(), "eigenvalue {i}: {a} vs {b}");
+    }
+    // Exact trace = trace of the fixture GGN.
+    let mut args = base("trace", &dir);
+    args.extend(["--likelihood", "classification", "--curvature", "ggn", "--estimator", "exact", "--json"].map(String::from));
+    let o = run(args);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want: f64 = laplace::linalg::symmetric_eigenvalues(&ggn).unwrap().iter().sum();
+    let got = v["trace"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-9 * want, "trace {got} vs {want}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}

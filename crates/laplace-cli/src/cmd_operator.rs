@@ -1,0 +1,107 @@
+//! `laplace eigen` and `laplace trace`: matrix-free algorithms on a
+//! curvature operator over the data set.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use laplace::operator::{hutchinson_trace, hutchpp_trace, lanczos_top_k, CurvatureOperator};
+use laplace::tensor::{self, Tensor};
+
+use crate::args::Inputs;
+use crate::cmd_curvature::{CurvatureSpec, McSamples};
+
+#[derive(Args, Debug)]
+pub struct EigenArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[command(flatten)]
+    pub spec: CurvatureSpec,
+    #[command(flatten)]
+    pub mc: McSamples,
+    /// Number of largest eigenvalues.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub top_k: u64,
+    /// Relative residual at which a Ritz pair counts as converged.
+    #[arg(long, default_value_t = 1e-8)]
+    pub tol: f64,
+    /// Most operator products.
+    #[arg(long, default_value_t = 1000)]
+    pub max_iter: usize,
+    /// Output safetensors: eigenvalues (K,) descending, eigenvectors (K, P).
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub inputs: Inputs,
+    #[command(flatten)]
+    pub spec: CurvatureSpec,
+    #[arg(long, value_enum, default_value = "exact")]
+    pub estimator: EstimatorArg,
+    /// Probe vectors (operator products) of the randomized estimators.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub samples: u64,
+    /// Monte-Carlo samples per point (fisher-mc).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub mc_samples: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write trace (1,) to safetensors.
+    #[arg(long, value_name = "OUT.safetensors")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EstimatorArg {
+    /// Sum of the exact diagonal.
+    Exact,
+    Hutchinson,
+    Hutchpp,
+}
+
+pub fn run_eigen(a: &EigenArgs) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load()?;
+    let curv = a.spec.curvature(&model, a.mc.samples)?;
+    let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+    let ep = lanczos_top_k(&op, a.top_k as usize, a.tol, a.max_iter, a.spec.seed)?;
+    let like = model.parameter_vector()?;
+    let (vals, vecs) = ep.to_tensors(&like)?;
+    let iters = Tensor::new(&[ep.iterations as i64], model.device())?;
+    laplace::io::write_safetensors(
+        &a.out,
+        &[("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)],
+    )
+}
+
+pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load()?;
+    let curv = a.spec.curvature(&model, a.mc_samples)?;
+    let samples = a.samples as usize;
+    let trace = match a.estimator {
+        EstimatorArg::Exact => {
+            let (_, d) = curv.diag_over(&data, a.inputs.batch_size())?;
+            tensor::to_vec_f64(&d)?.iter().sum()
+        }
+        EstimatorArg::Hutchinson => {
+            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+            hutchinson_trace(&op, samples, a.spec.seed)?
+        }
+        EstimatorArg::Hutchpp => {
+            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+            hutchpp_trace(&op, samples, a.spec.seed)?
+        }
+    };
+    if let Some(out) = &a.out {
+        let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
+        laplace::io::write_safetensors(out, &[("trace".into(), t)])?;
+    }
+    if a.json {
+        println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));
+    } else {
+        println!("{trace}");
+    }
+    Ok(())
+}
