@@ -329,9 +329,12 @@ def measure_torch(args, server, w, q, backend, rnd, out, tmp, repeat=None):
         err = summary.get("error", "")
         reason = {"unsupported": "unsupported", "oom": "OOM"}.get(kind, "error")
         short = err.splitlines()[0] if err else ""
+        if kind == "unsupported":
+            reason, short = "unsupported", short
         if kind == "oom":
             m = re.search(r"allocate (\d+) bytes", err)
-            short = f"could not allocate {int(m.group(1)) / 2**30:.1f} GiB" if m else short[:80]
+            short = (f"could not allocate {int(m.group(1)) / 2**30:.1f} GiB more under the "
+                     f"{args.mem_limit / 2**30:g} GiB limit" if m else short[:80])
         reason = f"{reason}: {short[:120]}" if short else reason
         rec.update(ok=False, error_kind=kind, error=reason, traceback=summary.get("traceback"))
     else:
@@ -491,11 +494,24 @@ def aggregate(recs):
     return agg
 
 
-def cell(agg, entrant):
+def short_error(agg, args):
+    kind, err = agg.get("error_kind"), agg.get("error", "")
+    if err.startswith("n/a"):
+        return err if "not implemented" in err else "n/a"
+    if kind == "unsupported":
+        return "unsupported"
+    if kind == "oom":
+        return f"OOM (>{args.mem_limit / 2**30:g} GiB)"
+    if kind == "timeout":
+        return f"timeout (>{args.timeout:g} s)"
+    return "error" if err.startswith("error") or not err else "error: " + err[:40]
+
+
+def cell(agg, entrant, args, same=False):
     if agg is None:
         return "not run"
     if not agg["ok"]:
-        return agg["error"].replace("|", "\\|")
+        return short_error(agg, args).replace("|", "\\|")
     s = fmt_s(agg["median_s"]) + " · " + fmt_mb(agg["peak_rss_bytes"])
     if agg.get("baseline_rss_bytes") is not None:
         s += f" (+{(agg['peak_rss_bytes'] - agg['baseline_rss_bytes']) / 1e6:.0f})"
@@ -503,7 +519,7 @@ def cell(agg, entrant):
         s += f" [{agg['n_times']} runs]"
     if agg.get("failed_rounds"):
         s += " [some rounds failed]"
-    return s
+    return s + (" †" if same else "")
 
 
 def render(results, meta, args):
@@ -530,7 +546,12 @@ def render(results, meta, args):
              "Ours has no such baseline column: its whole peak is shown. Ratios are ours ÷ the fastest "
              "laplace-torch backend that succeeded: time, peak memory, and our peak ÷ that backend's "
              "`+N` increment (conservative for us: it charges our whole process against only their "
-             "computation). `MISMATCH` = our result failed the numerical check (details below the table).\n")
+             "computation). `MISMATCH` = our result failed the numerical check (details below the table). "
+             "† = this backend's method is inherited from laplace-torch's torch.func base interface "
+             "(`GGNInterface.diag` / `EFInterface.diag` / `CurvatureInterface.jacobians` / `.gradients` for "
+             "curvlinops; `GGNInterface.full` with `last_layer_jacobians` for BackPACK and ASDL last-layer), so it "
+             "runs the same code as the torch.func column: the two columns' difference is noise. Failures "
+             "(unsupported, OOM, timeout, error) are explained below each table.\n")
     for w, qres in results.items():
         wm = meta["workloads"].get(w, {})
         L.append(f"## {w}\n")
@@ -549,9 +570,10 @@ def render(results, meta, args):
             chk = r.get("check", {})
             for c in cols:
                 agg = r["agg"].get(c)
-                txt = cell(agg, c)
+                txt = cell(agg, c, args, (q, c) in SAME_AS_TORCHFUNC)
                 if c == "ours" and agg and agg["ok"] and chk.get("status") == "MISMATCH":
-                    txt = f"MISMATCH ({fmt_s(agg['median_s'])})"
+                    e = chk.get("error")
+                    txt = "MISMATCH" + (f" (error {e:.2g})" if isinstance(e, float) else "")
                 row.append(txt)
             if not args.skip_torch:
                 fb = r.get("fastest")
@@ -696,10 +718,6 @@ def main():
                         full = next((r for r in recs[e] if not r.get("ok")), {})
                         res["notes"].append(f"{QUANTITIES[q]['label']}: {CLASSES[KIND[q]][e] or BACKEND_LABEL[e]} — "
                                             f"{agg[e]['error']}")
-                    if e != "ours" and (q, e) in SAME_AS_TORCHFUNC and agg[e]["ok"]:
-                        res["notes"].append(f"{QUANTITIES[q]['label']}: {CLASSES[KIND[q]][e]} inherits this method "
-                                            f"from laplace-torch's torch.func base interface (same code as the "
-                                            f"torch.func column).")
                 if not agg["ours"]["ok"]:
                     res["notes"].append(f"{QUANTITIES[q]['label']}: ours — {agg['ours']['error']}")
                 if not args.no_check and agg["ours"]["ok"]:

@@ -216,7 +216,8 @@ def measure(req) -> dict:
         summary["ok"] = True
     except NotImplementedError as e:
         summary["error_kind"] = "unsupported"
-        summary["error"] = f"NotImplementedError: {e}".strip()
+        where = f"{summary['class']}.{QUANTITIES[req['quantity']][1]}" if "class" in summary else "build"
+        summary["error"] = f"{where} raises NotImplementedError" + (f": {e}" if str(e) else "")
         summary["traceback"] = traceback.format_exc()[-3000:]
     except MemoryError as e:
         summary["error_kind"] = "oom"

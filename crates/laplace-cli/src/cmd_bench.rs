@@ -43,6 +43,9 @@ pub enum QuantityArg {
     Curvature,
     Jacobians,
     Gradients,
+    /// One curvature-vector product (the Hessian's with --curvature hessian)
+    /// over the data set, with a seeded standard-normal vector; writes v and Hv.
+    Hvp,
 }
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`).
@@ -65,6 +68,15 @@ fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<V
             let (g, l) = curv.gradients_over(data, bs)?;
             vec![("G".into(), g), ("loss".into(), l)]
         }
+        QuantityArg::Hvp => {
+            let p = curv.n_params();
+            let mut rng = laplace::rng::Rng::new(a.spec.seed);
+            let v = tensor::from_f64((0..p).map(|_| rng.normal()).collect(), &[p], curv.model().dtype(), curv.model().device())?;
+            let op = laplace::operator::CurvatureOperator::new(curv, data, bs)?;
+            use laplace::operator::LinearOperator;
+            let hv = op.matvec(&v)?;
+            vec![("v".into(), v), ("Hv".into(), hv)]
+        }
     })
 }
 
@@ -78,6 +90,7 @@ pub fn run(a: &BenchArgs) -> laplace::Result<()> {
         QuantityArg::Curvature => a.spec.kind(a.mc.samples),
         QuantityArg::Jacobians => CurvatureKind::Ggn,
         QuantityArg::Gradients => CurvatureKind::Ef,
+        QuantityArg::Hvp => a.spec.kind(a.mc.samples),
     };
     let lik: Likelihood = a.spec.likelihood.into();
     let curv = Curvature::new(&model, lik, kind, &a.spec.subset.subset()?)?;

@@ -55,6 +55,19 @@ pub fn gather_adjoint(src: &Tensor, ids: &Tensor, dim: usize, shape: &[usize]) -
     Ok(zeros.scatter_add(&ids.contiguous()?, &src.contiguous()?, dim)?)
 }
 
+/// Sum over the leading `axes` axes: `(a₀, …, a_{n−1}, *rest) → (*rest)`,
+/// as one matrix-vector product (candle's CPU reduction over leading axes
+/// walks memory with a stride and is several times slower).
+pub fn sum_leading(t: &Tensor, axes: usize) -> Result<Tensor> {
+    let dims = t.dims();
+    let lead: usize = dims[..axes].iter().product();
+    let rest = dims[axes..].to_vec();
+    let cols: usize = rest.iter().product();
+    let ones = Tensor::ones((1, lead), t.dtype(), t.device())?;
+    let s = ones.matmul(&t.reshape((lead, cols))?)?;
+    Ok(s.reshape(rest)?)
+}
+
 /// All elements, flattened row-major, converted to f64 on the host.
 pub fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)

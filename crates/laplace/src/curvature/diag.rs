@@ -15,7 +15,7 @@ use super::batch_grad::{bias_grads, weight_grads};
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{self, Tensor};
 
 /// `(n,)` diagonal entries for the selected coordinates of the layer in
 /// `view`. `chunk_elems` bounds the size of temporary per-sample gradients.
@@ -38,7 +38,7 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
         parts.push(part);
     }
     if let Some(s) = &sel.bias {
-        parts.push(bias_grads(v, s)?.sqr()?.sum((0, 1))?);
+        parts.push(tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
 }
@@ -60,7 +60,7 @@ fn chunked_sum_sq(m: usize, chunk: usize, grads: impl Fn(usize, usize) -> Result
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let part = grads(start, len)?.sqr()?.sum((0, 1))?;
+        let part = tensor::sum_leading(&grads(start, len)?.sqr()?, 2)?;
         acc = Some(match acc {
             None => part,
             Some(a) => (a + part)?,

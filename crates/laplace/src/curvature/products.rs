@@ -56,13 +56,6 @@ fn directions(curv: &Curvature, v: &Tensor) -> Result<Directions> {
     Ok(dirs)
 }
 
-/// `(M, K, ...)` with a new column axis of size k broadcast from `(M, ...)`.
-fn repeat_columns(t: &Tensor, k: usize) -> Result<Tensor> {
-    let mut shape = t.dims().to_vec();
-    shape.insert(1, k);
-    Ok(t.unsqueeze(1)?.broadcast_as(shape)?.contiguous()?)
-}
-
 /// Σ_j r_j (r_jᵀ ḟ) for rows r `(M, J, C)` and tangents ḟ `(M, K, C)`: `(M, K, C)`.
 fn apply_rows(rows: &Tensor, f_dot: &Tensor) -> Result<Tensor> {
     let coef = f_dot.matmul(&rows.transpose(1, 2)?.contiguous()?)?; // (M, K, J)
@@ -130,7 +123,12 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let (o, ii, r) = aff.affine_dims();
             let u = aff.patches(saved)?;
             let mut term = match wd {
-                Some(w) => w.reshape((k * o, ii))?.broadcast_left(m)?.matmul(&u)?.reshape((m, k, o, r))?,
+                // One GEMM over all samples: (K·O, I) @ (I, M·R) → (K, O, M, R).
+                Some(w) => {
+                    let ut = u.permute((1, 0, 2))?.contiguous()?.reshape((ii, m * r))?;
+                    let t = w.reshape((k * o, ii))?.matmul(&ut)?.reshape((k, o, m, r))?;
+                    t.permute((2, 0, 1, 3))?.contiguous()?
+                }
                 None => Tensor::zeros((m, k, o, r), u.dtype(), u.device())?,
             };
             if let Some(b) = bd {
@@ -169,16 +167,19 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let (o, ii, r) = aff.affine_dims();
             let gd = g_dot.reshape((m, k, o, r))?;
             let u = aff.patches(saved)?;
-            // Σ_n ġ_{n,k} U_nᵀ → (K, O, I)
-            let mut w_grad = gd.reshape((m, k * o, r))?.matmul(&u.transpose(1, 2)?)?.sum(0)?.reshape((k, o, ii))?;
+            // Σ_n ġ_{n,k} U_nᵀ as one GEMM: (K·O, M·R) @ (M·R, I) → (K, O, I).
+            let gdt = gd.permute((1, 2, 0, 3))?.contiguous()?.reshape((k * o, m * r))?;
+            let um = u.transpose(1, 2)?.contiguous()?.reshape((m * r, ii))?;
+            let mut w_grad = gdt.matmul(&um)?.reshape((k, o, ii))?;
             if let (Some(g), Some(td)) = (&g, &tangents[i]) {
-                // + Σ_n g_n U̇_{n,k}ᵀ
+                // + Σ_n g_n U̇_{n,k}ᵀ: (O, M·R) @ (K, M·R, I) → (K, O, I).
                 let ud = aff.tangent_patches(td)?; // (M, K, I, R)
-                let gg = g.reshape((m, 1, o, r))?;
-                let mixed = gg.broadcast_matmul(&ud.transpose(2, 3)?)?.sum(0)?; // (K, O, I)
+                let udt = ud.permute((1, 0, 3, 2))?.contiguous()?.reshape((k, m * r, ii))?;
+                let gt = g.reshape((m, o, r))?.permute((1, 0, 2))?.contiguous()?.reshape((o, m * r))?;
+                let mixed = gt.broadcast_left(k)?.matmul(&udt)?;
                 w_grad = (w_grad + mixed)?;
             }
-            let b_grad = gd.sum(3)?.sum(0)?; // (K, O)
+            let b_grad = tensor::sum_leading(&gd.sum(3)?, 1)?; // (K, O)
             let mut part = Vec::with_capacity(2);
             if let Some(s) = &lsel.weight {
                 part.push(select_cols(&w_grad.reshape((k, o * ii))?, s)?);
@@ -192,7 +193,7 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let mut next = layer.backward(saved, &g_dot)?;
             if let Some(gy) = &g {
                 if let (Some(aff), Some((Some(wd), _))) = (layer.affine(), dirs.get(&i)) {
-                    next = (next + aff.backward_with_weights(&repeat_columns(gy, k)?, wd)?)?;
+                    next = (next + aff.backward_with_weights(gy, wd)?)?;
                 }
                 if let (Some(res), Some(td)) = (layer.input_residual(saved, gy)?, &tangents[i]) {
                     next = (next + td.broadcast_mul(&res.unsqueeze(1)?)?)?;

@@ -201,13 +201,14 @@ impl AffineLayer for Conv2d {
         Ok(ut.reshape((i, r, m, k))?.permute((2, 3, 0, 1))?.contiguous()?)
     }
 
-    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor> {
-        // Column k: col2im(W_kᵀ V[:, k]); (K, I, O) @ (K, O, M·R) → (K, I, M, R).
-        let (m, k) = (v.dim(0)?, v.dim(1)?);
+    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
+        // Column k: col2im(W_kᵀ g); (K, I, O) @ (O, M·R) → (K, I, M, R).
+        let m = g.dim(0)?;
+        let k = w.dim(0)?;
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let vk = v.reshape((m, k, o, r))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((k, o, m * r))?;
-        let cols = w.transpose(1, 2)?.contiguous()?.matmul(&vk)?; // (K, I, M·R)
+        let gt = g.reshape((m, o, r))?.permute((1, 0, 2))?.contiguous()?.reshape((o, m * r))?;
+        let cols = w.transpose(1, 2)?.contiguous()?.matmul(&gt.broadcast_left(k)?)?; // (K, I, M·R)
         let cols = cols.reshape((k, i, m, r))?.permute((1, 3, 2, 0))?.contiguous()?.reshape((i * r, m * k))?;
         let vin = self.index.fold(&cols)?.t()?.contiguous()?;
         let [c, h, ww] = self.in_shape;

@@ -124,9 +124,9 @@ impl AffineLayer for Linear {
         Ok(x_dot.unsqueeze(3)?)
     }
 
-    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor> {
-        // Column k: v[:, k] W_k, (K, M, O) @ (K, O, I) → (K, M, I).
-        let vk = v.transpose(0, 1)?.contiguous()?;
-        Ok(vk.matmul(w)?.transpose(0, 1)?.contiguous()?)
+    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
+        // Column k: g W_k, (M, O) @ (K, O, I) → (K, M, I).
+        let k = w.dim(0)?;
+        Ok(g.broadcast_left(k)?.matmul(w)?.transpose(0, 1)?.contiguous()?)
     }
 }

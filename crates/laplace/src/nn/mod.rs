@@ -119,10 +119,11 @@ pub trait AffineLayer {
     /// The patches of input tangents `x_dot (M, K, *in)`: `(M, K, I, R)`.
     fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor>;
 
-    /// Jᵀ for another weight per column: `v (M, K, *out)` pulled back to
-    /// `(M, K, *in)` through the layer with weight `w[k]` `(K, O, I)` for
-    /// column k (the mixed parameter-input term of Hessian-vector products).
-    fn backward_with_weights(&self, v: &Tensor, w: &Tensor) -> Result<Tensor>;
+    /// The output gradient `g (M, *out)` pulled back to `(M, K, *in)`
+    /// through the layer with weight `w[k]` `(K, O, I)` in place of its own,
+    /// one column per k (the mixed parameter-input term V_Wᵀ g of
+    /// Hessian-vector products).
+    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor>;
 }
 
 /// Builds the layer at `index` for per-sample input shape `in_shape`,
