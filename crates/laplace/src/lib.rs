@@ -37,6 +37,7 @@ pub mod linalg;
 pub mod model;
 pub mod nn;
 pub mod operator;
+pub mod posterior;
 pub mod rng;
 pub mod spec;
 pub mod tensor;

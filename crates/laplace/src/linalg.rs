@@ -35,3 +35,64 @@ pub fn symmetric_eigen(a: &Tensor) -> Result<(Tensor, Tensor)> {
     let vecs = tensor::from_faer(evd.U(), a.dtype(), a.device())?;
     Ok((vals, vecs))
 }
+
+/// Cholesky factorization A = L Lᵀ of a symmetric positive definite matrix,
+/// held in f64.
+pub struct Cholesky {
+    l: faer::Mat<f64>,
+}
+
+impl Cholesky {
+    /// Factorize `a (n, n)`; an error names the failure if `a` is not positive definite.
+    pub fn new(a: &Tensor) -> Result<Self> {
+        Self::from_faer(square(a, "Cholesky factorization")?)
+    }
+
+    pub fn from_faer(m: faer::Mat<f64>) -> Result<Self> {
+        let llt = m
+            .llt(Side::Lower)
+            .map_err(|e| crate::Error::NonFinite(format!("matrix is not positive definite ({e:?})")))?;
+        Ok(Cholesky { l: llt.L().to_owned() })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.l.nrows()
+    }
+
+    /// log det A = 2 Σ log L_ii.
+    pub fn logdet(&self) -> f64 {
+        (0..self.dim()).map(|i| 2.0 * self.l[(i, i)].ln()).sum()
+    }
+
+    /// L⁻¹ B for B `(n, k)`.
+    pub fn solve_lower(&self, b: faer::Mat<f64>) -> faer::Mat<f64> {
+        let mut x = b;
+        faer::linalg::triangular_solve::solve_lower_triangular_in_place(self.l.as_ref(), x.as_mut(), faer::Par::Seq);
+        x
+    }
+
+    /// L⁻ᵀ B for B `(n, k)`.
+    pub fn solve_lower_transpose(&self, b: faer::Mat<f64>) -> faer::Mat<f64> {
+        let mut x = b;
+        faer::linalg::triangular_solve::solve_upper_triangular_in_place(self.l.transpose(), x.as_mut(), faer::Par::Seq);
+        x
+    }
+
+    /// A⁻¹ B for B `(n, k)`.
+    pub fn solve(&self, b: faer::Mat<f64>) -> faer::Mat<f64> {
+        self.solve_lower_transpose(self.solve_lower(b))
+    }
+
+    /// The diagonal of A⁻¹: (A⁻¹)_ii = Σ_k (L⁻¹)_{ki}².
+    pub fn inverse_diag(&self) -> Vec<f64> {
+        let n = self.dim();
+        let linv = self.solve_lower(faer::Mat::<f64>::identity(n, n));
+        (0..n).map(|i| (0..n).map(|k| linv[(k, i)].powi(2)).sum()).collect()
+    }
+
+    /// A⁻¹ as a dense matrix.
+    pub fn inverse(&self) -> faer::Mat<f64> {
+        let n = self.dim();
+        self.solve(faer::Mat::<f64>::identity(n, n))
+    }
+}

@@ -160,6 +160,51 @@ impl ModelSpec {
     }
 }
 
+impl ModelSpec {
+    /// The spec as JSON in the input format (every argument explicit), so
+    /// that `from_json(to_json())` gives the same spec.
+    pub fn to_json(&self) -> String {
+        use serde_json::json;
+        let layers: Vec<Value> = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                LayerSpec::Linear { in_features, out_features, bias } => {
+                    json!({"type": "Linear", "in_features": in_features, "out_features": out_features, "bias": bias})
+                }
+                LayerSpec::Conv2d { in_channels, out_channels, kernel_size, stride, padding, dilation, bias } => {
+                    let padding = match padding {
+                        Padding::Explicit(p) => json!(p),
+                        Padding::Valid => json!("valid"),
+                        Padding::Same => json!("same"),
+                    };
+                    json!({"type": "Conv2d", "in_channels": in_channels, "out_channels": out_channels,
+                           "kernel_size": kernel_size, "stride": stride, "padding": padding,
+                           "dilation": dilation, "bias": bias})
+                }
+                LayerSpec::Flatten { start_dim, end_dim } => json!({"type": "Flatten", "start_dim": start_dim, "end_dim": end_dim}),
+                LayerSpec::Identity => json!({"type": "Identity"}),
+                LayerSpec::MaxPool2d { kernel_size, stride, padding, dilation, ceil_mode } => json!({
+                    "type": "MaxPool2d", "kernel_size": kernel_size, "stride": stride, "padding": padding,
+                    "dilation": dilation, "ceil_mode": ceil_mode}),
+                LayerSpec::AvgPool2d { kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override } => json!({
+                    "type": "AvgPool2d", "kernel_size": kernel_size, "stride": stride, "padding": padding,
+                    "ceil_mode": ceil_mode, "count_include_pad": count_include_pad, "divisor_override": divisor_override}),
+                LayerSpec::Activation(a) => match a {
+                    Activation::Softplus { beta, threshold } => json!({"type": "Softplus", "beta": beta, "threshold": threshold}),
+                    Activation::ELU { alpha } => json!({"type": "ELU", "alpha": alpha}),
+                    Activation::LeakyReLU { negative_slope } => json!({"type": "LeakyReLU", "negative_slope": negative_slope}),
+                    Activation::GELU { tanh_approximation } => {
+                        json!({"type": "GELU", "approximate": if *tanh_approximation { "tanh" } else { "none" }})
+                    }
+                    other => json!({"type": other.type_name()}),
+                },
+            })
+            .collect();
+        json!({"input_shape": self.input_shape, "layers": layers}).to_string()
+    }
+}
+
 fn usize_list(v: &Value) -> Option<Vec<usize>> {
     v.as_array()?
         .iter()
@@ -505,6 +550,18 @@ mod tests {
             })
         );
         assert_eq!(s.layers[3], LayerSpec::Flatten { start_dim: 1, end_dim: -1 });
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let text = r#"{"input_shape":[2,9,9],"layers":[
+            {"type":"Conv2d","in_channels":2,"out_channels":3,"kernel_size":[2,3],"padding":"same"},
+            {"type":"GELU","approximate":"tanh"},{"type":"MaxPool2d","kernel_size":2,"ceil_mode":true},
+            {"type":"AvgPool2d","kernel_size":2,"count_include_pad":false,"divisor_override":3},
+            {"type":"Softplus","beta":2.0},{"type":"Dropout"},{"type":"Flatten"},
+            {"type":"Linear","in_features":48,"out_features":3,"bias":false}]}"#;
+        let s = ModelSpec::from_json(text).unwrap();
+        assert_eq!(ModelSpec::from_json(&s.to_json()).unwrap(), s);
     }
 
     #[test]

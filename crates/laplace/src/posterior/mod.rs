@@ -1,0 +1,416 @@
+//! Laplace posteriors N(θ*, P⁻¹) on top of the curvature: laplace-torch's
+//! `Laplace(model, likelihood, subset_of_weights, hessian_structure)`.
+//!
+//! P = s·H + P₀ with H the curvature of the summed loss (GGN by default) at
+//! the MAP θ*, s = 1/(σ² T) (observation noise σ for regression, 1 for
+//! classification; temperature T), and P₀ = diag(p₀) the prior precision
+//! (scalar, one value per parameter tensor, or one per parameter).
+//!
+//! | structure | H kept as                 | P⁻¹ products through                     |
+//! |-----------|---------------------------|------------------------------------------|
+//! | full      | (P, P) and its eigenpairs | eigenvalues (scalar prior) or Cholesky   |
+//! | diag      | (P,)                      | elementwise                              |
+//! | kron      | Kronecker factors         | their eigendecomposition (`KronDecomposed`) |
+//! | lowrank   | top-k eigenpairs of H     | Woodbury, k × k                          |
+//!
+//! Submodules: [`marglik`] (evidence and its optimization), [`predict`]
+//! (GLM and sampling predictives), [`file`] (save / load), and
+//! [`metrics`].
+
+pub mod file;
+pub mod marglik;
+pub mod metrics;
+pub mod predict;
+
+use std::io::IsTerminal;
+use std::str::FromStr;
+
+use crate::curvature::{Curvature, CurvatureKind, KfacApprox, Subset};
+use crate::data::Dataset;
+use crate::error::{bail, Error, Result};
+use crate::kron::{Kron, KronDecomposed};
+use crate::likelihood::Likelihood;
+use crate::model::Sequential;
+use crate::operator::{lanczos_top_k, CurvatureOperator};
+use crate::tensor::{self, Tensor};
+
+/// How the curvature (and so the posterior precision) is represented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Structure {
+    Full,
+    Diag,
+    Kron,
+    /// The top-k eigenpairs of the curvature.
+    LowRank { rank: usize },
+}
+
+impl FromStr for Structure {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "full" => Ok(Structure::Full),
+            "diag" => Ok(Structure::Diag),
+            "kron" => Ok(Structure::Kron),
+            "lowrank" => Ok(Structure::LowRank { rank: 10 }),
+            other => bail!(Invalid, "unknown posterior structure {other:?} (full, diag, kron, lowrank)"),
+        }
+    }
+}
+
+impl Structure {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Structure::Full => "full",
+            Structure::Diag => "diag",
+            Structure::Kron => "kron",
+            Structure::LowRank { .. } => "lowrank",
+        }
+    }
+}
+
+/// The fitted curvature H (unit noise, temperature 1, no prior).
+#[derive(Clone, Debug)]
+pub enum Fitted {
+    /// H `(P, P)`, with its eigenvalues (ascending) and eigenvectors (columns).
+    Full { h: Tensor, eigvals: Vec<f64>, eigvecs: faer::Mat<f64> },
+    /// diag H `(P,)`.
+    Diag { h: Vec<f64> },
+    /// Kronecker factors, and their eigendecomposition.
+    Kron { kron: Kron, decomposed: KronDecomposed },
+    /// H ≈ Uᵀ diag(λ) U: λ `(k,)`, U `(k, P)` orthonormal rows.
+    LowRank { values: Vec<f64>, vectors: faer::Mat<f64> },
+}
+
+/// Everything `fit` needs besides model and data.
+#[derive(Clone, Debug)]
+pub struct FitOptions {
+    pub subset: Subset,
+    pub structure: Structure,
+    pub curvature: CurvatureKind,
+    pub batch_size: usize,
+    /// Scalar, one per parameter tensor of the subset, or one per parameter.
+    pub prior_precision: Vec<f64>,
+    /// Scalar or one per parameter of the subset.
+    pub prior_mean: Vec<f64>,
+    pub sigma_noise: f64,
+    pub temperature: f64,
+    /// KFAC: `damping` variant when adding the prior.
+    pub kron_damping: bool,
+    pub kfac_approx: KfacApprox,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            subset: Subset::All,
+            structure: Structure::Full,
+            curvature: CurvatureKind::Ggn,
+            batch_size: 256,
+            prior_precision: vec![1.0],
+            prior_mean: vec![0.0],
+            sigma_noise: 1.0,
+            temperature: 1.0,
+            kron_damping: false,
+            kfac_approx: KfacApprox::Expand,
+            progress: true,
+        }
+    }
+}
+
+/// A fitted Laplace approximation.
+pub struct Posterior {
+    pub(crate) model: Sequential,
+    pub likelihood: Likelihood,
+    pub subset: Subset,
+    pub structure: Structure,
+    pub curvature: CurvatureKind,
+    /// θ* restricted to the subset (in the subset's order).
+    pub(crate) mean: Vec<f64>,
+    /// Group (parameter tensor) of every selected coordinate.
+    pub(crate) groups: Vec<usize>,
+    pub(crate) n_groups: usize,
+    pub(crate) fitted: Fitted,
+    /// Σ_n ℓ_n at θ* (unit noise).
+    pub loss: f64,
+    pub n_data: usize,
+    pub n_outputs: usize,
+    pub prior_precision: Vec<f64>,
+    /// Expanded to one value per selected parameter.
+    pub prior_mean: Vec<f64>,
+    pub sigma_noise: f64,
+    pub temperature: f64,
+    pub kron_damping: bool,
+}
+
+/// θ* on the subset, and the parameter tensor (group) of every coordinate.
+pub(crate) fn subset_values(model: &Sequential, subset: &Subset) -> Result<(Vec<f64>, Vec<usize>, usize)> {
+    let theta = tensor::to_vec_f64(&model.parameter_vector()?)?;
+    let params = model.params();
+    let group_of = |i: usize| params.iter().position(|p| i >= p.offset && i < p.offset + p.numel).expect("index in range");
+    Ok(match subset {
+        Subset::All => {
+            let groups = (0..theta.len()).map(group_of).collect();
+            (theta, groups, params.len())
+        }
+        Subset::LastLayer => {
+            let last = model.last_linear()?;
+            let tensors: Vec<_> = params.iter().enumerate().filter(|(_, p)| p.layer == last).collect();
+            let mut vals = Vec::new();
+            let mut groups = Vec::new();
+            for (g, (_, p)) in tensors.iter().enumerate() {
+                vals.extend_from_slice(&theta[p.offset..p.offset + p.numel]);
+                groups.extend(std::iter::repeat_n(g, p.numel));
+            }
+            (vals, groups, tensors.len())
+        }
+        Subset::Subnetwork(idx) => {
+            // Validated by ParamSelection; groups are the tensors the subnetwork touches.
+            crate::curvature::ParamSelection::new(model, subset)?;
+            let raw: Vec<usize> = idx.iter().map(|&i| group_of(i as usize)).collect();
+            let mut touched: Vec<usize> = raw.clone();
+            touched.sort_unstable();
+            touched.dedup();
+            let groups = raw.iter().map(|g| touched.iter().position(|t| t == g).unwrap()).collect();
+            (idx.iter().map(|&i| theta[i as usize]).collect(), groups, touched.len())
+        }
+    })
+}
+
+/// Σ_n ℓ_n over the data set at the model's parameters.
+pub(crate) fn loss_over(model: &Sequential, likelihood: Likelihood, data: &Dataset, batch_size: usize) -> Result<f64> {
+    let y = data.targets()?;
+    let mut total = 0.0;
+    for (o, n) in data.batch_ranges(batch_size) {
+        let f = model.forward(&data.inputs(o, n)?)?;
+        let t = likelihood.prepare_targets(&y.narrow(0, o, n)?, n, model.n_outputs(), model.dtype())?;
+        total += tensor::scalar_f64(&likelihood.loss(&f, &t)?)?;
+    }
+    Ok(total)
+}
+
+/// A progress line on stderr when it is a terminal.
+struct Progress {
+    on: bool,
+    total: usize,
+    what: &'static str,
+}
+
+impl Progress {
+    fn new(on: bool, total: usize, what: &'static str) -> Self {
+        Progress { on: on && std::io::stderr().is_terminal(), total, what }
+    }
+
+    fn step(&self, done: usize) {
+        if self.on {
+            let width = 30;
+            let filled = done * width / self.total.max(1);
+            eprint!("\r{} [{}{}] {done}/{}", self.what, "#".repeat(filled), "-".repeat(width - filled), self.total);
+            if done == self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+impl Posterior {
+    /// Fit the curvature of the subset at the model's parameters (the MAP)
+    /// over `data`, batch by batch.
+    pub fn fit(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions) -> Result<Self> {
+        if !(opts.sigma_noise > 0.0 && opts.sigma_noise.is_finite()) {
+            bail!(Invalid, "sigma_noise must be positive, got {}", opts.sigma_noise);
+        }
+        if likelihood == Likelihood::Classification && opts.sigma_noise != 1.0 {
+            bail!(Invalid, "sigma_noise is only defined for regression (got {} with classification)", opts.sigma_noise);
+        }
+        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
+            bail!(Invalid, "temperature must be positive, got {}", opts.temperature);
+        }
+        if opts.structure == Structure::Kron && matches!(opts.subset, Subset::Subnetwork(_)) {
+            bail!(Invalid, "a Kronecker posterior needs whole parameter tensors: use full or diag for a subnetwork");
+        }
+        let (mean, groups, n_groups) = subset_values(&model, &opts.subset)?;
+        let ranges = data.batch_ranges(opts.batch_size);
+        let progress = Progress::new(opts.progress, ranges.len(), "fitting the Laplace approximation");
+        let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?;
+        let mut loss = 0.0;
+        let fitted = match opts.structure {
+            Structure::Full | Structure::Diag => {
+                let mut acc: Option<Tensor> = None;
+                for (i, &(o, n)) in ranges.iter().enumerate() {
+                    let b = data.batch(o, n)?;
+                    let (l, h) = if opts.structure == Structure::Full { curv.full(&b)? } else { curv.diag(&b)? };
+                    loss += tensor::scalar_f64(&l)?;
+                    acc = Some(match acc {
+                        None => h,
+                        Some(a) => (a + h)?,
+                    });
+                    progress.step(i + 1);
+                }
+                let h = acc.expect("a data set has at least one point");
+                if opts.structure == Structure::Full {
+                    let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
+                    Fitted::Full {
+                        h,
+                        eigvals: tensor::to_vec_f64(&vals)?,
+                        eigvecs: tensor::to_faer(&vecs)?,
+                    }
+                } else {
+                    Fitted::Diag { h: tensor::to_vec_f64(&h)? }
+                }
+            }
+            Structure::Kron => {
+                let mut acc: Option<Kron> = None;
+                for (i, &(o, n)) in ranges.iter().enumerate() {
+                    let (l, k) = curv.kron(&data.batch(o, n)?, data.len(), opts.kfac_approx)?;
+                    loss += tensor::scalar_f64(&l)?;
+                    acc = Some(match acc {
+                        None => k,
+                        Some(a) => a.add(&k)?,
+                    });
+                    progress.step(i + 1);
+                }
+                let kron = acc.expect("a data set has at least one point");
+                let decomposed = kron.decompose(opts.kron_damping)?;
+                Fitted::Kron { kron, decomposed }
+            }
+            Structure::LowRank { rank } => {
+                let op = CurvatureOperator::new(&curv, data, opts.batch_size)?;
+                let ep = lanczos_top_k(&op, rank, 1e-8, 2000, 0)?;
+                loss = loss_over(&model, likelihood, data, opts.batch_size)?;
+                progress.step(ranges.len());
+                let p = mean.len();
+                let vectors = faer::Mat::from_fn(rank, p, |r, c| ep.vectors[r][c]);
+                Fitted::LowRank { values: ep.values.iter().map(|v| v.max(0.0)).collect(), vectors }
+            }
+        };
+        let n_outputs = model.n_outputs();
+        let p = mean.len();
+        let prior_mean = match opts.prior_mean.len() {
+            1 => vec![opts.prior_mean[0]; p],
+            l if l == p => opts.prior_mean.clone(),
+            l => bail!(Invalid, "prior mean has {l} values; expected 1 or {p} (the parameters of the subset)"),
+        };
+        let post = Posterior {
+            model,
+            likelihood,
+            subset: opts.subset.clone(),
+            structure: opts.structure,
+            curvature: opts.curvature,
+            mean,
+            groups,
+            n_groups,
+            fitted,
+            loss,
+            n_data: data.len(),
+            n_outputs,
+            prior_precision: opts.prior_precision.clone(),
+            prior_mean,
+            sigma_noise: opts.sigma_noise,
+            temperature: opts.temperature,
+            kron_damping: opts.kron_damping,
+        };
+        post.prior_diag(&post.prior_precision)?;
+        Ok(post)
+    }
+
+    pub fn model(&self) -> &Sequential {
+        &self.model
+    }
+
+    /// Number of parameters of the posterior (the subset).
+    pub fn n_params(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Number of prior-precision groups (parameter tensors of the subset).
+    pub fn n_groups(&self) -> usize {
+        self.n_groups
+    }
+
+    /// θ* on the subset.
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+
+    pub fn fitted(&self) -> &Fitted {
+        &self.fitted
+    }
+
+    /// The factor s = 1/(σ² T) of the curvature in the posterior precision.
+    pub fn h_factor(&self, sigma_noise: f64) -> f64 {
+        1.0 / (sigma_noise * sigma_noise * self.temperature)
+    }
+
+    /// The prior precision as one value per parameter of the subset, from a
+    /// scalar, one value per group (parameter tensor), or one per parameter.
+    pub fn prior_diag(&self, precision: &[f64]) -> Result<Vec<f64>> {
+        let p = self.n_params();
+        if let Some(bad) = precision.iter().find(|v| !(**v > 0.0 && v.is_finite())) {
+            bail!(Invalid, "prior precision must be positive and finite, got {bad}");
+        }
+        Ok(match precision.len() {
+            1 => vec![precision[0]; p],
+            l if l == self.n_groups => self.groups.iter().map(|&g| precision[g]).collect(),
+            l if l == p => {
+                if self.structure == Structure::Kron {
+                    bail!(Invalid, "a Kronecker posterior takes a scalar or per-layer prior precision, not one per parameter");
+                }
+                precision.to_vec()
+            }
+            l => bail!(
+                Invalid,
+                "prior precision has {l} values; expected 1 (scalar), {} (one per parameter tensor) or {p} (diagonal)",
+                self.n_groups
+            ),
+        })
+    }
+
+    /// Per-block δ for a Kronecker posterior.
+    pub(crate) fn kron_deltas(&self, precision: &[f64]) -> Result<Vec<f64>> {
+        self.prior_diag(precision)?; // validates
+        Ok(match precision.len() {
+            1 => vec![precision[0]; self.n_groups],
+            _ => precision.to_vec(),
+        })
+    }
+
+    /// The posterior precision of a Kronecker posterior as a decomposition.
+    pub fn kron_posterior_precision(&self, precision: &[f64], sigma_noise: f64) -> Result<KronDecomposed> {
+        let Fitted::Kron { decomposed, .. } = &self.fitted else {
+            bail!(Invalid, "not a Kronecker posterior");
+        };
+        decomposed.scale(self.h_factor(sigma_noise))?.add_delta(&self.kron_deltas(precision)?)
+    }
+
+    /// The dense posterior precision s·H + P₀ `(P, P)` (full structure; for
+    /// the others the dense equivalent, for tests and small models).
+    pub fn posterior_precision_dense(&self) -> Result<Tensor> {
+        let p0 = self.prior_diag(&self.prior_precision)?;
+        let s = self.h_factor(self.sigma_noise);
+        let dev = self.model.device();
+        let p = self.n_params();
+        let dense_h = match &self.fitted {
+            Fitted::Full { h, .. } => h.to_dtype(tensor::DType::F64)?,
+            Fitted::Diag { h } => {
+                let d = tensor::from_f64(h.clone(), &[p], tensor::DType::F64, dev)?;
+                Tensor::eye(p, tensor::DType::F64, dev)?.broadcast_mul(&d.reshape((1, p))?)?
+            }
+            Fitted::Kron { kron, .. } => {
+                if self.kron_damping {
+                    return self.kron_posterior_precision(&self.prior_precision, self.sigma_noise)?.to_matrix(1.0);
+                }
+                kron.to_matrix()?.to_dtype(tensor::DType::F64)?
+            }
+            Fitted::LowRank { values, vectors } => {
+                let u = tensor::from_faer(vectors.as_ref(), tensor::DType::F64, dev)?;
+                let l = tensor::from_f64(values.clone(), &[values.len(), 1], tensor::DType::F64, dev)?;
+                u.t()?.matmul(&u.broadcast_mul(&l)?)?
+            }
+        };
+        let prior = tensor::from_f64(p0, &[p], tensor::DType::F64, dev)?;
+        let eye = Tensor::eye(p, tensor::DType::F64, dev)?;
+        Ok(((dense_h * s)? + eye.broadcast_mul(&prior.reshape((1, p))?)?)?)
+    }
+}
