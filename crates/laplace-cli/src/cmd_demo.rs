@@ -9,6 +9,11 @@ use laplace::tensor::{self, DType, Device, Tensor};
 use laplace::{Curvature, CurvatureKind, Dataset, Likelihood, ModelSpec, Sequential, Subset};
 
 use crate::args::DTypeArg;
+use crate::plot::{self, Canvas, Panel};
+use laplace::posterior::marglik::{MarglikOptions, PriorStructure};
+use laplace::posterior::metrics::{self, ClassificationMetrics};
+use laplace::posterior::predict::Link;
+use laplace::posterior::{FitOptions, Posterior, Structure};
 
 macro_rules! example_file {
     ($name:literal) => {
@@ -30,6 +35,9 @@ pub struct DemoArgs {
     /// Points per batch.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Where the figures go.
+    #[arg(long, default_value = "demo-output")]
+    pub out_dir: std::path::PathBuf,
 }
 
 /// Load an embedded .npz through a temporary file (numpy archives are read from paths).
@@ -179,5 +187,129 @@ pub fn run(a: &DemoArgs) -> laplace::Result<()> {
     if !ok {
         return Err(laplace::Error::NonFinite("demo results disagree with the laplace-torch reference".into()));
     }
+    laplace_part(a, model, &train, &test)
+}
+
+/// Out-of-distribution inputs: images of uniform noise, seeded.
+fn noise_images(n: usize, like: &Dataset) -> laplace::Result<Tensor> {
+    let mut rng = laplace::rng::Rng::new(1);
+    let shape = like.x.dims()[1..].to_vec();
+    let per: usize = shape.iter().product();
+    let mut dims = vec![n];
+    dims.extend(shape);
+    tensor::from_f64((0..n * per).map(|_| rng.uniform()).collect(), &dims, like.x.dtype(), like.x.device())
+}
+
+/// Top-class confidence of every row.
+fn confidences(probs: &Tensor) -> laplace::Result<Vec<f64>> {
+    let (n, c) = probs.dims2()?;
+    let p = tensor::to_vec_f64(probs)?;
+    Ok((0..n).map(|i| p[i * c..(i + 1) * c].iter().cloned().fold(0.0, f64::max)).collect())
+}
+
+/// Posteriors, evidence-tuned priors, MAP vs Laplace on held-out data, figures.
+fn laplace_part(a: &DemoArgs, model: Sequential, train: &Dataset, test: &Dataset) -> laplace::Result<()> {
+    let lik = Likelihood::Classification;
+    let labels = tensor::to_vec_i64(test.targets()?)?;
+    let ood = noise_images(test.len(), test)?;
+    let map_probs = laplace::likelihood::softmax(&model.forward(&test.x)?.to_dtype(DType::F64)?)?;
+    let map_ood = laplace::likelihood::softmax(&model.forward(&ood)?.to_dtype(DType::F64)?)?;
+    let mut rows: Vec<(String, ClassificationMetrics, Tensor, Tensor, String)> = vec![(
+        "MAP".into(),
+        metrics::classification(&map_probs, &labels)?,
+        map_probs,
+        map_ood,
+        String::new(),
+    )];
+    println!("\n  Laplace posteriors (GGN; prior precision per parameter tensor, tuned by the marginal likelihood)");
+    for (name, subset, structure) in [("Laplace KFAC", Subset::All, Structure::Kron), ("Laplace last layer", Subset::LastLayer, Structure::Full)] {
+        let t0 = Instant::now();
+        let opts = FitOptions { subset, structure, batch_size: a.batch_size, progress: false, ..FitOptions::default() };
+        let mut post = Posterior::fit(model.try_clone()?, train, lik, &opts)?;
+        let before = post.evidence()?;
+        let rep = post.optimize_marglik(&MarglikOptions { prior_structure: PriorStructure::Layerwise, ..MarglikOptions::default() })?;
+        let probs = post.predict_probs(&test.x, Link::Probit)?;
+        let ood_probs = post.predict_probs(&ood, Link::Probit)?;
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "    {name:<20} {:>6} parameters  log evidence {before:>10.2} -> {:>10.2} (laplace-torch's Adam alone: {:>10.2})  {secs:.1} s",
+            post.n_params(),
+            rep.log_marglik,
+            rep.adam_log_marglik
+        );
+        let prec: Vec<String> = rep.prior_precision.iter().map(|p| format!("{p:.3}")).collect();
+        rows.push((name.into(), metrics::classification(&probs, &labels)?, probs, ood_probs, prec.join(", ")));
+    }
+    println!("\n  held-out digits ({} images) and uniform-noise images (out of distribution)", test.len());
+    println!("    {:<20} {:>9} {:>8} {:>8} {:>8} {:>22}", "", "accuracy", "NLL", "ECE", "Brier", "mean confidence (OOD)");
+    for (name, m, _, ood, _) in &rows {
+        let c = confidences(ood)?;
+        let mc = c.iter().sum::<f64>() / c.len() as f64;
+        println!("    {name:<20} {:>9.4} {:>8.4} {:>8.4} {:>8.4} {:>22.4}", m.accuracy, m.nll, m.ece, m.brier, mc);
+    }
+    std::fs::create_dir_all(&a.out_dir).map_err(|e| laplace::Error::Io { path: a.out_dir.clone(), source: e })?;
+    let rel = a.out_dir.join("reliability.png");
+    let unc = a.out_dir.join("uncertainty.png");
+    reliability_figure(&rows, &labels, &rel)?;
+    uncertainty_figure(&rows, &unc)?;
+    println!("\n  figures: {}\n           {}", rel.display(), unc.display());
     Ok(())
+}
+
+const COLORS: [plot::Rgb; 3] = [plot::BLUE, plot::ORANGE, plot::GREEN];
+
+fn io_err(path: &std::path::Path) -> impl Fn(std::io::Error) -> laplace::Error + '_ {
+    move |e| laplace::Error::Io { path: path.to_path_buf(), source: e }
+}
+
+/// Accuracy against confidence per bin (10 bins), one line per method.
+fn reliability_figure(rows: &[(String, ClassificationMetrics, Tensor, Tensor, String)], labels: &[i64], path: &std::path::Path) -> laplace::Result<()> {
+    let mut cv = Canvas::new(760, 620);
+    let panel = Panel { x0: 130, y0: 70, w: 560, h: 440 };
+    panel.axes(&mut cv, "RELIABILITY (HELD-OUT DIGITS)", "CONFIDENCE", "ACCURACY", 1.0);
+    cv.line(panel.px(0.0), panel.py(0.0), panel.px(1.0), panel.py(1.0), plot::BLACK, 1);
+    for (k, (name, m, probs, _, _)) in rows.iter().enumerate() {
+        let bins = metrics::reliability(probs, labels, 10)?;
+        let pts: Vec<(i64, i64)> = bins.iter().filter(|b| b.2 > 0).map(|b| (panel.px(b.0), panel.py(b.1))).collect();
+        for w in pts.windows(2) {
+            cv.line(w[0].0, w[0].1, w[1].0, w[1].1, COLORS[k], 3);
+        }
+        for p in &pts {
+            cv.rect(p.0 - 4, p.1 - 4, p.0 + 4, p.1 + 4, COLORS[k]);
+        }
+        let label = format!("{name} ECE {:.3}", m.ece);
+        let y = panel.y0 + 20 + 22 * k as i64;
+        cv.rect(panel.x0 + 20, y, panel.x0 + 34, y + 12, COLORS[k]);
+        cv.text(panel.x0 + 42, y, 2, plot::BLACK, &label);
+    }
+    cv.save_png(path).map_err(io_err(path))
+}
+
+/// Histograms of the top-class confidence on test digits and on noise, per method.
+fn uncertainty_figure(rows: &[(String, ClassificationMetrics, Tensor, Tensor, String)], path: &std::path::Path) -> laplace::Result<()> {
+    let n = rows.len() as i64;
+    let mut cv = Canvas::new((n * 460 + 100) as usize, 560);
+    let bins = 10;
+    for (k, (name, _, probs, ood, _)) in rows.iter().enumerate() {
+        let panel = Panel { x0: 120 + 460 * k as i64, y0: 70, w: 340, h: 400 };
+        panel.axes(&mut cv, &name.to_uppercase(), "CONFIDENCE", "FRACTION", 1.0);
+        for (series, data) in [(0, confidences(probs)?), (1, confidences(ood)?)] {
+            let mut h = vec![0usize; bins];
+            for c in &data {
+                h[((c * bins as f64).ceil() as usize).clamp(1, bins) - 1] += 1;
+            }
+            for (b, &cnt) in h.iter().enumerate() {
+                let frac = cnt as f64 / data.len() as f64;
+                let x0 = panel.px(b as f64 / bins as f64) + 2 + series * 15;
+                cv.rect(x0, panel.py(frac), x0 + 13, panel.py(0.0) - 1, if series == 0 { plot::BLUE } else { plot::RED });
+            }
+        }
+        if k == 0 {
+            cv.rect(panel.x0 + 20, panel.y0 + 20, panel.x0 + 34, panel.y0 + 32, plot::BLUE);
+            cv.text(panel.x0 + 42, panel.y0 + 20, 2, plot::BLACK, "DIGITS");
+            cv.rect(panel.x0 + 20, panel.y0 + 42, panel.x0 + 34, panel.y0 + 54, plot::RED);
+            cv.text(panel.x0 + 42, panel.y0 + 42, 2, plot::BLACK, "NOISE (OOD)");
+        }
+    }
+    cv.save_png(path).map_err(io_err(path))
 }

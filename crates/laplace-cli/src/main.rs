@@ -10,6 +10,8 @@ mod cmd_curvature;
 mod cmd_demo;
 mod cmd_jacobians;
 mod cmd_operator;
+mod cmd_posterior;
+mod plot;
 
 use std::process::ExitCode;
 
@@ -34,6 +36,12 @@ enum Command {
     Eigen(cmd_operator::EigenArgs),
     /// Trace of a curvature: exact (from its diagonal), Hutchinson or Hutch++.
     Trace(cmd_operator::TraceArgs),
+    /// Fit a Laplace posterior (full, diag, kron, lowrank; all weights, last layer or subnetwork).
+    Fit(cmd_posterior::FitArgs),
+    /// Predict with a saved posterior: probs (classification) or mean, var (regression).
+    Predict(cmd_posterior::PredictArgs),
+    /// MAP vs Laplace metrics of a saved posterior on a test set.
+    Evaluate(cmd_posterior::EvaluateArgs),
     /// Run the main job on the bundled digits example and print a summary.
     Demo(cmd_demo::DemoArgs),
     /// Time one quantity (model and data loaded; warm-up, then median of --repeat runs) and report peak memory.
@@ -48,6 +56,9 @@ fn main() -> ExitCode {
         Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
         Command::Eigen(a) => cmd_operator::run_eigen(&a),
         Command::Trace(a) => cmd_operator::run_trace(&a),
+        Command::Fit(a) => cmd_posterior::run_fit(&a),
+        Command::Predict(a) => cmd_posterior::run_predict(&a),
+        Command::Evaluate(a) => cmd_posterior::run_evaluate(&a),
         Command::Demo(a) => cmd_demo::run(&a),
         Command::Bench(a) => cmd_bench::run(&a),
     };

@@ -269,11 +269,19 @@ fn bad_input_exits_non_zero_names_the_problem_and_writes_nothing() {
 
 #[test]
 fn demo_runs_and_agrees_with_laplace_torch() {
-    let o = laplace(&["demo"]);
+    let tmp = scratch("demo");
+    let o = laplace(&["demo", "--out-dir", p(&tmp)]);
     assert_ok(&o);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("all agree within"), "{s}");
     assert!(s.contains("GGN diagonal"), "{s}");
+    assert!(s.contains("Laplace KFAC") && s.contains("Laplace last layer"), "{s}");
+    for f in ["reliability.png", "uncertainty.png"] {
+        let bytes = std::fs::read(tmp.join(f)).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f} is a PNG");
+        assert!(s.contains(f), "the demo prints the path of {f}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]

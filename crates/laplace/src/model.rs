@@ -187,6 +187,12 @@ impl Sequential {
         Ok(Tensor::cat(&flat, 0)?)
     }
 
+    /// An independent copy (same spec, weights, dtype and device).
+    pub fn try_clone(&self) -> Result<Self> {
+        let weights = self.state_dict().into_iter().collect();
+        Self::new(self.spec.clone(), weights, Some(self.dtype), &self.device)
+    }
+
     /// The same network with parameters θ `(P,)`.
     pub fn with_parameter_vector(&self, theta: &Tensor) -> Result<Self> {
         if theta.dims() != [self.n_params()] {
