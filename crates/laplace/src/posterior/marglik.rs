@@ -325,9 +325,68 @@ impl Posterior {
                 }
             }
         }
+        // Phase 3: gradient ascent from the best point (Barzilai–Borwein
+        // steps, Armijo backtracking) until the gradient vanishes: covers
+        // what the fixed point cannot (γ ≥ N·C for σ, damped KFAC).
+        best = self.ascend(best, opts.optimize_sigma, 500)?;
         self.prior_precision = best.1.clone();
         self.sigma_noise = best.2;
         Ok(OptimizeReport { log_marglik: best.0, prior_precision: best.1, sigma_noise: best.2, adam_log_marglik: ml_adam })
+    }
+
+    /// Gradient ascent on the log-hyperparameters from `start`.
+    fn ascend(&self, start: (f64, Vec<f64>, f64), with_sigma: bool, iters: usize) -> Result<(f64, Vec<f64>, f64)> {
+        let np = start.1.len();
+        let pack = |p: &[f64], s: f64| -> Vec<f64> {
+            let mut x: Vec<f64> = p.iter().map(|v| v.ln()).collect();
+            if with_sigma {
+                x.push(s.ln());
+            }
+            x
+        };
+        let eval = |x: &[f64]| -> Result<(f64, Vec<f64>)> {
+            let (p, sg) = split(x, np, with_sigma, start.2);
+            self.marglik_and_gradient(&p, sg, with_sigma)
+        };
+        let mut x = pack(&start.1, start.2);
+        let (mut f, mut g) = eval(&x)?;
+        let mut step = 1e-2 / g.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        let (mut x_prev, mut g_prev): (Option<Vec<f64>>, Option<Vec<f64>>) = (None, None);
+        for _ in 0..iters {
+            let gnorm = g.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if gnorm <= 1e-9 * f.abs().max(1.0) {
+                break;
+            }
+            if let (Some(xp), Some(gp)) = (&x_prev, &g_prev) {
+                // BB step for ascent: s·s / |s·y| with s = Δx, y = Δg.
+                let sv: Vec<f64> = x.iter().zip(xp).map(|(a, b)| a - b).collect();
+                let yv: Vec<f64> = g.iter().zip(gp).map(|(a, b)| a - b).collect();
+                let sy: f64 = sv.iter().zip(&yv).map(|(a, b)| a * b).sum();
+                let ss: f64 = sv.iter().map(|a| a * a).sum();
+                if sy.abs() > 1e-300 {
+                    step = (ss / sy.abs()).clamp(1e-12, 1e6);
+                }
+            }
+            // Armijo backtracking on f(x + t g) ≥ f(x) + 1e-4 t ‖g‖².
+            let mut t = step;
+            let mut accepted = None;
+            for _ in 0..60 {
+                let xn: Vec<f64> = x.iter().zip(&g).map(|(a, b)| (a + t * b).clamp(-40.0, 40.0)).collect();
+                if let Ok((fnew, gnew)) = eval(&xn) {
+                    if fnew >= f + 1e-4 * t * gnorm * gnorm {
+                        accepted = Some((xn, fnew, gnew));
+                        break;
+                    }
+                }
+                t *= 0.5;
+            }
+            let Some((xn, fnew, gnew)) = accepted else { break };
+            x_prev = Some(std::mem::replace(&mut x, xn));
+            g_prev = Some(std::mem::replace(&mut g, gnew));
+            f = fnew;
+        }
+        let (p, sg) = split(&x, np, with_sigma, start.2);
+        Ok(if f > start.0 { (f, p, sg) } else { start })
     }
 
     /// Per compact prior entry: γ (effective parameters) and ‖θ − μ‖².
