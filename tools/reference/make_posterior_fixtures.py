@@ -799,7 +799,121 @@ def run_structure(case, struct, subset, cls, test_loader, ref_cache):
 # main
 # --------------------------------------------------------------------------
 
-FORMULAS = {}  # filled below
+FORMULAS = {
+    "notation": (
+        "theta: the Laplace subset's MAP parameters (all: parameters_to_vector(model.parameters()); "
+        "last_layer: the final Linear's weight (C, D) row-major then bias; subnetwork: theta_all[idx] in "
+        "the given order). n = their number. H: laplace-torch's curvature = the GGN of the per-point NLL "
+        "in the spec's convention (regression: sum_n J_n^T J_n; classification: sum_n J_n^T (diag p_n - "
+        "p_n p_n^T) J_n), i.e. la.H (full: (n, n); diag: (n,); kron: Kron factors; lowrank: (U, lam)). "
+        "p0: the prior precision expanded to n entries (see prior_precision). mu0: prior mean. sigma: "
+        "sigma_noise. T: temperature. N: len(train_loader.dataset). C: number of outputs. "
+        "h = 1 / (sigma^2 T) (la._H_factor)."),
+    "loss": (
+        "la.loss = sum over batches of factor * lossfunc(f, y): regression factor 0.5, MSELoss(reduction="
+        "'sum') -> 0.5 sum_n ||y_n - f_n||^2; classification factor 1, CrossEntropyLoss(reduction='sum') "
+        "-> sum_n -log softmax(f_n)_{y_n}. Always the whole network's output f, also for last_layer and "
+        "subnetwork. Equals expected.safetensors 'loss'."),
+    "log_likelihood": (
+        "regression: -h * loss - N * C * log(sigma * sqrt(2 pi)) = -1/(2 sigma^2 T) sum_n ||y_n - f_n||^2 "
+        "- N C log(sigma sqrt(2 pi)) (the normaliser is not tempered); classification: -loss / T "
+        "(sigma is 1)."),
+    "scatter": "(theta - mu0)^T diag(p0) (theta - mu0); subnetwork: theta = theta_all[idx].",
+    "log_det_prior_precision": "sum(log p0) over the subset's n parameters.",
+    "log_det_posterior_precision": (
+        "full: logdet(h H + diag(p0)); diag: sum log(h H + p0); kron: per block b (= parameter tensor) "
+        "with prior delta_b: two-factor block [B, A] (B: out x out, A: in x in; conv: in_c*kh*kw): eigh of "
+        "each factor, eigenvalues clamped at >= 0, each factor's eigenvalues times sqrt(h) "
+        "(KronDecomposed.__mul__ distributes h as h^(1/#factors)): sum log(outer(lB sqrt(h), lA sqrt(h)) "
+        "+ delta_b); one-factor block (bias): sum log(h l + delta_b); damping=False (default). With "
+        "damping=True it would be sum log(outer(lB sqrt(h) + sqrt(delta_b), lA sqrt(h) + sqrt(delta_b))). "
+        "lowrank: with lam' = h lam, D = diag(p0), V = D^-1 U, Kinv = (diag(1/lam') + U^T V)^-1: "
+        "sum log lam' + sum log p0 - logdet(Kinv) = logdet(U diag(lam') U^T + D)."),
+    "log_det_ratio": "log_det_posterior_precision - log_det_prior_precision",
+    "log_marglik": (
+        "log_likelihood - 0.5 * (log_det_ratio + scatter). No n/2 log(2 pi) terms and no explicit "
+        "n_params anywhere (they cancel). log_marginal_likelihood(prior_precision=..., sigma_noise=...) "
+        "first ASSIGNS la.prior_precision / la.sigma_noise (permanently) and then evaluates this."),
+    "posterior_precision": (
+        "full: h H + diag(p0) (n, n); diag: h H + p0 (n,); kron: KronDecomposed = la.H (decomposed "
+        "la.H_facs) * h + prior (deltas per block), to_matrix() gives the block-diagonal dense matrix; "
+        "lowrank: ((U, h lam), p0) meaning U diag(h lam) U^T + diag(p0)."),
+    "posterior_covariance": (
+        "full: scale @ scale.T with scale = la.posterior_scale = torch.distributions.multivariate_normal."
+        "_precision_to_scale_tril(posterior_precision) (lower-triangular L with L L^T = P^-1). "
+        "posterior_variance: full: its diagonal (no property); diag: 1 / posterior_precision; kron: "
+        "la.posterior_precision.diag(exponent=-1) = per block sum_pq Q1[m,p]^2 Q2[k,q]^2 / "
+        "(outer(l1', l2') + delta)[p,q]; lowrank: 1/p0 - diag(V Kinv V^T)."),
+    "prior_precision": (
+        "Accepted shapes (setter): scalar / length 1, length la.n_layers, length la.n_params. "
+        "la.n_layers = number of parameter TENSORS in la.params (model.parameters() with requires_grad, "
+        "in order; each weight and each bias counts: not modules). ParametricLaplace.prior_precision_diag "
+        "tests length 1, then n_params (diagonal), then n_layers (layer-wise: value i repeated numel("
+        "params[i]) times). Kron: only scalar or layer-wise (setter raises otherwise); block i of the "
+        "KronDecomposed is parameter tensor i (Kron.init_from_model(la.params): one block per weight, one "
+        "per bias), so layer-wise value i is the delta of block i; a scalar is broadcast to every block. "
+        "LLLaplace: la.n_layers = 2 (weight, bias) and the setter accepts length 2, but LLLaplace."
+        "prior_precision_diag only knows scalar and diagonal (length P_ll) and raises 'Mismatch of prior "
+        "and model' -> layer-wise marglik and prior_structure='layerwise' fail for all last-layer classes "
+        "(KronLLLaplace too, in scatter). SubnetLaplace: la.n_params = P of the WHOLE model, "
+        "la.n_layers = its tensors; the setter accepts 1, n_layers or P, but SubnetLaplace."
+        "prior_precision_diag accepts 1 or S (= len(idx)) -> only a scalar prior works (a length-S "
+        "diagonal is rejected by the setter, length P or n_layers by prior_precision_diag)."),
+    "prior_mean": (
+        "Enters only the scatter (theta - mu0). The posterior mean stays theta_MAP and the predictive does "
+        "not change. Last layer: mu0 applies to the last-layer parameters (scalar or length P_ll). "
+        "Subnetwork: mu0 is subtracted from theta_all[idx]; the setter allows length 1 or P (whole model) "
+        "but length P then fails in scatter (shape S vs P)."),
+    "glm_f_mu_f_var": (
+        "la._glm_predictive_distribution(x): f_mu = model output at theta_MAP (N_test, C); f_var[m] = J_m "
+        "Sigma J_m^T (N_test, C, C), J from backend.jacobians (torch.func jacrev of the whole model; "
+        "subnetwork: columns idx) or, for last_layer, backend.last_layer_jacobians (J[m, c, c*D + d] = "
+        "phi_m[d], J[m, c, C*D + c] = 1 for the bias). full: einsum('ncp,pq,nkq->nck', J, "
+        "posterior_covariance, J); diag: einsum('ncp,p,nkp->nck', J, 1/posterior_precision, J); kron: "
+        "posterior_precision.inv_square_form(J) = J (per block Q (1/(outer(l1',l2') + delta)) Q^T) J^T; "
+        "lowrank: J D^-1 J^T - (J V) Kinv (J V)^T."),
+    "regression_predictive": (
+        "la(x, pred_type='glm') returns (f_mu (N, C), f_var (N, C, C)): the FUNCTIONAL variance, sigma^2 "
+        "is NOT added (the predictive covariance is f_var + sigma^2 I, key glm.pred_cov, computed by the "
+        "script). joint=True returns (f_mu.flatten(), J Sigma J^T (N*C, N*C)), row n*C + c. "
+        "pred_type='nn' requires link_approx='mc' even for regression and returns (mean, unbiased var) "
+        "over samples of f, again without sigma^2."),
+    "probit": "kappa = 1 / sqrt(1 + pi/8 * diag(f_var)); probs = softmax(kappa * f_mu).",
+    "bridge": (
+        "with V = f_var[m], mu = f_mu[m], K = C, s = sum_ij V_ij, r_i = sum_j V_ij, c_j = sum_i V_ij: "
+        "mu' = mu - r * sum_k mu_k / s; V' = V - outer(r, c) / s; d = diag(V'); alpha_i = (1 - 2/K + "
+        "exp(mu'_i) / K^2 * sum_j exp(-mu'_j)) / d_i; probs = alpha / sum(alpha), then torch.nan_to_num("
+        "nan=1.0) (a NaN row becomes 1.0 entries, unnormalised)."),
+    "bridge_norm": (
+        "as bridge, but after the zero-mean correction: cbar = mean(d) / sqrt(K/2); mu'' = mu' / sqrt("
+        "cbar); d'' = d / cbar; alpha from mu'', d''."),
+    "glm_mc": (
+        "f_s = f_mu[m] + L_m eps_s, L_m = cholesky(f_var[m]), eps_s ~ N(0, I_C) from the GLOBAL torch RNG "
+        "(normal_samples draws randn(C, S) once and uses the same eps_s for every test point; "
+        "la(x, generator=g) validates g but does not pass it on); probs = mean_s softmax(f_s)."),
+    "nn": (
+        "theta_s = la.sample(S) (full: theta + eps @ posterior_scale.T; diag: theta + eps / sqrt(p); "
+        "kron: theta + posterior_precision.bmm(eps, exponent=-0.5); lowrank: Woodbury square root; "
+        "last_layer: only the last-layer parameters are sampled, features cached; subnetwork: only idx "
+        "sampled, other parameters at the MAP); probs = (1/S) sum_s softmax(f(x; theta_s)). Global RNG."),
+    "optimize_marglik": (
+        "ParametricLaplace.optimize_prior_precision(method='marglik') defaults: pred_type='glm', n_steps=100, "
+        "lr=0.1, init_prior_prec=1.0 (restarts from 1.0, NOT from the current prior precision), "
+        "prior_structure='scalar' (BaseLaplace's own default would be 'diag'); log_prior_prec = "
+        "log(init) (expanded to n_layers for 'layerwise', n_params for 'diag'), torch.optim.Adam([log_prior_prec], "
+        "lr); each step: loss = -la.log_marginal_likelihood(prior_precision=exp(log_prior_prec)), backward, "
+        "step; finally la.prior_precision = exp(log_prior_prec). sigma_noise is not optimised (no "
+        "post-hoc sigma optimisation exists on the object; laplace.marglik_training trains the network)."),
+    "optimize_gridsearch": (
+        "method='gridsearch': grid = torch.logspace(-4, 4, 100) (base 10); for each value g: la.prior_"
+        "precision = g; result = laplace.utils.validate(la, val_loader, loss, pred_type='glm', "
+        "link_approx='probit', n_samples=100) with loss = RunningNLLMetric() (classification: mean NLL of "
+        "the probit probs) or torchmetrics.MeanSquaredError(num_outputs=C) (regression; validate calls "
+        "loss.update(f_mu, f_var, y), gets TypeError and falls back to update(f_mu, y), so only the "
+        "mean, which does not depend on the prior, is scored; the result is MSE summed over outputs). "
+        "The SAME metric object is used for every grid value and never reset, so result k is the "
+        "loss averaged over grid values 0..k. Chosen: grid[argmin(results)]."),
+}
 
 
 def process(name, lowrank_err):

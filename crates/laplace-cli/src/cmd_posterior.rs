@@ -113,6 +113,7 @@ pub enum PredTypeArg {
 pub enum LinkArg {
     Probit,
     Bridge,
+    #[value(alias = "bridge_norm")]
     BridgeNorm,
     Mc,
 }
