@@ -19,7 +19,7 @@
 
 mod batch_grad;
 mod diag;
-mod kfac;
+pub mod kfac;
 mod over_data;
 mod products;
 mod selection;
