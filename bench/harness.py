@@ -571,8 +571,11 @@ def render(results, meta, args):
         wm = meta["workloads"].get(w, {})
         L.append(f"## {w}\n")
         if wm:
+            loads = wm.get("loadavg_range")
             L.append(f"{wm.get('desc', '')} P = {wm.get('n_params')}, N = {wm.get('n_data')}, "
-                     f"{wm.get('likelihood')}.\n")
+                     f"{wm.get('likelihood')}."
+                     + (f" 1-minute load average before each measurement: {loads[0]:.1f} to {loads[1]:.1f} "
+                        f"(about 2 of it is the measurement processes themselves)." if loads else "") + "\n")
         cols = ["ours"] + ([] if args.skip_torch else BACKENDS)
         hdr = ["quantity"] + [BACKEND_LABEL[c] for c in cols]
         if not args.skip_torch:
@@ -731,10 +734,12 @@ def main():
                         if e in dead:
                             continue
                         out = os.path.join(tmp, f"{w}.{q}.{e}.safetensors") if rnd == 0 else None
+                        load_before = float(open("/proc/loadavg").read().split()[0])
                         if e == "ours":
                             rec = measure_ours(args, w, q, rnd, out, tmp)
                         else:
                             rec = measure_torch(args, server, w, q, e, rnd, out, tmp)
+                        rec["loadavg_before"] = load_before
                         records.append(rec)
                         recs[e].append(rec)
                         status = (f"{fmt_s(rec['median_s'])}, peak {fmt_mb(rec['peak_rss_bytes'])}" if rec["ok"]
@@ -766,6 +771,9 @@ def main():
                           flush=True)
                 elif agg["ours"]["ok"]:
                     res["check"] = dict(status="unchecked")
+                loads = [r["loadavg_before"] for r in records if r["workload"] == w and "loadavg_before" in r]
+                if loads:
+                    meta["workloads"][w]["loadavg_range"] = [min(loads), max(loads)]
                 # Free big outputs no longer needed (exact ones serve the MC checks).
                 if q not in ("ggn_diag", "ggn_kron"):
                     for (qq, e), p in list(outs.items()):

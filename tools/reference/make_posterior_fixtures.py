@@ -69,6 +69,7 @@ from torch.func import functional_call, jacrev, vmap
 
 warnings.filterwarnings("ignore")
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(1)  # tiny problems: one thread is fastest, and thread-count independent
 
 import laplace  # noqa: E402
 import laplace.baselaplace as baselaplace  # noqa: E402
@@ -112,7 +113,7 @@ MC_NN = 20_000         # nn samples
 LOW_RANK = 10          # AsdfghjklHessian's default low_rank
 LOW_RANK_EPS = 1e-6    # AsdfghjklHessian's EPS
 BATCH_CHECK = 3        # second fit with this DataLoader batch size
-MAX_DENSE_P = 128      # derivable (P, P) matrices are written only up to this size
+MAX_DENSE_P = 128      # full posterior_precision / _covariance are written only up to this size
 RTOL = 1e-9
 
 # optimize_prior_precision defaults of ParametricLaplace (laplace-torch 0.3)
@@ -929,13 +930,18 @@ def process(name, lowrank_err):
         v, calls, errors, info = run_structure(case, struct, subset, cls, test_loader, ref_cache)
         n = info["n_params"]
         for k, val in v.items():
-            if n > MAX_DENSE_P and (
-                    (struct == "full" and k == "posterior_precision")
-                    or (struct == "kron" and k == "posterior_precision_dense")):
+            if struct == "kron" and k == "posterior_precision_dense":
                 info.setdefault("not_written", []).append(
-                    f"{key}.{k} ({n}x{n}; P > {MAX_DENSE_P} to save space: "
-                    + ("= H / (sigma^2 T) + diag(p0) with H = expected.safetensors ggn.full"
-                       if struct == "full" else "= block_diag of the posterior_precision_block.<b>") + ")")
+                    f"{key}.{k} ({n}x{n}): = block_diag(posterior_precision_block.0, .1, ...) "
+                    "(checked before writing)")
+                calls.pop(k, None)
+                continue
+            if struct == "full" and k in ("posterior_precision", "posterior_covariance") and n > MAX_DENSE_P:
+                info.setdefault("not_written", []).append(
+                    f"{key}.{k} ({n}x{n}; n > {MAX_DENSE_P}, to save space; checked before writing"
+                    + ("; = h * H + diag(p0) with H = expected.safetensors ggn.full)"
+                       if k == "posterior_precision" else "; = inverse of that)"))
+                calls.pop(k, None)
                 continue
             out[f"{key}.{k}"] = v[k].contiguous()
         info["calls"] = calls
@@ -995,6 +1001,7 @@ def process(name, lowrank_err):
                      workaround="LowRankLaplace built with baselaplace.find_spec patched for the "
                                 "constructor only, backend=LowRankGGN (top-10 exact-GGN eigenpairs)"),
         max_dense_p=MAX_DENSE_P,
+        keys={k: list(t.shape) for k, t in sorted(out.items())},
         structures=meta_structs,
         formulas=formulas,
     )

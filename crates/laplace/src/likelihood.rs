@@ -101,7 +101,7 @@ impl Likelihood {
                 (logsumexp(f)? - fy)?
             }
             // ℓ = ½‖y − f‖²
-            Likelihood::Regression => ((f - y)?.sqr()?.sum(1)? * 0.5)?,
+            Likelihood::Regression => ((f - y)?.sqr()?.sum(1)? * 0.5)?, // last axis: fast
         };
         Ok(per_point.sum_all()?.reshape(1)?)
     }

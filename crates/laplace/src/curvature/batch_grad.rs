@@ -48,14 +48,14 @@ pub fn weight_grads(u: &Tensor, v: &Tensor, sel: &Selected) -> Result<Tensor> {
             let is: Vec<usize> = ids.iter().map(|p| p % i).collect();
             let vs = tensor::select(v, &tensor::index_tensor(&os, v.device())?, 2)?; // (M, K, S, R)
             let us = tensor::select(u, &tensor::index_tensor(&is, u.device())?, 1)?; // (M, S, R)
-            Ok(vs.broadcast_mul(&us.unsqueeze(1)?)?.sum(3)?)
+            tensor::sum_dim(&vs.broadcast_mul(&us.unsqueeze(1)?)?, 3)
         }
     }
 }
 
 /// `(M, K, n)` bias gradients.
 pub fn bias_grads(v: &Tensor, sel: &Selected) -> Result<Tensor> {
-    let g = v.sum(3)?; // (M, K, O)
+    let g = tensor::sum_dim(v, 3)?; // (M, K, O)
     match sel {
         Selected::All => Ok(g),
         Selected::Some(ids) => tensor::select(&g, &tensor::index_tensor(ids, v.device())?, 2),

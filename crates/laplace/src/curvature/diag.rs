@@ -27,7 +27,7 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
         let i = u.dim(1)?;
         let part = match s {
             Selected::All if r == 1 => {
-                let v2 = v.sqr()?.sum(1)?.reshape((m, o))?; // Σ_k V²  (M, O)
+                let v2 = tensor::sum_dim(&v.sqr()?, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
                 v2.t()?.matmul(&u2)?.reshape(o * i)?
             }

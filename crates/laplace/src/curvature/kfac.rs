@@ -16,7 +16,7 @@ use std::str::FromStr;
 
 use crate::engine::AffineView;
 use crate::error::{bail, Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{self, Tensor};
 
 /// How Conv2d weight-sharing positions enter the factors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub fn input_factor(u: &Tensor, n_data: usize, approx: KfacApprox) -> Result<Ten
         _ if r == 1 => gram_rows(&u.reshape((m, i))?.t()?)?,
         // Σ_n Σ_r u u ᵀ: U as (I, M·R).
         KfacApprox::Expand => gram_rows(&u.permute((1, 0, 2))?.contiguous()?.reshape((i, m * r))?)?,
-        KfacApprox::Reduce => gram_rows(&u.mean(2)?.t()?)?,
+        KfacApprox::Reduce => gram_rows(&(tensor::sum_dim(u, 2)? / r as f64)?.t()?)?,
     };
     let scale = match approx {
         KfacApprox::Expand => n_data * r,
@@ -65,7 +65,7 @@ pub fn output_factor(v: &Tensor, approx: KfacApprox) -> Result<Tensor> {
         _ if r == 1 => gram_rows(&v.reshape((m * k, o))?.t()?),
         // Σ_n Σ_k Σ_r v vᵀ: V as (O, M·K·R).
         KfacApprox::Expand => gram_rows(&v.permute((2, 0, 1, 3))?.contiguous()?.reshape((o, m * k * r))?),
-        KfacApprox::Reduce => gram_rows(&v.sum(3)?.reshape((m * k, o))?.t()?),
+        KfacApprox::Reduce => gram_rows(&tensor::sum_dim(v, 3)?.reshape((m * k, o))?.t()?),
     }
 }
 

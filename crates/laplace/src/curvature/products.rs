@@ -179,7 +179,7 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
                 let mixed = gt.broadcast_left(k)?.matmul(&udt)?;
                 w_grad = (w_grad + mixed)?;
             }
-            let b_grad = tensor::sum_leading(&gd.sum(3)?, 1)?; // (K, O)
+            let b_grad = tensor::sum_leading(&tensor::sum_dim(&gd, 3)?, 1)?; // (K, O)
             let mut part = Vec::with_capacity(2);
             if let Some(s) = &lsel.weight {
                 part.push(select_cols(&w_grad.reshape((k, o * ii))?, s)?);

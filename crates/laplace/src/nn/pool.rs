@@ -216,7 +216,7 @@ impl Layer for AvgPool2d {
             .unfold(&columns_with_sentinel(x, 0.0)?)?
             .reshape((c, self.window_len, r, m))?;
         let inv = self.inv_divisor.to_dtype(x.dtype())?.reshape((1, r, 1))?;
-        let y = u.sum(1)?.broadcast_mul(&inv)?.permute((2, 0, 1))?.contiguous()?;
+        let y = tensor::sum_dim(&u, 1)?.broadcast_mul(&inv)?.permute((2, 0, 1))?.contiguous()?;
         Ok((y.reshape((m, c, oh, ow))?, save.then(|| Saved::new(()))))
     }
 
