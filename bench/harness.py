@@ -316,8 +316,7 @@ def measure_torch(args, server, w, q, backend, rnd, out, tmp, repeat=None):
         rq = os.path.join(tmp, tag + ".req.json")
         with open(rq, "w") as fh:
             json.dump(req, fh)
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        status, maxrss_kb, wall, killed = run_exec([args.python, CHILD, "--request", rq], env,
+        status, maxrss_kb, wall, killed = run_exec([args.python, CHILD, "--request", rq], args.torch_env,
                                                    req["log"], req["log"] + ".err", args.timeout,
                                                    args.mem_limit)
     rec = dict(workload=w, quantity=q, entrant=backend, round=rnd, wall_s=wall,
@@ -552,7 +551,8 @@ def render(results, meta, args):
              f"{args.repeat} timed runs per process, {args.rounds} rounds interleaved "
              f"(fewer timed runs where one run exceeds the {args.budget:g} s budget: marked [n runs]); "
              f"limits {args.mem_limit / 2**30:g} GiB (RLIMIT_AS + RSS watchdog) and {args.timeout:g} s per "
-             f"process; laplace-torch processes {'forked from a server that has imported torch + laplace (no computation before the fork)' if not args.no_fork_server else 'started as fresh interpreters'}.")
+             f"process; OMP_WAIT_POLICY {'unset (libgomp default)' if args.omp_wait_policy == 'default' else args.omp_wait_policy}; "
+             f"laplace-torch processes {'forked from a server that has imported torch + laplace (no computation before the fork)' if not args.no_fork_server else 'started as fresh interpreters'}.")
     L.append("")
     L.append(f"Cells: median time over all timed runs of all rounds · peak RSS of the process. For "
              "laplace-torch, `(+N)` is the peak minus the process's RSS after imports, model, data and "
@@ -650,6 +650,8 @@ def main():
     ap.add_argument("--budget", type=float, default=60.0,
                     help="seconds of timed runs per process; fewer runs if a run is slower")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--omp-wait-policy", choices=["default", "PASSIVE", "ACTIVE"], default="default",
+                    help="OMP_WAIT_POLICY for the laplace-torch processes (default: leave unset, as users run it)")
     ap.add_argument("--skip-torch", action="store_true",
                     help="time ours only (one untimed reference run per quantity still checks it, "
                          "unless --no-check)")
@@ -671,7 +673,8 @@ def main():
         st = d["meta"]["settings"]
         ra = argparse.Namespace(repeat=st["repeat"], rounds=st["rounds"], timeout=st["timeout_s"],
                                 mem_limit=st["mem_limit_bytes"], threads=st["threads"], budget=st["budget_s"],
-                                no_fork_server=not st["fork_server"], skip_torch=st.get("skip_torch", False))
+                                no_fork_server=not st["fork_server"], skip_torch=st.get("skip_torch", False),
+                                omp_wait_policy=st.get("omp_wait_policy", "default"))
         md = render(d["results"], d["meta"], ra)
         with open(args.md, "w") as fh:
             fh.write(md + "\n")
@@ -696,6 +699,9 @@ def main():
     shutil.copy2(src_laplace, args.laplace)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    args.torch_env = env
     need_torch = bool(backends) or not args.no_check
     server = TorchServer(args.python, env) if need_torch and not args.no_fork_server else None
     meta = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), machine=machine(),
@@ -705,7 +711,8 @@ def main():
                 loadavg_start=" ".join(open("/proc/loadavg").read().split()[:3]),
                 settings=dict(repeat=args.repeat, rounds=args.rounds, timeout_s=args.timeout,
                               mem_limit_bytes=args.mem_limit, threads=args.threads, budget_s=args.budget,
-                              fork_server=not args.no_fork_server, skip_torch=args.skip_torch, tol=TOL,
+                              fork_server=not args.no_fork_server, skip_torch=args.skip_torch,
+                              omp_wait_policy=args.omp_wait_policy, tol=TOL,
                               mc_bound=MC_BOUND),
                 workloads={})
     meta["versions"]["laplace binary built"] = datetime.datetime.fromtimestamp(

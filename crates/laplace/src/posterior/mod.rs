@@ -315,6 +315,19 @@ impl Posterior {
         Ok(post)
     }
 
+    /// Replace a low-rank posterior's eigenpairs (λ `(k,)`, U `(P, k)` with
+    /// orthonormal columns), e.g. with ones computed elsewhere.
+    pub fn set_lowrank(&mut self, values: Vec<f64>, vectors: &Tensor) -> Result<()> {
+        let (p, k) = vectors.dims2()?;
+        if p != self.n_params() || k != values.len() {
+            bail!(Invalid, "low-rank eigenvectors have shape ({p}, {k}); expected ({}, {})", self.n_params(), values.len());
+        }
+        let u = tensor::to_faer(vectors)?;
+        self.fitted = Fitted::LowRank { values, vectors: u.transpose().to_owned() };
+        self.structure = Structure::LowRank { rank: k };
+        Ok(())
+    }
+
     pub fn model(&self) -> &Sequential {
         &self.model
     }
