@@ -7,7 +7,7 @@ use super::patches::{columns_with_sentinel, PatchIndex, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{self, DType, Tensor};
 
 pub struct Conv2d {
     /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
@@ -131,10 +131,10 @@ impl Layer for Conv2d {
         if let Some(b) = &self.bias {
             z = z.broadcast_add(&b.reshape((o, 1))?)?;
         }
-        let z = z.reshape((o, r, m))?.permute((2, 0, 1))?.contiguous()?;
+        let z = tensor::transpose2d(&z.reshape((o * r, m))?)?;
         let z = z.reshape((m, self.out_shape[0], self.out_shape[1], self.out_shape[2]))?;
         let saved = if save {
-            let patches = ut.reshape((i, r, m))?.permute((2, 0, 1))?.contiguous()?;
+            let patches = tensor::transpose2d(&ut.reshape((i * r, m))?)?.reshape((m, i, r))?;
             Some(Saved::new(ConvSaved { patches }))
         } else {
             None
@@ -148,9 +148,9 @@ impl Layer for Conv2d {
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let vt = merge_mk(v)?.reshape((m * k, o, r))?.permute((1, 2, 0))?.contiguous()?;
+        let vt = tensor::transpose2d(&v.reshape((m * k, o * r))?)?; // (O·R, M·K)
         let cols = self.weight.t()?.matmul(&vt.reshape((o, r * m * k))?)?;
-        let vin = self.index.fold(&cols.reshape((i * r, m * k))?)?.t()?.contiguous()?;
+        let vin = tensor::transpose2d(&self.index.fold(&cols.reshape((i * r, m * k))?)?)?;
         let [c, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }

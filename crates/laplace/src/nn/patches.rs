@@ -105,7 +105,7 @@ impl Window {
 /// large matrix product over all samples instead of M small ones.
 pub fn columns_with_sentinel(x: &Tensor, pad_value: f64) -> Result<Tensor> {
     let m = x.dim(0)?;
-    let cols = x.reshape((m, ()))?.t()?;
+    let cols = tensor::transpose2d(&x.reshape((m, ()))?)?;
     let pad = Tensor::full(pad_value, (1, m), x.device())?.to_dtype(x.dtype())?;
     Ok(Tensor::cat(&[&cols, &pad], 0)?)
 }

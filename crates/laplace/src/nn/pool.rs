@@ -102,13 +102,13 @@ impl Layer for MaxPool2d {
             .index
             .unfold(&columns_with_sentinel(x, f64::NEG_INFINITY)?)?
             .reshape((c, self.window_len, r, m))?;
-        let y = u.max(1)?.permute((2, 0, 1))?.contiguous()?; // (M, C, R)
+        let y = tensor::transpose2d(&u.max(1)?.reshape((c * r, m))?)?; // (M, C·R)
         let saved = if save {
             // First maximal element of each window in scan order (torch's choice
             // at ties), mapped to its flat input position.
             let arg = u.argmax_keepdim(1)?; // (C, 1, R, M)
             let table = self.table.unsqueeze(3)?.broadcast_as((c, self.window_len, r, m))?;
-            let argmax = tensor::gather(&table, &arg, 1)?.reshape((c * r, m))?.t()?.contiguous()?;
+            let argmax = tensor::transpose2d(&tensor::gather(&table, &arg, 1)?.reshape((c * r, m))?)?;
             Some(Saved::new(MaxPoolSaved { argmax }))
         } else {
             None
@@ -216,7 +216,7 @@ impl Layer for AvgPool2d {
             .unfold(&columns_with_sentinel(x, 0.0)?)?
             .reshape((c, self.window_len, r, m))?;
         let inv = self.inv_divisor.to_dtype(x.dtype())?.reshape((1, r, 1))?;
-        let y = tensor::sum_dim(&u, 1)?.broadcast_mul(&inv)?.permute((2, 0, 1))?.contiguous()?;
+        let y = tensor::transpose2d(&tensor::sum_dim(&u, 1)?.broadcast_mul(&inv)?.reshape((c * r, m))?)?;
         Ok((y.reshape((m, c, oh, ow))?, save.then(|| Saved::new(()))))
     }
 
@@ -227,10 +227,10 @@ impl Layer for AvgPool2d {
         let [c, oh, ow] = self.out_shape;
         let r = oh * ow;
         let inv = self.inv_divisor.to_dtype(v.dtype())?.reshape((1, 1, r, 1))?;
-        let vt = merge_mk(v)?.reshape((m * k, c, r))?.permute((1, 2, 0))?.unsqueeze(1)?; // (C, 1, R, MK)
+        let vt = tensor::transpose2d(&v.reshape((m * k, c * r))?)?.reshape((c, 1, r, m * k))?; // (C, 1, R, MK)
         let cols = vt.broadcast_mul(&inv)?.broadcast_as((c, self.window_len, r, m * k))?;
         let cols = cols.reshape((c * self.window_len * r, m * k))?;
-        let vin = self.index.fold(&cols)?.t()?.contiguous()?;
+        let vin = tensor::transpose2d(&self.index.fold(&cols)?)?;
         let [ci, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, ci, h, w))?, m, k)
     }
