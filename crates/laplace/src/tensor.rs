@@ -100,19 +100,30 @@ pub fn move_leading_back(t: &Tensor, split: usize) -> Result<Tensor> {
 
 struct Transpose2d;
 
-fn transpose_blocked<T: Copy + Default>(src: &[T], a: usize, b: usize) -> Vec<T> {
-    const BLOCK: usize = 32;
-    let mut dst = vec![T::default(); a * b];
-    for i0 in (0..a).step_by(BLOCK) {
-        for j0 in (0..b).step_by(BLOCK) {
-            for i in i0..(i0 + BLOCK).min(a) {
-                let row = &src[i * b..(i + 1) * b];
-                for j in j0..(j0 + BLOCK).min(b) {
-                    dst[j * a + i] = row[j];
+/// `src (a, b)` row-major → `(b, a)`, in 16 × 16 tiles (measured best among
+/// 8–128 on this machine: each tile's rows stay in L1 while its columns are
+/// written out contiguously).
+fn transpose_blocked<T: Copy>(src: &[T], a: usize, b: usize) -> Vec<T> {
+    const TILE: usize = 16;
+    assert_eq!(src.len(), a * b);
+    let mut dst: Vec<T> = Vec::with_capacity(a * b);
+    let s = src.as_ptr();
+    let d = dst.as_mut_ptr();
+    for i0 in (0..a).step_by(TILE) {
+        let ie = (i0 + TILE).min(a);
+        for j0 in (0..b).step_by(TILE) {
+            let je = (j0 + TILE).min(b);
+            for j in j0..je {
+                for i in i0..ie {
+                    // SAFETY: i < a and j < b, so i·b + j < a·b = src.len() and
+                    // j·a + i < a·b = dst.capacity(); every dst slot is written once.
+                    unsafe { d.add(j * a + i).write(*s.add(i * b + j)) };
                 }
             }
         }
     }
+    // SAFETY: all a·b elements were initialized above.
+    unsafe { dst.set_len(a * b) };
     dst
 }
 
