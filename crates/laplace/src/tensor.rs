@@ -230,12 +230,18 @@ pub fn first_non_finite(t: &Tensor) -> Result<Option<usize>> {
     if !is_compute_dtype(t.dtype()) {
         return Ok(None);
     }
-    // Cheap on-device test first: x - x is NaN exactly for NaN and ±inf.
-    let probe = t.flatten_all()?.sub(&t.flatten_all()?)?.sum_all()?;
-    if scalar_f64(&probe)?.is_finite() {
+    // Cheap test without temporaries first: a finite sum means every element
+    // is finite (a NaN or ±∞ anywhere makes the sum NaN or ±∞); only a
+    // non-finite sum (or an overflowing one) needs the exact scan.
+    if scalar_f64(&t.sum_all()?)?.is_finite() {
         return Ok(None);
     }
     Ok(to_vec_f64(t)?.iter().position(|v| !v.is_finite()))
+}
+
+/// Write `src` into `dst` (both contiguous) at row `offset` of axis 0, in place.
+pub fn write_rows(dst: &Tensor, src: &Tensor, offset: usize) -> Result<()> {
+    Ok(dst.slice_set(&src.contiguous()?, 0, offset)?)
 }
 
 /// Multi-index of row-major position `pos` in `shape` (for error messages).

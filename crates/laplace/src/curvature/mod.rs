@@ -137,18 +137,42 @@ impl<'m> Curvature<'m> {
     /// Jacobians J `(M, C, P)` of the outputs with respect to the selected
     /// parameters, and the outputs f `(M, C)`.
     pub fn jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        jacobians_for(self.model, &self.selection, x)
+        jacobians_for(self.model, &self.selection, x, self.chunk_elems)
     }
 
     /// Jacobians with respect to the final Linear layer only `(M, C, C·D [+ C])`,
     /// computed from its input features φ alone, and f.
     pub fn last_layer_jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let sel = ParamSelection::new(self.model, &Subset::LastLayer)?;
-        jacobians_for(self.model, &sel, x)
+        jacobians_for(self.model, &sel, x, self.chunk_elems)
     }
 
     /// Per-sample gradients G `(M, P)` of ℓ(f(x_n), y_n), and Σ_n ℓ_n `(1,)`.
     pub fn gradients(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let m = x.dim(0)?;
+        let chunk = (self.chunk_elems / self.selection.len().max(1)).clamp(1, m.max(1));
+        if chunk >= m {
+            return self.gradients_chunk(x, y);
+        }
+        // A chunk of samples at a time, written into the result.
+        self.targets(y, x)?;
+        let out = Tensor::zeros((m, self.selection.len()), self.model.dtype(), self.model.device())?;
+        let mut loss: Option<Tensor> = None;
+        let mut start = 0;
+        while start < m {
+            let len = chunk.min(m - start);
+            let (g, l) = self.gradients_chunk(&x.narrow(0, start, len)?, &y.narrow(0, start, len)?)?;
+            crate::tensor::write_rows(&out, &g, start)?;
+            loss = Some(match loss {
+                None => l,
+                Some(l0) => (l0 + l)?,
+            });
+            start += len;
+        }
+        Ok((out, loss.expect("at least one sample")))
+    }
+
+    fn gradients_chunk(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = self.targets(y, x)?;
         let tape = engine::forward(self.model, x, self.selection.first_layer())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
@@ -290,8 +314,30 @@ impl<'m> Curvature<'m> {
     }
 }
 
-/// Jacobians over a selection: identity rows pushed back.
-fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Jacobians over a selection: identity rows pushed back, a chunk of
+/// samples at a time written into the output, so that temporaries stay
+/// within `chunk_elems` beyond the `(M, C, P)` result itself.
+fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor, chunk_elems: usize) -> Result<(Tensor, Tensor)> {
+    let m = x.dim(0)?;
+    let c = model.n_outputs();
+    let chunk = (chunk_elems / (c * sel.len()).max(1)).clamp(1, m.max(1));
+    if chunk >= m {
+        return jacobians_chunk(model, sel, x);
+    }
+    let out = Tensor::zeros((m, c, sel.len()), model.dtype(), model.device())?;
+    let mut fs = Vec::new();
+    let mut start = 0;
+    while start < m {
+        let len = chunk.min(m - start);
+        let (j, f) = jacobians_chunk(model, sel, &x.narrow(0, start, len)?)?;
+        crate::tensor::write_rows(&out, &j, start)?;
+        fs.push(f);
+        start += len;
+    }
+    Ok((out, Tensor::cat(&fs, 0)?))
+}
+
+fn jacobians_chunk(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let tape = engine::forward(model, x, sel.first_layer())?;
     let (m, c) = tape.output.dims2()?;
     let rows = Tensor::eye(c, model.dtype(), model.device())?

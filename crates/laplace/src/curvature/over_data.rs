@@ -54,32 +54,57 @@ impl Curvature<'_> {
     /// `jacobians` (or `last_layer_jacobians` with `last_layer`) of every
     /// point: J `(N, C, P)` and f `(N, C)`.
     pub fn jacobians_over(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
-        let (mut js, mut fs) = (Vec::new(), Vec::new());
-        for (offset, len) in data.batch_ranges(batch_size) {
+        let ranges = data.batch_ranges(batch_size);
+        let mut out: Option<Tensor> = None;
+        let mut fs = Vec::new();
+        for &(offset, len) in &ranges {
             let x = data.inputs(offset, len)?;
             let (j, f) = if last_layer {
                 self.last_layer_jacobians(&x)?
             } else {
                 self.jacobians(&x)?
             };
-            js.push(j);
             fs.push(f);
+            if ranges.len() == 1 {
+                out = Some(j);
+                break;
+            }
+            // Written into the result batch by batch: no second copy of (N, C, P).
+            let dst = match out.take() {
+                Some(d) => d,
+                None => {
+                    let (_, c, p) = j.dims3()?;
+                    Tensor::zeros((data.len(), c, p), j.dtype(), j.device())?
+                }
+            };
+            crate::tensor::write_rows(&dst, &j, offset)?;
+            out = Some(dst);
         }
-        Ok((Tensor::cat(&js, 0)?, Tensor::cat(&fs, 0)?))
+        Ok((out.expect("a data set has at least one point"), Tensor::cat(&fs, 0)?))
     }
 
     /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`.
     pub fn gradients_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
         let y = data.targets()?;
-        let (mut gs, mut loss) = (Vec::new(), None::<Tensor>);
-        for (offset, len) in data.batch_ranges(batch_size) {
+        let ranges = data.batch_ranges(batch_size);
+        let (mut out, mut loss): (Option<Tensor>, Option<Tensor>) = (None, None);
+        for &(offset, len) in &ranges {
             let (g, l) = self.gradients(&data.inputs(offset, len)?, &y.narrow(0, offset, len)?)?;
-            gs.push(g);
             loss = Some(match loss {
                 None => l,
                 Some(l0) => (l0 + l)?,
             });
+            if ranges.len() == 1 {
+                out = Some(g);
+                break;
+            }
+            let dst = match out.take() {
+                Some(d) => d,
+                None => Tensor::zeros((data.len(), g.dim(1)?), g.dtype(), g.device())?,
+            };
+            crate::tensor::write_rows(&dst, &g, offset)?;
+            out = Some(dst);
         }
-        Ok((Tensor::cat(&gs, 0)?, loss.expect("a data set has at least one point")))
+        Ok((out.expect("a data set has at least one point"), loss.expect("a data set has at least one point")))
     }
 }
