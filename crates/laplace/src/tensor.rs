@@ -239,6 +239,70 @@ pub fn first_non_finite(t: &Tensor) -> Result<Option<usize>> {
     Ok(to_vec_f64(t)?.iter().position(|v| !v.is_finite()))
 }
 
+/// `dst[row.., col..] = src` for 2-D tensors, in place on the CPU (a candle
+/// in-place custom op: assembling per-layer pieces this way avoids a
+/// concatenation and a second copy of results as large as Jacobians), and
+/// by `slice_assign` (a new tensor) elsewhere.
+pub fn write_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Result<()> {
+    let (r, c) = src.dims2()?;
+    let (dr, dc) = dst.dims2()?;
+    if row + r > dr || col + c > dc {
+        bail!(Invalid, "block ({r}, {c}) at ({row}, {col}) does not fit in ({dr}, {dc})");
+    }
+    match (dst.device(), dst.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
+            let src = src.to_dtype(dst.dtype())?.contiguous()?;
+            Ok(dst.inplace_op2(&src, &WriteBlock { row, col })?)
+        }
+        _ => {
+            *dst = dst.slice_assign(&[row..row + r, col..col + c], src)?;
+            Ok(())
+        }
+    }
+}
+
+struct WriteBlock {
+    row: usize,
+    col: usize,
+}
+
+fn write_block_slices<T: Copy>(dst: &mut [T], dst_cols: usize, src: &[T], rows: usize, cols: usize, row: usize, col: usize) {
+    for i in 0..rows {
+        let d = (row + i) * dst_cols + col;
+        dst[d..d + cols].copy_from_slice(&src[i * cols..(i + 1) * cols]);
+    }
+}
+
+impl candle_core::InplaceOp2 for WriteBlock {
+    fn name(&self) -> &'static str {
+        "write_block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (_, dc) = l1.shape().dims2()?;
+        let (r, c) = l2.shape().dims2()?;
+        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("write_block needs contiguous tensors")
+        };
+        match (s1, s2) {
+            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(s)) => {
+                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
+            }
+            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(s)) => {
+                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
+            }
+            _ => candle_core::bail!("write_block supports matching f32 or f64 tensors"),
+        }
+        Ok(())
+    }
+}
+
 /// Write `src` into `dst` (both contiguous) at row `offset` of axis 0, in place.
 pub fn write_rows(dst: &Tensor, src: &Tensor, offset: usize) -> Result<()> {
     Ok(dst.slice_set(&src.contiguous()?, 0, offset)?)

@@ -155,21 +155,25 @@ impl<'m> Curvature<'m> {
             return self.gradients_chunk(x, y);
         }
         // A chunk of samples at a time, written into the result.
-        self.targets(y, x)?;
-        let out = Tensor::zeros((m, self.selection.len()), self.model.dtype(), self.model.device())?;
+        let y = self.targets(y, x)?;
+        let mut out = Tensor::zeros((m, self.selection.len()), self.model.dtype(), self.model.device())?;
         let mut loss: Option<Tensor> = None;
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let (g, l) = self.gradients_chunk(&x.narrow(0, start, len)?, &y.narrow(0, start, len)?)?;
-            crate::tensor::write_rows(&out, &g, start)?;
+            let tape = engine::forward(self.model, &x.narrow(0, start, len)?, self.selection.first_layer())?;
+            let yc = y.narrow(0, start, len)?;
+            let l = self.likelihood.loss(&tape.output, &yc)?;
+            let rows = self.likelihood.gradient(&tape.output, &yc)?.unsqueeze(1)?;
+            batch_grads_into(self.model, &self.selection, &tape, rows, &mut out, start)?;
             loss = Some(match loss {
                 None => l,
                 Some(l0) => (l0 + l)?,
             });
             start += len;
         }
-        Ok((out, loss.expect("at least one sample")))
+        let g = self.selection.reorder(out, 1)?;
+        Ok((check_finite(g, "gradients")?, loss.expect("at least one sample")))
     }
 
     fn gradients_chunk(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -324,41 +328,61 @@ fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor, chunk_ele
     if chunk >= m {
         return jacobians_chunk(model, sel, x);
     }
-    let out = Tensor::zeros((m, c, sel.len()), model.dtype(), model.device())?;
+    // Every chunk writes its rows of the (M·C, P) result directly.
+    let mut out = Tensor::zeros((m * c, sel.len()), model.dtype(), model.device())?;
     let mut fs = Vec::new();
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let (j, f) = jacobians_chunk(model, sel, &x.narrow(0, start, len)?)?;
-        crate::tensor::write_rows(&out, &j, start)?;
-        fs.push(f);
+        let tape = engine::forward(model, &x.narrow(0, start, len)?, sel.first_layer())?;
+        let rows = identity_rows(len, c, model)?;
+        batch_grads_into(model, sel, &tape, rows, &mut out, start * c)?;
+        fs.push(tape.output);
         start += len;
     }
-    Ok((out, Tensor::cat(&fs, 0)?))
+    let j = sel.reorder(out.reshape((m, c, sel.len()))?, 2)?;
+    Ok((check_finite(j, "Jacobians")?, Tensor::cat(&fs, 0)?))
+}
+
+/// C identity rows for each of M points `(M, C, C)`.
+fn identity_rows(m: usize, c: usize, model: &Sequential) -> Result<Tensor> {
+    Ok(Tensor::eye(c, model.dtype(), model.device())?
+        .unsqueeze(0)?
+        .broadcast_as((m, c, c))?
+        .contiguous()?)
 }
 
 fn jacobians_chunk(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
     let tape = engine::forward(model, x, sel.first_layer())?;
     let (m, c) = tape.output.dims2()?;
-    let rows = Tensor::eye(c, model.dtype(), model.device())?
-        .unsqueeze(0)?
-        .broadcast_as((m, c, c))?
-        .contiguous()?;
-    let j = batch_grads(model, sel, &tape, rows)?;
+    let j = batch_grads(model, sel, &tape, identity_rows(m, c, model)?)?;
     Ok((check_finite(sel.reorder(j, 2)?, "Jacobians")?, tape.output))
 }
 
 /// `(M, K, P)` per-sample gradients of the selected parameters for output rows `(M, K, C)`.
 fn batch_grads(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows: Tensor) -> Result<Tensor> {
-    let mut parts = Vec::new();
+    let (m, k) = (rows.dim(0)?, rows.dim(1)?);
+    let mut out = Tensor::zeros((m * k, sel.len()), model.dtype(), model.device())?;
+    batch_grads_into(model, sel, tape, rows, &mut out, 0)?;
+    Ok(out.reshape((m, k, sel.len()))?)
+}
+
+/// The same, written into rows `row0..row0 + M·K` of `dst (·, P)` layer by
+/// layer (no per-layer concatenation), in θ order.
+fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows: Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
+    let (m, k) = (rows.dim(0)?, rows.dim(1)?);
+    let mut first_col: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for t in sel.tensors(model) {
+        first_col.entry(t.layer).or_insert(t.column);
+    }
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
-            parts.push(batch_grad::batch_grads(&view, s)?);
+            let piece = batch_grad::batch_grads(&view, s)?;
+            let n = piece.dim(2)?;
+            crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, first_col[&view.layer])?;
         }
         Ok(())
-    })?;
-    parts.reverse();
-    Ok(Tensor::cat(&parts, 2)?)
+    })
 }
 
 /// Refuse to return NaN or infinity.
