@@ -20,6 +20,7 @@
 mod batch_grad;
 mod diag;
 pub mod kfac;
+mod last_layer;
 mod over_data;
 mod products;
 mod selection;
@@ -82,6 +83,7 @@ impl Batch {
 /// Curvature of `model`'s loss under `likelihood`, for a parameter subset.
 pub struct Curvature<'m> {
     model: &'m Sequential,
+    subset: Subset,
     likelihood: Likelihood,
     kind: CurvatureKind,
     selection: ParamSelection,
@@ -100,6 +102,7 @@ impl<'m> Curvature<'m> {
         }
         Ok(Curvature {
             model,
+            subset: subset.clone(),
             likelihood,
             kind,
             selection: ParamSelection::new(model, subset)?,
@@ -123,6 +126,10 @@ impl<'m> Curvature<'m> {
 
     pub fn kind(&self) -> CurvatureKind {
         self.kind
+    }
+
+    pub fn subset(&self) -> &Subset {
+        &self.subset
     }
 
     pub fn selection(&self) -> &ParamSelection {
@@ -193,6 +200,12 @@ impl<'m> Curvature<'m> {
             let p = self.selection.len();
             let (loss, h) = products::full_by_products(self, batch, p.min(64))?;
             return Ok((loss, check_finite(h, "Hessian")?));
+        }
+        if *self.subset() == Subset::LastLayer {
+            if let Some(last) = last_layer::applies(self)? {
+                let (loss, h) = last_layer::full(self, batch, last)?;
+                return Ok((loss, check_finite(h, "curvature")?));
+            }
         }
         let m = batch.x.dim(0)?;
         let p = self.selection.len();
