@@ -353,6 +353,87 @@ pub fn log1p(u: &Tensor) -> Result<Tensor> {
     Ok(is_one.where_cond(u, &general)?)
 }
 
+/// tanh, elementwise. In f32 on the CPU a vectorizable rational
+/// approximation (Eigen's `generic_fast_tanh_float`: odd degree-13 over even
+/// degree-6 polynomial on [−7.9, 7.9], within a few ulp) instead of libm's
+/// scalar `tanhf`, which dominated the forward pass of tanh networks; f64
+/// and other devices use candle's (exact to the last bit for the
+/// conformance tests).
+pub fn tanh(x: &Tensor) -> Result<Tensor> {
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32) => Ok(x.contiguous()?.apply_op1_no_bwd(&FastTanhF32)?),
+        _ => Ok(x.tanh()?),
+    }
+}
+
+struct FastTanhF32;
+
+#[inline(always)]
+fn fast_tanh_f32(x: f32) -> f32 {
+    const CLAMP: f32 = 7.905_311;
+    const A1: f32 = 4.893_524_6e-3;
+    const A3: f32 = 6.372_619_3e-4;
+    const A5: f32 = 1.485_722_4e-5;
+    const A7: f32 = 5.122_297e-8;
+    const A9: f32 = -8.604_672e-11;
+    const A11: f32 = 2.000_188e-13;
+    const A13: f32 = -2.760_768_5e-16;
+    const B0: f32 = 4.893_525e-3;
+    const B2: f32 = 2.268_434_7e-3;
+    const B4: f32 = 1.185_347_1e-4;
+    const B6: f32 = 1.198_258_4e-6;
+    if x.abs() < 4e-4 {
+        return x;
+    }
+    let x = x.clamp(-CLAMP, CLAMP);
+    let x2 = x * x;
+    let p = ((((((A13 * x2 + A11) * x2 + A9) * x2 + A7) * x2 + A5) * x2 + A3) * x2 + A1) * x;
+    let q = ((B6 * x2 + B4) * x2 + B2) * x2 + B0;
+    p / q
+}
+
+impl candle_core::CustomOp1 for FastTanhF32 {
+    fn name(&self) -> &'static str {
+        "fast_tanh_f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fast_tanh needs a contiguous input")
+        };
+        match storage {
+            candle_core::CpuStorage::F32(v) => Ok((
+                candle_core::CpuStorage::F32(v[start..end].iter().map(|&x| fast_tanh_f32(x)).collect()),
+                layout.shape().clone(),
+            )),
+            _ => candle_core::bail!("fast_tanh_f32 needs f32"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod fast_tanh_tests {
+    #[test]
+    fn close_to_libm_everywhere() {
+        let mut worst = 0.0f64;
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let (a, b) = (super::fast_tanh_f32(x) as f64, (x as f64).tanh());
+            worst = worst.max((a - b).abs() / b.abs().max(1e-30));
+            x += 1e-3;
+        }
+        for &x in &[1e-7f32, -3e-5, 4e-4, 1e-3, 0.1] {
+            let (a, b) = (super::fast_tanh_f32(x) as f64, (x as f64).tanh());
+            worst = worst.max((a - b).abs() / b.abs());
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+    }
+}
+
 /// The logistic sigmoid 1 / (1 + e^(−x)), elementwise.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)

@@ -62,7 +62,7 @@ pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tenso
             ((x * &d)?, d)
         }
         Activation::Tanh => {
-            let y = x.tanh()?;
+            let y = tensor::tanh(x)?;
             let d = (1.0 - y.sqr()?)?;
             (y, d)
         }
