@@ -39,6 +39,7 @@ pub fn weight_grads(u: &Tensor, v: &Tensor, sel: &Selected) -> Result<Tensor> {
         }
         Selected::All => {
             // (M, K·O, R) @ (M, R, I) → (M, K·O, I).
+            let u = tensor::contiguous(u)?;
             let g = v.reshape((m, k * o, r))?.matmul(&u.transpose(1, 2)?)?;
             Ok(g.reshape((m, k, o * i))?)
         }

@@ -20,9 +20,11 @@ pub struct Conv2d {
     out_shape: [usize; 3],
 }
 
-/// Forward state: the unfolded input U `(M, I, R)`.
+/// Forward state: the unfolded input in the layout the forward pass made it,
+/// Uᵀ `(I, R, M)`; [`AffineLayer::patches`] hands out the `(M, I, R)` view
+/// without copying (matrix products take strided operands).
 struct ConvSaved {
-    patches: Tensor,
+    patches_t: Tensor,
 }
 
 impl Conv2d {
@@ -133,12 +135,7 @@ impl Layer for Conv2d {
         }
         let z = tensor::transpose2d(&z.reshape((o * r, m))?)?;
         let z = z.reshape((m, self.out_shape[0], self.out_shape[1], self.out_shape[2]))?;
-        let saved = if save {
-            let patches = tensor::transpose2d(&ut.reshape((i * r, m))?)?.reshape((m, i, r))?;
-            Some(Saved::new(ConvSaved { patches }))
-        } else {
-            None
-        };
+        let saved = save.then(|| ut.reshape((i, r, m)).map(|patches_t| Saved::new(ConvSaved { patches_t }))).transpose()?;
         Ok((z, saved))
     }
 
@@ -190,7 +187,7 @@ impl AffineLayer for Conv2d {
     }
 
     fn patches(&self, saved: &Saved) -> Result<Tensor> {
-        Ok(saved.get::<ConvSaved>().patches.clone())
+        Ok(saved.get::<ConvSaved>().patches_t.permute((2, 0, 1))?)
     }
 
     fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
