@@ -96,3 +96,97 @@ impl Cholesky {
         self.solve(faer::Mat::<f64>::identity(n, n))
     }
 }
+
+/// H = Σ AᵀA over row blocks A `(n, P)`, accumulated as symmetric rank-n
+/// updates of the lower triangle only (half the operations of a full
+/// product), in the dtype of the blocks. The Gram matrices of per-sample
+/// gradients (full GGN, Fisher, EF) are built with it. (Measured: faer is
+/// fastest with a column-major destination; writing straight into the
+/// row-major result was 25% slower than this plus one copy.)
+pub struct GramAccumulator {
+    p: usize,
+    f32: Option<faer::Mat<f32>>,
+    f64: Option<faer::Mat<f64>>,
+}
+
+impl GramAccumulator {
+    pub fn new(p: usize, dtype: crate::tensor::DType) -> Self {
+        let (f32, f64) = match dtype {
+            crate::tensor::DType::F32 => (Some(faer::Mat::zeros(p, p)), None),
+            _ => (None, Some(faer::Mat::zeros(p, p))),
+        };
+        GramAccumulator { p, f32, f64 }
+    }
+
+    /// H += AᵀA.
+    pub fn add(&mut self, a: &Tensor) -> Result<()> {
+        let (n, p) = a.dims2()?;
+        if p != self.p {
+            bail!(Invalid, "Gram update with {p} columns, accumulator has {}", self.p);
+        }
+        let flat = a.flatten_all()?;
+        if let Some(h) = &mut self.f32 {
+            let v = flat.to_dtype(crate::tensor::DType::F32)?.to_vec1::<f32>()?;
+            syrk_lower(h, &v, n, p);
+        } else if let Some(h) = &mut self.f64 {
+            let v = flat.to_dtype(crate::tensor::DType::F64)?.to_vec1::<f64>()?;
+            syrk_lower(h, &v, n, p);
+        }
+        Ok(())
+    }
+
+    /// The symmetric matrix `(P, P)` as a tensor of `dtype` on `device`.
+    pub fn finish(self, dtype: crate::tensor::DType, device: &crate::tensor::Device) -> Result<Tensor> {
+        let p = self.p;
+        let t = if let Some(h) = self.f32 {
+            Tensor::from_vec(symmetric_row_major(&h), (p, p), device)?
+        } else {
+            let h = self.f64.expect("one accumulator is set");
+            Tensor::from_vec(symmetric_row_major(&h), (p, p), device)?
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Lower triangle of `h (p, p)` += AᵀA for row-major `a (n, p)`.
+fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, a: &[T], n: usize, p: usize) {
+    use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    let m = faer::MatRef::from_row_major_slice(a, n, p);
+    matmul(
+        h.as_mut(),
+        BlockStructure::TriangularLower,
+        faer::Accum::Add,
+        m.transpose(),
+        BlockStructure::Rectangular,
+        m,
+        BlockStructure::Rectangular,
+        T::from(1u8),
+        faer::Par::rayon(0),
+    );
+}
+
+/// The full symmetric matrix, row-major, from the lower triangle of a
+/// column-major `h`: column j of h is row j of the upper triangle (a
+/// contiguous copy); the lower triangle is then mirrored tile by tile.
+fn symmetric_row_major<T: Copy + Default + faer::traits::ComplexField>(h: &faer::Mat<T>) -> Vec<T> {
+    let p = h.nrows();
+    let mut v = vec![T::default(); p * p];
+    let cs = h.col_stride() as usize;
+    let base = h.as_ptr();
+    for j in 0..p {
+        // SAFETY: faer stores column j contiguously at base + j·col_stride, p entries.
+        let col = unsafe { std::slice::from_raw_parts(base.add(j * cs), p) };
+        v[j * p + j..(j + 1) * p].copy_from_slice(&col[j..]);
+    }
+    const TILE: usize = 32;
+    for i0 in (0..p).step_by(TILE) {
+        for j0 in (0..=i0).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(p) {
+                for j in j0..(j0 + TILE).min(i) {
+                    v[i * p + j] = v[j * p + i];
+                }
+            }
+        }
+    }
+    v
+}

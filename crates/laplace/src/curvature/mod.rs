@@ -212,7 +212,7 @@ impl<'m> Curvature<'m> {
         let rows_per_point = self.rows_per_point();
         let chunk = (self.chunk_elems / (rows_per_point * p).max(1)).clamp(1, m.max(1));
         let targets = self.targets(&batch.y, &batch.x)?;
-        let mut h = Tensor::zeros((p, p), self.model.dtype(), self.model.device())?;
+        let mut gram = crate::linalg::GramAccumulator::new(p, self.model.dtype());
         let mut loss = Tensor::zeros(1, self.model.dtype(), self.model.device())?;
         let mut start = 0;
         while start < m {
@@ -223,10 +223,10 @@ impl<'m> Curvature<'m> {
             let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
             let k = rows.dim(1)?;
             // H += Aᵀ A, A = the (len·K, P) stacked per-sample gradients.
-            let a = batch_grads(self.model, &self.selection, &tape, rows)?.reshape((len * k, p))?;
-            h = (h + a.t()?.matmul(&a)?)?;
+            gram.add(&batch_grads(self.model, &self.selection, &tape, rows)?.reshape((len * k, p))?)?;
             start += len;
         }
+        let h = gram.finish(self.model.dtype(), self.model.device())?;
         let h = self.selection.reorder(self.selection.reorder(h, 0)?, 1)?;
         Ok((loss, check_finite(h, "curvature")?))
     }

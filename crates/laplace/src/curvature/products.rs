@@ -125,9 +125,9 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let mut term = match wd {
                 // One GEMM over all samples: (K·O, I) @ (I, M·R) → (K, O, M, R).
                 Some(w) => {
-                    let ut = u.permute((1, 0, 2))?.contiguous()?.reshape((ii, m * r))?;
+                    let ut = tensor::contiguous(&u.permute((1, 0, 2))?)?.reshape((ii, m * r))?;
                     let t = w.reshape((k * o, ii))?.matmul(&ut)?.reshape((k, o, m, r))?;
-                    t.permute((2, 0, 1, 3))?.contiguous()?
+                    tensor::contiguous(&t.permute((2, 0, 1, 3))?)?
                 }
                 None => Tensor::zeros((m, k, o, r), u.dtype(), u.device())?,
             };
@@ -168,14 +168,22 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let gd = g_dot.reshape((m, k, o, r))?;
             let u = aff.patches(saved)?;
             // Σ_n ġ_{n,k} U_nᵀ as one GEMM: (K·O, M·R) @ (M·R, I) → (K, O, I).
-            let gdt = gd.permute((1, 2, 0, 3))?.contiguous()?.reshape((k * o, m * r))?;
-            let um = u.transpose(1, 2)?.contiguous()?.reshape((m * r, ii))?;
+            let gdt = if r == 1 {
+                tensor::transpose2d(&gd.reshape((m, k * o))?)?
+            } else {
+                gd.permute((1, 2, 0, 3))?.contiguous()?.reshape((k * o, m * r))?
+            };
+            let um = if r == 1 {
+                u.reshape((m, ii))?
+            } else {
+                tensor::contiguous(&u.transpose(1, 2)?)?.reshape((m * r, ii))?
+            };
             let mut w_grad = gdt.matmul(&um)?.reshape((k, o, ii))?;
             if let (Some(g), Some(td)) = (&g, &tangents[i]) {
                 // + Σ_n g_n U̇_{n,k}ᵀ: (O, M·R) @ (K, M·R, I) → (K, O, I).
                 let ud = aff.tangent_patches(td)?; // (M, K, I, R)
                 let udt = ud.permute((1, 0, 3, 2))?.contiguous()?.reshape((k, m * r, ii))?;
-                let gt = g.reshape((m, o, r))?.permute((1, 0, 2))?.contiguous()?.reshape((o, m * r))?;
+                let gt = tensor::contiguous(&g.reshape((m, o, r))?.permute((1, 0, 2))?)?.reshape((o, m * r))?;
                 let mixed = gt.broadcast_left(k)?.matmul(&udt)?;
                 w_grad = (w_grad + mixed)?;
             }
