@@ -619,6 +619,10 @@ def render(results, meta, args):
     L.append("## Raw numbers\n")
     L.append("Every measurement (each round, each process: all timed runs, peak and baseline RSS, "
              "errors) is in `bench/results.json`.\n")
+    # The hand-written analysis (what limits each of our numbers) follows the tables.
+    analysis = os.path.join(HERE, "ANALYSIS.md")
+    if os.path.exists(analysis):
+        L.append(open(analysis).read())
     return "\n".join(L)
 
 
