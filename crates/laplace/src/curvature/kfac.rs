@@ -45,16 +45,20 @@ fn gram_rows(x: &Tensor) -> Result<Tensor> {
 /// The input factor A `(I, I)`.
 pub fn input_factor(u: &Tensor, n_data: usize, approx: KfacApprox) -> Result<Tensor> {
     let (m, i, r) = u.dims3()?;
-    // U with the patch axis first, (I, R, M): free when the layer keeps it
-    // that way (Conv2d does), a copy otherwise.
-    let ut = u.permute((1, 2, 0))?;
-    let ut = if ut.is_contiguous() { ut } else { ut.contiguous()? };
-    let a = match approx {
-        _ if r == 1 => gram_rows(&ut.reshape((i, m))?)?,
-        // Σ_n Σ_r u uᵀ: every (r, n) is a column.
-        KfacApprox::Expand => gram_rows(&ut.reshape((i, r * m))?)?,
-        // ū_n = (1/R) Σ_r u_{n,r}: (I, M).
-        KfacApprox::Reduce => gram_rows(&(tensor::sum_dim(&ut, 1)? / r as f64)?)?,
+    let a = if r == 1 {
+        // Linear: U as (M, I), A ∝ Uᵀ U.
+        let x = u.reshape((m, i))?;
+        x.t()?.matmul(&x)?
+    } else {
+        // U with the patch axis first, (I, M, R): free when the layer keeps
+        // it that way (Conv2d does), a copy otherwise.
+        let uimr = tensor::contiguous(&u.transpose(0, 1)?)?;
+        match approx {
+            // Σ_n Σ_r u uᵀ: every (n, r) is a column.
+            KfacApprox::Expand => gram_rows(&uimr.reshape((i, m * r))?)?,
+            // ū_n = (1/R) Σ_r u_{n,r}: (I, M).
+            KfacApprox::Reduce => gram_rows(&(uimr.sum(2)? / r as f64)?)?,
+        }
     };
     let scale = match approx {
         KfacApprox::Expand => n_data * r,

@@ -176,7 +176,8 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             let um = if r == 1 {
                 u.reshape((m, ii))?
             } else {
-                tensor::contiguous(&u.transpose(1, 2)?)?.reshape((m * r, ii))?
+                // U as (I, M·R) (Conv2d keeps it so), used transposed.
+                tensor::contiguous(&u.transpose(0, 1)?)?.reshape((ii, m * r))?.t()?
             };
             let mut w_grad = gdt.matmul(&um)?.reshape((k, o, ii))?;
             if let (Some(g), Some(td)) = (&g, &tangents[i]) {

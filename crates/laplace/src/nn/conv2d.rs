@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use super::patches::{columns_with_sentinel, PatchIndex, Window};
+use super::patches::{window_table, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
-use crate::tensor::{self, DType, Tensor};
+use crate::tensor::{DType, Tensor, WindowTable};
 
 pub struct Conv2d {
     /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
@@ -15,16 +15,18 @@ pub struct Conv2d {
     /// The same weight flattened to `(O, I)`, I = in_c·kh·kw.
     weight: Tensor,
     bias: Option<Tensor>,
-    index: PatchIndex,
+    /// im2col table: outer = I patch rows, inner = R positions.
+    index: WindowTable,
     in_shape: [usize; 3],
     out_shape: [usize; 3],
 }
 
 /// Forward state: the unfolded input in the layout the forward pass made it,
-/// Uᵀ `(I, R, M)`; [`AffineLayer::patches`] hands out the `(M, I, R)` view
-/// without copying (matrix products take strided operands).
+/// `(I, M, R)`; [`AffineLayer::patches`] hands out the `(M, I, R)` view
+/// without copying (matrix products take strided operands), and KFAC's
+/// Σ U Uᵀ is one product of the `(I, M·R)` matrix with itself.
 struct ConvSaved {
-    patches_t: Tensor,
+    patches_imr: Tensor,
 }
 
 impl Conv2d {
@@ -92,7 +94,7 @@ impl Conv2d {
         } else {
             None
         };
-        let index = PatchIndex::new(&window.index_table(c), c * h * w, ctx.device)?;
+        let index = window_table(&window, c, ctx.device)?;
         Ok(Conv2d {
             weight4,
             weight,
@@ -126,28 +128,28 @@ impl Layer for Conv2d {
         let m = x.dim(0)?;
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        // Uᵀ = im2col(x) with the sample axis last: (I·R, M), zero padding via the sentinel.
-        let ut = self.index.unfold(&columns_with_sentinel(x, 0.0)?)?;
-        // z = W U + b for all samples at once: (O, I) @ (I, R·M) → (O, R, M).
-        let mut z = self.weight.matmul(&ut.reshape((i, r * m))?)?;
+        // U = im2col(x), (I, M, R); z = W U + b for all samples at once:
+        // (O, I) @ (I, M·R) → (O, M, R), then sample-first by runs of R.
+        let u = self.index.gather(x, 0.0)?;
+        let mut z = self.weight.matmul(&u.reshape((i, m * r))?)?;
         if let Some(b) = &self.bias {
             z = z.broadcast_add(&b.reshape((o, 1))?)?;
         }
-        let z = tensor::transpose2d(&z.reshape((o * r, m))?)?;
+        let z = z.reshape((o, m, r))?.transpose(0, 1)?.contiguous()?;
         let z = z.reshape((m, self.out_shape[0], self.out_shape[1], self.out_shape[2]))?;
-        let saved = save.then(|| ut.reshape((i, r, m)).map(|patches_t| Saved::new(ConvSaved { patches_t }))).transpose()?;
+        let saved = save.then(|| Saved::new(ConvSaved { patches_imr: u }));
         Ok((z, saved))
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
         // Jᵀ v = col2im(Wᵀ V) for all M·K columns at once:
-        // V as (O, R·M·K); Wᵀ V (I, R·M·K) = (I·R, M·K) columns; col2im → (C·H·W, M·K).
+        // V as (O, M·K, R); Wᵀ V (I, M·K, R); col2im → (M·K, C·H·W).
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let vt = tensor::transpose2d(&v.reshape((m * k, o * r))?)?; // (O·R, M·K)
-        let cols = self.weight.t()?.matmul(&vt.reshape((o, r * m * k))?)?;
-        let vin = tensor::transpose2d(&self.index.fold(&cols.reshape((i * r, m * k))?)?)?;
+        let vt = v.reshape((m * k, o, r))?.transpose(0, 1)?.contiguous()?; // (O, M·K, R)
+        let cols = self.weight.t()?.matmul(&vt.reshape((o, m * k * r))?)?;
+        let vin = self.index.scatter(&cols.reshape((i, m * k, r))?)?;
         let [c, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }
@@ -157,9 +159,9 @@ impl Layer for Conv2d {
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let ut = self.index.unfold(&columns_with_sentinel(&merge_mk(x_dot)?, 0.0)?)?;
-        let z = self.weight.matmul(&ut.reshape((i, r * m * k))?)?;
-        let z = z.reshape((o, r, m * k))?.permute((2, 0, 1))?.contiguous()?;
+        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (I, M·K, R)
+        let z = self.weight.matmul(&u.reshape((i, m * k * r))?)?;
+        let z = z.reshape((o, m * k, r))?.transpose(0, 1)?.contiguous()?;
         split_mk(&z.reshape((m * k, o, self.out_shape[1], self.out_shape[2]))?, m, k)
     }
 
@@ -187,15 +189,15 @@ impl AffineLayer for Conv2d {
     }
 
     fn patches(&self, saved: &Saved) -> Result<Tensor> {
-        Ok(saved.get::<ConvSaved>().patches_t.permute((2, 0, 1))?)
+        Ok(saved.get::<ConvSaved>().patches_imr.transpose(0, 1)?)
     }
 
     fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let (_, i) = self.weight.dims2()?;
         let r = self.positions();
-        let ut = self.index.unfold(&columns_with_sentinel(&merge_mk(x_dot)?, 0.0)?)?; // (I·R, M·K)
-        Ok(ut.reshape((i, r, m, k))?.permute((2, 3, 0, 1))?.contiguous()?)
+        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (I, M·K, R)
+        Ok(u.transpose(0, 1)?.contiguous()?.reshape((m, k, i, r))?)
     }
 
     fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -204,10 +206,11 @@ impl AffineLayer for Conv2d {
         let k = w.dim(0)?;
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let gt = g.reshape((m, o, r))?.permute((1, 0, 2))?.contiguous()?.reshape((o, m * r))?;
+        let gt = g.reshape((m, o, r))?.transpose(0, 1)?.contiguous()?.reshape((o, m * r))?;
         let cols = w.transpose(1, 2)?.contiguous()?.matmul(&gt.broadcast_left(k)?)?; // (K, I, M·R)
-        let cols = cols.reshape((k, i, m, r))?.permute((1, 3, 2, 0))?.contiguous()?.reshape((i * r, m * k))?;
-        let vin = self.index.fold(&cols)?.t()?.contiguous()?;
+        // (K, I, M, R) → (I, M, K, R): the columns of sample-major (M·K).
+        let cols = cols.reshape((k, i, m, r))?.permute((1, 2, 0, 3))?.contiguous()?;
+        let vin = self.index.scatter(&cols.reshape((i, m * k, r))?)?;
         let [c, h, ww] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, ww))?, m, k)
     }

@@ -1,15 +1,15 @@
 //! Receptive fields of 2-D sliding windows (convolution and pooling) as
 //! index tables into a flattened input.
 //!
-//! A per-sample input `(C, H, W)` is flattened to length C·H·W and one extra
-//! *sentinel* slot is appended at position C·H·W; it holds the padding value
-//! (0 for convolution and average pooling, −∞ for max pooling). Every window
-//! element that falls into the padding points at the sentinel. Gathering with
-//! the table unfolds the input (im2col); adding back with the same table is
-//! the adjoint (col2im), after which the sentinel slot is dropped.
+//! A per-sample input `(C, H, W)` is flattened to length C·H·W; one more,
+//! the *sentinel* position C·H·W, stands for the padding value (0 for
+//! convolution and average pooling, −∞ for max pooling): every window
+//! element that falls into the padding points at it. Gathering with the
+//! table unfolds the input (im2col); adding back with the same table is the
+//! adjoint (col2im). The kernels are in [`crate::tensor::WindowTable`].
 
 use crate::error::Result;
-use crate::tensor::{self, Device, Tensor};
+use crate::tensor::{Device, WindowTable};
 
 /// The geometry of a sliding window over one `(H, W)` plane.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -98,42 +98,15 @@ impl Window {
     }
 }
 
-/// Inputs as columns with the sentinel row: `(M, C, H, W) → (C·H·W + 1, M)`.
-///
-/// The index axis comes first so that gathering and scattering move whole
-/// contiguous rows of M (or M·K) values, and the convolution becomes one
-/// large matrix product over all samples instead of M small ones.
-pub fn columns_with_sentinel(x: &Tensor, pad_value: f64) -> Result<Tensor> {
-    let m = x.dim(0)?;
-    let cols = tensor::transpose2d(&x.reshape((m, ()))?)?;
-    let pad = Tensor::full(pad_value, (1, m), x.device())?.to_dtype(x.dtype())?;
-    Ok(Tensor::cat(&[&cols, &pad], 0)?)
-}
-
-/// A gathered index table, ready for [`PatchIndex::unfold`] / [`PatchIndex::fold`].
-pub struct PatchIndex {
-    ids: Tensor,
-    /// Length of the flattened input, C·H·W (the sentinel is one past it).
-    input_len: usize,
-}
-
-impl PatchIndex {
-    pub fn new(table: &[usize], input_len: usize, device: &Device) -> Result<Self> {
-        Ok(PatchIndex {
-            ids: tensor::index_tensor(table, device)?,
-            input_len,
-        })
-    }
-
-    /// im2col: `(C·H·W + 1, B)` with sentinel row → `(table length, B)`.
-    pub fn unfold(&self, x_cols: &Tensor) -> Result<Tensor> {
-        tensor::select(x_cols, &self.ids, 0)
-    }
-
-    /// col2im, the adjoint of `unfold` without the sentinel:
-    /// `(table length, B)` → `(C·H·W, B)`.
-    pub fn fold(&self, cols: &Tensor) -> Result<Tensor> {
-        let full = tensor::select_adjoint(cols, &self.ids, 0, self.input_len + 1)?;
-        Ok(full.narrow(0, 0, self.input_len)?)
-    }
+/// The window's index table for `channels` planes as a [`WindowTable`]:
+/// outer = C·kh·kw (a patch row each), inner = R output positions.
+pub fn window_table(window: &Window, channels: usize, device: &Device) -> Result<WindowTable> {
+    let [h, w] = window.in_hw;
+    WindowTable::new(
+        &window.index_table(channels),
+        channels * window.window_len(),
+        window.positions(),
+        channels * h * w,
+        device,
+    )
 }

@@ -1,11 +1,11 @@
 //! `torch.nn.MaxPool2d` and `torch.nn.AvgPool2d`, channel by channel, on
 //! the same receptive-field tables as convolution ([`super::patches`]).
 
-use super::patches::{columns_with_sentinel, PatchIndex, Window};
+use super::patches::{window_table, Window};
 use super::{merge_mk, split_mk, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Tensor, WindowTable};
 
 /// Shape checks and the window shared by both poolings.
 fn pool_window(
@@ -44,9 +44,8 @@ fn pool_window(
 }
 
 pub struct MaxPool2d {
-    index: PatchIndex,
-    /// The index table `(C, kh·kw, R)` as a tensor, to map window argmaxes to inputs.
-    table: Tensor,
+    /// Windows: outer = C·kh·kw, inner = R positions.
+    index: WindowTable,
     in_shape: [usize; 3],
     out_shape: [usize; 3],
     window_len: usize,
@@ -71,12 +70,8 @@ impl MaxPool2d {
         };
         let (c, win) = pool_window(ctx, in_shape, kernel_size, stride, padding, dilation, ceil_mode)?;
         let [h, w] = win.in_hw;
-        let ids = win.index_table(c);
-        let device = ctx.device;
-        let table = tensor::index_tensor(&ids, device)?.reshape((c, win.window_len(), win.positions()))?;
         Ok(MaxPool2d {
-            index: PatchIndex::new(&ids, c * h * w, device)?,
-            table,
+            index: window_table(&win, c, ctx.device)?,
             in_shape: [c, h, w],
             out_shape: [c, win.out_hw[0], win.out_hw[1]],
             window_len: win.window_len(),
@@ -94,25 +89,13 @@ impl Layer for MaxPool2d {
     }
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        // y = x at each window's first maximal element (torch's choice at
+        // ties; padding counts as −∞), found as flat input positions (M, C·R).
         let m = x.dim(0)?;
         let [c, oh, ow] = self.out_shape;
-        let r = oh * ow;
-        // Windows (C, kh·kw, R, M), padding at −∞ as in torch.
-        let u = self
-            .index
-            .unfold(&columns_with_sentinel(x, f64::NEG_INFINITY)?)?
-            .reshape((c, self.window_len, r, m))?;
-        let y = tensor::transpose2d(&u.max(1)?.reshape((c * r, m))?)?; // (M, C·R)
-        let saved = if save {
-            // First maximal element of each window in scan order (torch's choice
-            // at ties), mapped to its flat input position.
-            let arg = u.argmax_keepdim(1)?; // (C, 1, R, M)
-            let table = self.table.unsqueeze(3)?.broadcast_as((c, self.window_len, r, m))?;
-            let argmax = tensor::transpose2d(&tensor::gather(&table, &arg, 1)?.reshape((c * r, m))?)?;
-            Some(Saved::new(MaxPoolSaved { argmax }))
-        } else {
-            None
-        };
+        let argmax = self.index.argmax(x, self.window_len)?;
+        let y = tensor::gather(&x.reshape((m, ()))?, &argmax, 1)?;
+        let saved = save.then(|| Saved::new(MaxPoolSaved { argmax }));
         Ok((y.reshape((m, c, oh, ow))?, saved))
     }
 
@@ -140,7 +123,8 @@ impl Layer for MaxPool2d {
 }
 
 pub struct AvgPool2d {
-    index: PatchIndex,
+    /// Windows: outer = C·kh·kw, inner = R positions.
+    index: WindowTable,
     /// 1 / divisor per output position `(1, R)`, as torch computes it.
     inv_divisor: Tensor,
     in_shape: [usize; 3],
@@ -188,7 +172,7 @@ impl AvgPool2d {
         let device = ctx.device;
         let n = inv.len();
         Ok(AvgPool2d {
-            index: PatchIndex::new(&win.index_table(c), c * h * w, device)?,
+            index: window_table(&win, c, device)?,
             inv_divisor: Tensor::from_vec(inv, (1, n), device)?,
             in_shape: [c, h, w],
             out_shape: [c, win.out_hw[0], win.out_hw[1]],
@@ -207,30 +191,28 @@ impl Layer for AvgPool2d {
     }
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
-        // y[c, r] = (Σ_window x) / divisor[r], padding at 0.
+        // y[c, r] = (Σ_window x) / divisor[r], padding at 0: windows
+        // (C, kh·kw, M·R), summed over the window, then sample-first.
         let m = x.dim(0)?;
         let [c, oh, ow] = self.out_shape;
         let r = oh * ow;
-        let u = self
-            .index
-            .unfold(&columns_with_sentinel(x, 0.0)?)?
-            .reshape((c, self.window_len, r, m))?;
-        let inv = self.inv_divisor.to_dtype(x.dtype())?.reshape((1, r, 1))?;
-        let y = tensor::transpose2d(&tensor::sum_dim(&u, 1)?.broadcast_mul(&inv)?.reshape((c * r, m))?)?;
+        let u = self.index.gather(x, 0.0)?.reshape((c, self.window_len, m * r))?;
+        let inv = self.inv_divisor.to_dtype(x.dtype())?.reshape((1, 1, r))?;
+        let y = tensor::sum_dim(&u, 1)?.reshape((c, m, r))?.broadcast_mul(&inv)?;
+        let y = y.transpose(0, 1)?.contiguous()?;
         Ok((y.reshape((m, c, oh, ow))?, save.then(|| Saved::new(()))))
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
         // Every window element receives v[c, r] / divisor[r]: columns
-        // (C, kh·kw, R, M·K), then col2im.
+        // (C, kh·kw, M·K, R), then col2im.
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let [c, oh, ow] = self.out_shape;
         let r = oh * ow;
-        let inv = self.inv_divisor.to_dtype(v.dtype())?.reshape((1, 1, r, 1))?;
-        let vt = tensor::transpose2d(&v.reshape((m * k, c * r))?)?.reshape((c, 1, r, m * k))?; // (C, 1, R, MK)
-        let cols = vt.broadcast_mul(&inv)?.broadcast_as((c, self.window_len, r, m * k))?;
-        let cols = cols.reshape((c * self.window_len * r, m * k))?;
-        let vin = tensor::transpose2d(&self.index.fold(&cols)?)?;
+        let inv = self.inv_divisor.to_dtype(v.dtype())?.reshape((1, 1, r))?;
+        let vt = v.reshape((m * k, c, r))?.transpose(0, 1)?.contiguous()?.broadcast_mul(&inv)?; // (C, MK, R)
+        let cols = vt.unsqueeze(1)?.broadcast_as((c, self.window_len, m * k, r))?.contiguous()?;
+        let vin = self.index.scatter(&cols.reshape((c * self.window_len, m * k, r))?)?;
         let [ci, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, ci, h, w))?, m, k)
     }

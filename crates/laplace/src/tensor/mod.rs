@@ -11,6 +11,9 @@ pub use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{bail, Error, Result};
 
+mod windows;
+pub use windows::WindowTable;
+
 /// An index tensor (u32) for `index_select` / `index_add` style operations.
 pub fn index_tensor(ids: &[usize], device: &Device) -> Result<Tensor> {
     let ids: Vec<u32> = ids

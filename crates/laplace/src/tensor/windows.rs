@@ -1,0 +1,433 @@
+//! Sliding-window gathers and scatters (im2col, col2im, max-pool argmax)
+//! on an index table.
+//!
+//! A [`WindowTable`] has `outer × inner` entries; each is a flat position in
+//! a per-sample input of length D, or D itself (the *sentinel*) where the
+//! window lies in the padding. Convolution uses outer = I = C·kh·kw patch
+//! rows and inner = R output positions; pooling uses outer = C·kh·kw too.
+//!
+//! Layout, and why: the gathered patches are `(outer, B, inner)`. As a
+//! matrix `(outer, B·inner)` they are the right operand of the whole-batch
+//! convolution product W U, whose result `(O, B, R)` becomes the sample-first
+//! `(B, O, R)` by copying contiguous runs of R values; and per sample they are
+//! the `(I, R)` matrix U_b that per-sample gradients need, as a strided view.
+//! No element-wise transposes anywhere.
+//!
+//! On the CPU (f32, f64) these are candle custom ops: one pass over the
+//! output, each sample's input row staying in L1. Elsewhere they fall back
+//! to candle's `index_select` / `index_add` on a transposed copy.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, WithDType};
+use rayon::prelude::*;
+
+use super::{index_tensor, select, select_adjoint, transpose2d, DType, Device, Tensor};
+use crate::error::{Error, Result};
+
+/// An im2col index table (see the module documentation).
+pub struct WindowTable {
+    table: Arc<[u32]>,
+    /// The same table compressed into runs, for the CPU gather and scatter.
+    runs: Arc<Runs>,
+    /// The same table as a device tensor, for the generic path.
+    ids: Tensor,
+    outer: usize,
+    inner: usize,
+    input_len: usize,
+}
+
+impl WindowTable {
+    /// `table` laid out `(outer, inner)`, entries in `0..=input_len`.
+    pub fn new(table: &[usize], outer: usize, inner: usize, input_len: usize, device: &Device) -> Result<Self> {
+        assert_eq!(table.len(), outer * inner, "window table of the wrong length");
+        debug_assert!(table.iter().all(|&t| t <= input_len));
+        let ids = index_tensor(table, device)?;
+        let runs = Arc::new(Runs::new(table, outer, inner, input_len));
+        let table: Arc<[u32]> = table.iter().map(|&t| t as u32).collect();
+        Ok(WindowTable {
+            table,
+            runs,
+            ids,
+            outer,
+            inner,
+            input_len,
+        })
+    }
+
+    /// im2col: `x (B, D) → (outer, B, inner)`,
+    /// out[j, b, r] = x[b, table[j, r]], or `fill` at the sentinel.
+    pub fn gather(&self, x: &Tensor, fill: f64) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = x.reshape((b, ()))?;
+        self.check_input(&x)?;
+        if is_cpu_float(&x) {
+            let op = Gather {
+                runs: self.runs.clone(),
+                outer: self.outer,
+                inner: self.inner,
+                input_len: self.input_len,
+                fill,
+            };
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        self.gather_generic(&x, fill)
+    }
+
+    /// [`WindowTable::gather`] by candle's `index_select`: inputs as
+    /// columns `(D + 1, B)` with the fill row, rows gathered.
+    fn gather_generic(&self, x: &Tensor, fill: f64) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let cols = transpose2d(x)?;
+        let pad = Tensor::full(fill, (1, b), x.device())?.to_dtype(x.dtype())?;
+        let cols = Tensor::cat(&[&cols, &pad], 0)?;
+        let g = select(&cols, &self.ids, 0)?.reshape((self.outer, self.inner, b))?;
+        Ok(g.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// col2im, the adjoint of [`WindowTable::gather`] without the sentinel:
+    /// `cols (outer, B, inner) → (B, D)`, out[b, table[j, r]] += cols[j, b, r].
+    pub fn scatter(&self, cols: &Tensor) -> Result<Tensor> {
+        let (outer, _, inner) = cols.dims3()?;
+        if (outer, inner) != (self.outer, self.inner) {
+            return Err(Error::Invalid(format!(
+                "window scatter: columns {:?} do not match the table ({}, B, {})",
+                cols.dims(),
+                self.outer,
+                self.inner
+            )));
+        }
+        if is_cpu_float(cols) {
+            let op = Scatter {
+                runs: self.runs.clone(),
+                outer,
+                inner,
+                input_len: self.input_len,
+            };
+            return Ok(cols.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        self.scatter_generic(cols)
+    }
+
+    /// [`WindowTable::scatter`] by candle's `index_add` on rows.
+    fn scatter_generic(&self, cols: &Tensor) -> Result<Tensor> {
+        let (outer, b, inner) = cols.dims3()?;
+        let rows = cols.transpose(1, 2)?.contiguous()?.reshape((outer * inner, b))?;
+        let full = select_adjoint(&rows, &self.ids, 0, self.input_len + 1)?;
+        transpose2d(&full.narrow(0, 0, self.input_len)?)
+    }
+
+    /// Max pooling's choice: for a table laid out `(C, L, R)` (outer = C·L,
+    /// L = `window_len` elements per window), the flat input position of the
+    /// first maximal element of each window in scan order (torch's choice at
+    /// ties), `(B, C·R)` u32. Padding never wins (it is −∞).
+    pub fn argmax(&self, x: &Tensor, window_len: usize) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = x.reshape((b, ()))?;
+        self.check_input(&x)?;
+        assert_eq!(self.outer % window_len, 0, "window length does not divide the table");
+        let c = self.outer / window_len;
+        if is_cpu_float(&x) {
+            let op = Argmax {
+                table: self.table.clone(),
+                channels: c,
+                window_len,
+                positions: self.inner,
+                input_len: self.input_len,
+            };
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
+        self.argmax_generic(&x, window_len)
+    }
+
+    /// [`WindowTable::argmax`] by candle's `argmax` over gathered windows.
+    fn argmax_generic(&self, x: &Tensor, window_len: usize) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let (c, l, r) = (self.outer / window_len, window_len, self.inner);
+        let u = self.gather_generic(x, f64::NEG_INFINITY)?.reshape((c, l, b, r))?;
+        let arg = u.argmax_keepdim(1)?; // (C, 1, B, R), index into L
+        let table = self.ids.reshape((c, l, 1, r))?.broadcast_as((c, l, b, r))?;
+        let pos = super::gather(&table, &arg, 1)?; // (C, 1, B, R)
+        Ok(pos.reshape((c, b, r))?.transpose(0, 1)?.contiguous()?.reshape((b, c * r))?)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let d = x.dim(1)?;
+        if d != self.input_len {
+            return Err(Error::Invalid(format!(
+                "window gather: input of {d} values per sample, table built for {}",
+                self.input_len
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn is_cpu_float(t: &Tensor) -> bool {
+    matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// The contiguous CPU slice of `storage`, as f32 or f64.
+macro_rules! float_dispatch {
+    ($storage:expr, $layout:expr, |$v:ident| $body:expr) => {{
+        let Some((start, end)) = $layout.contiguous_offsets() else {
+            candle_core::bail!("window op needs a contiguous input")
+        };
+        match $storage {
+            CpuStorage::F32(all) => {
+                let $v = &all[start..end];
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(all) => {
+                let $v = &all[start..end];
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!("window ops support f32 and f64"),
+        }
+    }};
+}
+
+/// Each row j of a table as maximal runs of consecutive positions r whose
+/// entries are consecutive inputs t (sentinel entries dropped). A stride-1
+/// convolution has one run per output row, so gathers and scatters become
+/// slice copies and slice additions, which the compiler vectorizes.
+struct Runs {
+    /// (r, t, len) for every run, row after row.
+    runs: Vec<(u32, u32, u32)>,
+    /// Row j's runs are `runs[start[j]..start[j + 1]]`.
+    start: Vec<usize>,
+}
+
+impl Runs {
+    fn new(table: &[usize], outer: usize, inner: usize, input_len: usize) -> Self {
+        let mut runs = Vec::new();
+        let mut start = Vec::with_capacity(outer + 1);
+        for j in 0..outer {
+            start.push(runs.len());
+            let row = &table[j * inner..(j + 1) * inner];
+            let mut r = 0;
+            while r < inner {
+                if row[r] >= input_len {
+                    r += 1;
+                    continue;
+                }
+                let mut len = 1;
+                while r + len < inner && row[r + len] == row[r] + len && row[r + len] < input_len {
+                    len += 1;
+                }
+                runs.push((r as u32, row[r] as u32, len as u32));
+                r += len;
+            }
+        }
+        start.push(runs.len());
+        Runs { runs, start }
+    }
+
+    fn row(&self, j: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.runs[self.start[j]..self.start[j + 1]]
+            .iter()
+            .map(|&(r, t, len)| (r as usize, t as usize, len as usize))
+    }
+}
+
+struct Gather {
+    runs: Arc<Runs>,
+    outer: usize,
+    inner: usize,
+    input_len: usize,
+    fill: f64,
+}
+
+/// Samples per block: their input rows (and output runs) stay in L1/L2
+/// while every window row j visits them.
+const SAMPLE_BLOCK: usize = 16;
+
+fn gather_kernel<T: WithDType>(x: &[T], op: &Gather) -> Vec<T> {
+    let (d, outer, inner) = (op.input_len, op.outer, op.inner);
+    let b = x.len() / d;
+    let fill = T::from_f64(op.fill);
+    let mut out = vec![fill; outer * b * inner];
+    if out.is_empty() {
+        return out;
+    }
+    // Threads own ranges of window rows j (disjoint output slabs (j, B, inner)).
+    let rows_per_task = outer.div_ceil(2 * rayon::current_num_threads()).max(1);
+    out.par_chunks_mut(rows_per_task * b * inner).enumerate().for_each(|(task, slab)| {
+        let j0 = task * rows_per_task;
+        let rows = slab.len() / (b * inner);
+        for s0 in (0..b).step_by(SAMPLE_BLOCK) {
+            let s1 = (s0 + SAMPLE_BLOCK).min(b);
+            for jj in 0..rows {
+                for s in s0..s1 {
+                    let row = &x[s * d..(s + 1) * d];
+                    let dst = &mut slab[(jj * b + s) * inner..(jj * b + s + 1) * inner];
+                    for (r, t, len) in op.runs.row(j0 + jj) {
+                        dst[r..r + len].copy_from_slice(&row[t..t + len]);
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for Gather {
+    fn name(&self) -> &'static str {
+        "window-gather"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = layout.shape().dims()[0];
+        let out = float_dispatch!(storage, layout, |v| gather_kernel(v, self));
+        Ok((out, Shape::from((self.outer, b, self.inner))))
+    }
+}
+
+struct Scatter {
+    runs: Arc<Runs>,
+    outer: usize,
+    inner: usize,
+    input_len: usize,
+}
+
+fn scatter_kernel<T: WithDType>(cols: &[T], op: &Scatter) -> Vec<T> {
+    let (d, outer, inner) = (op.input_len, op.outer, op.inner);
+    let b = cols.len() / (outer * inner);
+    let mut out = vec![T::from_f64(0.0); b * d];
+    if out.is_empty() {
+        return out;
+    }
+    // Threads own blocks of samples (disjoint output rows); within a block
+    // every window row j reads one contiguous run of the columns.
+    out.par_chunks_mut(SAMPLE_BLOCK * d).enumerate().for_each(|(blk, rows)| {
+        let s0 = blk * SAMPLE_BLOCK;
+        let n = rows.len() / d;
+        for j in 0..outer {
+            for ds in 0..n {
+                let src = &cols[(j * b + s0 + ds) * inner..(j * b + s0 + ds + 1) * inner];
+                let row = &mut rows[ds * d..(ds + 1) * d];
+                for (r, t, len) in op.runs.row(j) {
+                    for (o, &v) in row[t..t + len].iter_mut().zip(&src[r..r + len]) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for Scatter {
+    fn name(&self) -> &'static str {
+        "window-scatter"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = layout.shape().dims()[1];
+        let out = float_dispatch!(storage, layout, |v| scatter_kernel(v, self));
+        Ok((out, Shape::from((b, self.input_len))))
+    }
+}
+
+struct Argmax {
+    table: Arc<[u32]>,
+    channels: usize,
+    window_len: usize,
+    positions: usize,
+    input_len: usize,
+}
+
+fn argmax_kernel<T: WithDType>(x: &[T], op: &Argmax) -> Vec<u32> {
+    let (d, c, l, r) = (op.input_len, op.channels, op.window_len, op.positions);
+    let b = x.len() / d;
+    let mut out = vec![0u32; b * c * r];
+    let mut best: Vec<Option<T>> = vec![None; r];
+    for s in 0..b {
+        let row = &x[s * d..(s + 1) * d];
+        for ch in 0..c {
+            best.iter_mut().for_each(|v| *v = None);
+            let arg = &mut out[(s * c + ch) * r..(s * c + ch + 1) * r];
+            for e in 0..l {
+                let ids = &op.table[(ch * l + e) * r..(ch * l + e + 1) * r];
+                for ((bv, a), &t) in best.iter_mut().zip(arg.iter_mut()).zip(ids) {
+                    // The sentinel (padding, −∞) never wins.
+                    let Some(&v) = row.get(t as usize) else { continue };
+                    if bv.is_none_or(|cur| v > cur) {
+                        *bv = Some(v);
+                        *a = t;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl CustomOp1 for Argmax {
+    fn name(&self) -> &'static str {
+        "window-argmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("window argmax needs a contiguous input")
+        };
+        let out = match storage {
+            CpuStorage::F32(all) => argmax_kernel(&all[start..end], self),
+            CpuStorage::F64(all) => argmax_kernel(&all[start..end], self),
+            _ => candle_core::bail!("window ops support f32 and f64"),
+        };
+        let b = layout.shape().dims()[0];
+        Ok((CpuStorage::U32(out), Shape::from((b, self.channels * self.positions))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small table with padding: 2 windows of 3 elements over D = 4, R = 2.
+    fn table() -> (Vec<usize>, usize, usize, usize) {
+        // outer = 3 (window elements), inner = 2 (positions); 4 = sentinel.
+        (vec![0, 1, 4, 2, 3, 4], 3, 2, 4)
+    }
+
+    #[test]
+    fn gather_scatter_and_argmax_match_the_generic_path_and_are_adjoint() -> Result<()> {
+        let (t, outer, inner, d) = table();
+        let wt = WindowTable::new(&t, outer, inner, d, &Device::Cpu)?;
+        let x = Tensor::new(&[[1.0f64, 5.0, -2.0, 3.0], [7.0, 0.25, 7.0, 7.0]], &Device::Cpu)?;
+        let g = wt.gather(&x, -9.0)?;
+        // out[j, b, r] = x[b, t[j, r]]
+        let got = g.to_vec3::<f64>()?;
+        for j in 0..outer {
+            for b in 0..2 {
+                for r in 0..inner {
+                    let id = t[j * inner + r];
+                    let want = if id == d { -9.0 } else { x.to_vec2::<f64>()?[b][id] };
+                    assert_eq!(got[j][b][r], want);
+                }
+            }
+        }
+        // ⟨gather(x), c⟩ = ⟨x, scatter(c)⟩ for a zero fill.
+        let c = Tensor::arange(0.0f64, (outer * 2 * inner) as f64, &Device::Cpu)?.reshape((outer, 2, inner))?;
+        let lhs = (wt.gather(&x, 0.0)? * &c)?.sum_all()?.to_scalar::<f64>()?;
+        let rhs = (&x * wt.scatter(&c)?)?.sum_all()?.to_scalar::<f64>()?;
+        assert!((lhs - rhs).abs() < 1e-12);
+        // One channel, window_len 3: maxima positions; ties go to the first.
+        let a = wt.argmax(&x, 3)?.to_vec2::<u32>()?;
+        assert_eq!(a, vec![vec![3, 1], vec![0, 2]]);
+        // The fast kernels agree with candle's generic ops, f32 and f64.
+        for dtype in [DType::F64, DType::F32] {
+            let x = x.to_dtype(dtype)?;
+            let c = c.to_dtype(dtype)?;
+            let diff = |a: Tensor, b: Tensor| -> Result<f64> {
+                Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.sum_all()?.to_scalar::<f64>()?)
+            };
+            assert_eq!(diff(wt.gather(&x, -9.0)?, wt.gather_generic(&x, -9.0)?)?, 0.0);
+            assert_eq!(diff(wt.scatter(&c)?, wt.scatter_generic(&c)?)?, 0.0);
+            assert_eq!(wt.argmax(&x, 3)?.to_vec2::<u32>()?, wt.argmax_generic(&x, 3)?.to_vec2::<u32>()?);
+        }
+        Ok(())
+    }
+}
