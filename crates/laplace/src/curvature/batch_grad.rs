@@ -38,8 +38,8 @@ pub fn weight_grads(u: &Tensor, v: &Tensor, sel: &Selected) -> Result<Tensor> {
             Ok(g.reshape((m, k, o * i))?)
         }
         Selected::All => {
-            // (M, K·O, R) @ (M, R, I) → (M, K·O, I).
-            let u = tensor::contiguous(u)?;
+            // (M, K·O, R) @ (M, R, I) → (M, K·O, I); U as the layer keeps it
+            // (a strided view is fine for the product: it packs its operands).
             let g = v.reshape((m, k * o, r))?.matmul(&u.transpose(1, 2)?)?;
             Ok(g.reshape((m, k, o * i))?)
         }

@@ -94,7 +94,7 @@ impl Layer for MaxPool2d {
         let m = x.dim(0)?;
         let [c, oh, ow] = self.out_shape;
         let argmax = self.index.argmax(x, self.window_len)?;
-        let y = tensor::gather(&x.reshape((m, ()))?, &argmax, 1)?;
+        let y = WindowTable::pick(x, &argmax)?;
         let saved = save.then(|| Saved::new(MaxPoolSaved { argmax }));
         Ok((y.reshape((m, c, oh, ow))?, saved))
     }

@@ -151,6 +151,18 @@ impl WindowTable {
         Ok(pos.reshape((c, b, r))?.transpose(0, 1)?.contiguous()?.reshape((b, c * r))?)
     }
 
+    /// `x (B, D)` at flat positions `pos (B, J)` (u32) per sample:
+    /// out[b, j] = x[b, pos[b, j]], e.g. the maxima found by
+    /// [`WindowTable::argmax`].
+    pub fn pick(x: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let x = x.reshape((b, ()))?;
+        if is_cpu_float(&x) && pos.dtype() == DType::U32 {
+            return Ok(x.contiguous()?.apply_op2_no_bwd(&pos.contiguous()?, &Pick)?);
+        }
+        super::gather(&x, pos, 1)
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let d = x.dim(1)?;
         if d != self.input_len {
@@ -340,23 +352,26 @@ struct Argmax {
 fn argmax_kernel<T: WithDType>(x: &[T], op: &Argmax) -> Vec<u32> {
     let (d, c, l, r) = (op.input_len, op.channels, op.window_len, op.positions);
     let b = x.len() / d;
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
     let mut out = vec![0u32; b * c * r];
-    let mut best: Vec<Option<T>> = vec![None; r];
     for s in 0..b {
         let row = &x[s * d..(s + 1) * d];
         for ch in 0..c {
-            best.iter_mut().for_each(|v| *v = None);
             let arg = &mut out[(s * c + ch) * r..(s * c + ch + 1) * r];
-            for e in 0..l {
-                let ids = &op.table[(ch * l + e) * r..(ch * l + e + 1) * r];
-                for ((bv, a), &t) in best.iter_mut().zip(arg.iter_mut()).zip(ids) {
-                    // The sentinel (padding, −∞) never wins.
-                    let Some(&v) = row.get(t as usize) else { continue };
-                    if bv.is_none_or(|cur| v > cur) {
-                        *bv = Some(v);
-                        *a = t;
-                    }
+            for (p, a) in arg.iter_mut().enumerate() {
+                // Window of output p: entries table[(ch, e, p)], e = 0..L.
+                let mut best_t = op.table[ch * l * r + p];
+                let mut best_v = row.get(best_t as usize).copied().unwrap_or(neg_inf);
+                for e in 1..l {
+                    let t = op.table[(ch * l + e) * r + p];
+                    // The sentinel (padding) reads as −∞ and never wins;
+                    // strict > keeps the first maximum.
+                    let v = row.get(t as usize).copied().unwrap_or(neg_inf);
+                    let gt = v > best_v;
+                    best_t = std::hint::select_unpredictable(gt, t, best_t);
+                    best_v = std::hint::select_unpredictable(gt, v, best_v);
                 }
+                *a = best_t;
             }
         }
     }
@@ -379,6 +394,52 @@ impl CustomOp1 for Argmax {
         };
         let b = layout.shape().dims()[0];
         Ok((CpuStorage::U32(out), Shape::from((b, self.channels * self.positions))))
+    }
+}
+
+struct Pick;
+
+fn pick_kernel<T: WithDType>(x: &[T], d: usize, pos: &[u32], j: usize) -> candle_core::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(pos.len());
+    for (row, ids) in x.chunks_exact(d).zip(pos.chunks_exact(j)) {
+        for &t in ids {
+            match row.get(t as usize) {
+                Some(&v) => out.push(v),
+                None => candle_core::bail!("pick: position {t} outside a row of {d}"),
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl candle_core::CustomOp2 for Pick {
+    fn name(&self) -> &'static str {
+        "window-pick"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        pos: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, d) = xl.shape().dims2()?;
+        let (pb, j) = pl.shape().dims2()?;
+        if pb != b {
+            candle_core::bail!("pick: {b} rows of values, {pb} rows of positions")
+        }
+        let (Some((xs, xe)), Some((ps, pe))) = (xl.contiguous_offsets(), pl.contiguous_offsets()) else {
+            candle_core::bail!("pick needs contiguous inputs")
+        };
+        let CpuStorage::U32(p) = pos else { candle_core::bail!("pick: positions must be u32") };
+        let p = &p[ps..pe];
+        let out = match x {
+            CpuStorage::F32(v) => CpuStorage::F32(pick_kernel(&v[xs..xe], d, p, j)?),
+            CpuStorage::F64(v) => CpuStorage::F64(pick_kernel(&v[xs..xe], d, p, j)?),
+            _ => candle_core::bail!("window ops support f32 and f64"),
+        };
+        Ok((out, Shape::from((b, j))))
     }
 }
 
@@ -427,6 +488,8 @@ mod tests {
             assert_eq!(diff(wt.gather(&x, -9.0)?, wt.gather_generic(&x, -9.0)?)?, 0.0);
             assert_eq!(diff(wt.scatter(&c)?, wt.scatter_generic(&c)?)?, 0.0);
             assert_eq!(wt.argmax(&x, 3)?.to_vec2::<u32>()?, wt.argmax_generic(&x, 3)?.to_vec2::<u32>()?);
+            let a = wt.argmax(&x, 3)?;
+            assert_eq!(diff(WindowTable::pick(&x, &a)?, crate::tensor::gather(&x, &a, 1)?)?, 0.0);
         }
         Ok(())
     }
