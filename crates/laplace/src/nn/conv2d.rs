@@ -9,6 +9,10 @@ use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
 use crate::tensor::{DType, Tensor, WindowTable};
 
+/// Elements of Wᵀ V per chunk of the backward pass (4 MiB in f32: the
+/// product's output is still in cache when col2im reads it).
+const COL2IM_CHUNK: usize = 1 << 20;
+
 pub struct Conv2d {
     /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
     weight4: Tensor,
@@ -147,9 +151,18 @@ impl Layer for Conv2d {
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
+        // In chunks of columns whose Wᵀ V (I·R per column) stays in cache
+        // between the product and the scatter.
         let vt = v.reshape((m * k, o, r))?.transpose(0, 1)?.contiguous()?; // (O, M·K, R)
-        let cols = self.weight.t()?.matmul(&vt.reshape((o, m * k * r))?)?;
-        let vin = self.index.scatter(&cols.reshape((i, m * k, r))?)?;
+        let chunk = (COL2IM_CHUNK / (i * r)).clamp(1, m * k);
+        let mut parts = Vec::with_capacity((m * k).div_ceil(chunk));
+        for start in (0..m * k).step_by(chunk) {
+            let n = chunk.min(m * k - start);
+            let vc = vt.narrow(1, start, n)?.contiguous()?.reshape((o, n * r))?;
+            let cols = self.weight.t()?.matmul(&vc)?;
+            parts.push(self.index.scatter(&cols.reshape((i, n, r))?)?);
+        }
+        let vin = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
         let [c, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }

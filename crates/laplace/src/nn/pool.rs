@@ -105,8 +105,7 @@ impl Layer for MaxPool2d {
         let [c, h, w] = self.in_shape;
         let argmax = &saved.get::<MaxPoolSaved>().argmax;
         let len = argmax.dim(1)?;
-        let ids = argmax.unsqueeze(1)?.broadcast_as((m, k, len))?;
-        let vin = tensor::gather_adjoint(&v.reshape((m, k, len))?, &ids, 2, &[m, k, c * h * w])?;
+        let vin = WindowTable::unpick(&v.reshape((m, k, len))?, argmax, c * h * w)?;
         Ok(vin.reshape((m, k, c, h, w))?)
     }
 

@@ -163,6 +163,19 @@ impl WindowTable {
         super::gather(&x, pos, 1)
     }
 
+    /// The adjoint of [`WindowTable::pick`] for K columns per sample:
+    /// `v (B, K, J)`, `pos (B, J)` → `(B, K, D)` with
+    /// out[b, k, pos[b, j]] += v[b, k, j] (max pooling's backward pass).
+    pub fn unpick(v: &Tensor, pos: &Tensor, d: usize) -> Result<Tensor> {
+        let (b, k, j) = v.dims3()?;
+        if is_cpu_float(v) && pos.dtype() == DType::U32 {
+            let op = Unpick { d };
+            return Ok(v.contiguous()?.apply_op2_no_bwd(&pos.contiguous()?, &op)?);
+        }
+        let ids = pos.unsqueeze(1)?.broadcast_as((b, k, j))?;
+        super::gather_adjoint(v, &ids, 2, &[b, k, d])
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let d = x.dim(1)?;
         if d != self.input_len {
@@ -443,6 +456,55 @@ impl candle_core::CustomOp2 for Pick {
     }
 }
 
+struct Unpick {
+    d: usize,
+}
+
+fn unpick_kernel<T: WithDType>(v: &[T], j: usize, k: usize, pos: &[u32], d: usize) -> candle_core::Result<Vec<T>> {
+    let mut out = vec![T::from_f64(0.0); v.len() / j * d];
+    for ((vs, outs), ids) in v.chunks_exact(k * j).zip(out.chunks_exact_mut(k * d)).zip(pos.chunks_exact(j)) {
+        for (vrow, orow) in vs.chunks_exact(j).zip(outs.chunks_exact_mut(d)) {
+            for (&x, &t) in vrow.iter().zip(ids) {
+                match orow.get_mut(t as usize) {
+                    Some(o) => *o += x,
+                    None => candle_core::bail!("unpick: position {t} outside a row of {d}"),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl candle_core::CustomOp2 for Unpick {
+    fn name(&self) -> &'static str {
+        "window-unpick"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &CpuStorage,
+        vl: &Layout,
+        pos: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, k, j) = vl.shape().dims3()?;
+        if pl.shape().dims2()? != (b, j) {
+            candle_core::bail!("unpick: positions {:?} for values {:?}", pl.shape(), vl.shape())
+        }
+        let (Some((vs, ve)), Some((ps, pe))) = (vl.contiguous_offsets(), pl.contiguous_offsets()) else {
+            candle_core::bail!("unpick needs contiguous inputs")
+        };
+        let CpuStorage::U32(p) = pos else { candle_core::bail!("unpick: positions must be u32") };
+        let p = &p[ps..pe];
+        let out = match v {
+            CpuStorage::F32(x) => CpuStorage::F32(unpick_kernel(&x[vs..ve], j, k, p, self.d)?),
+            CpuStorage::F64(x) => CpuStorage::F64(unpick_kernel(&x[vs..ve], j, k, p, self.d)?),
+            _ => candle_core::bail!("window ops support f32 and f64"),
+        };
+        Ok((out, Shape::from((b, k, self.d))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +552,10 @@ mod tests {
             assert_eq!(wt.argmax(&x, 3)?.to_vec2::<u32>()?, wt.argmax_generic(&x, 3)?.to_vec2::<u32>()?);
             let a = wt.argmax(&x, 3)?;
             assert_eq!(diff(WindowTable::pick(&x, &a)?, crate::tensor::gather(&x, &a, 1)?)?, 0.0);
+            let v = Tensor::arange(1.0, 9.0, &Device::Cpu)?.to_dtype(dtype)?.reshape((2, 2, 2))?;
+            let ids = a.unsqueeze(1)?.broadcast_as((2, 2, 2))?;
+            let want = crate::tensor::gather_adjoint(&v, &ids, 2, &[2, 2, d])?;
+            assert_eq!(diff(WindowTable::unpick(&v, &a, d)?, want)?, 0.0);
         }
         Ok(())
     }
