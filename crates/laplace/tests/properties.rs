@@ -244,3 +244,53 @@ fn last_layer_ggn_has_the_kronecker_closed_form() {
         assert_close(&h, &expect, 1e-12, &format!("{name}: last-layer GGN closed form"));
     }
 }
+
+/// A CNN large enough that Conv2d's backward pass splits its columns into
+/// several cache-sized chunks (I·R = 27·400 values per column, M·K = 40·5
+/// columns) and max pooling with padding scatters into shared inputs: the
+/// whole batch must give what single points (one chunk each) add up to.
+#[test]
+fn chunked_conv_backward_matches_single_points() {
+    use laplace::{Likelihood, ModelSpec, Sequential};
+    let spec = ModelSpec::from_json(
+        r#"{"input_shape": [2, 20, 20], "layers": [
+            {"type": "Conv2d", "in_channels": 2, "out_channels": 3, "kernel_size": 3, "padding": 1},
+            {"type": "Tanh"},
+            {"type": "Conv2d", "in_channels": 3, "out_channels": 4, "kernel_size": 3, "padding": 1},
+            {"type": "ReLU"},
+            {"type": "MaxPool2d", "kernel_size": 3, "stride": 2, "padding": 1},
+            {"type": "Flatten"},
+            {"type": "Linear", "in_features": 400, "out_features": 5}]}"#,
+    )
+    .unwrap();
+    let dev = tensor::Device::Cpu;
+    let mut weights = std::collections::HashMap::new();
+    for (key, shape) in [
+        ("0.weight", vec![3, 2, 3, 3]),
+        ("0.bias", vec![3]),
+        ("2.weight", vec![4, 3, 3, 3]),
+        ("2.bias", vec![4]),
+        ("6.weight", vec![5, 400]),
+        ("6.bias", vec![5]),
+    ] {
+        weights.insert(key.to_string(), Tensor::randn(0f64, 0.3, shape, &dev).unwrap());
+    }
+    let model = Sequential::new(spec, weights, None, &dev).unwrap();
+    let n = 40;
+    let x = Tensor::randn(0f64, 1.0, (n, 2, 20, 20), &dev).unwrap();
+    let y = Tensor::from_vec((0..n as i64).map(|i| i % 5).collect::<Vec<_>>(), n, &dev).unwrap();
+    let c = Curvature::new(&model, Likelihood::Classification, CurvatureKind::Ggn, &Subset::All).unwrap();
+    let (_, whole) = c.diag(&Batch::new(x.clone(), y.clone())).unwrap();
+    let mut sum: Option<Tensor> = None;
+    for i in 0..n {
+        let b = Batch::new(x.narrow(0, i, 1).unwrap(), y.narrow(0, i, 1).unwrap());
+        let d = c.diag(&b).unwrap().1;
+        sum = Some(sum.map_or(d.clone(), |s| (s + d).unwrap()));
+    }
+    assert_close(&whole, &sum.unwrap(), 1e-12, "GGN diag: batch of 40 vs single points");
+    let (jac, _) = c.jacobians(&x).unwrap();
+    for i in [0, 17, 39] {
+        let (ji, _) = c.jacobians(&x.narrow(0, i, 1).unwrap()).unwrap();
+        assert_close(&jac.narrow(0, i, 1).unwrap(), &ji, 1e-12, &format!("Jacobian of point {i}"));
+    }
+}
