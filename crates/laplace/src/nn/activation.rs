@@ -33,11 +33,6 @@ impl Elementwise {
     }
 }
 
-/// 1 where `mask` holds, 0 elsewhere, in the dtype of `like`.
-fn indicator(mask: &Tensor, like: &Tensor) -> Result<Tensor> {
-    Ok(mask.to_dtype(like.dtype())?)
-}
-
 /// eˣ − 1 accurate near 0 (Kahan): with u = eˣ, (u − 1)·x / log u, = x where u == 1.
 fn expm1(x: &Tensor) -> Result<Tensor> {
     let u = x.exp()?;
@@ -51,13 +46,10 @@ fn expm1(x: &Tensor) -> Result<Tensor> {
 /// σ(x) and σ'(x).
 pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok(match act {
-        Activation::ReLU => {
-            let pos = indicator(&x.gt(0.0)?, x)?;
-            ((x * &pos)?, pos)
-        }
+        Activation::ReLU => (x.relu()?, tensor::heaviside(x)?),
         Activation::LeakyReLU { negative_slope } => {
             // y = x for x > 0, slope·x otherwise; σ' = 1 or slope.
-            let pos = indicator(&x.gt(0.0)?, x)?;
+            let pos = tensor::heaviside(x)?;
             let d = ((&pos * (1.0 - negative_slope))? + negative_slope)?;
             ((x * &d)?, d)
         }

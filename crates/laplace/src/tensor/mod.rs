@@ -569,6 +569,45 @@ mod fast_tanh_tests {
     }
 }
 
+/// The Heaviside step 1[x > 0] in the dtype of `x`: ReLU's derivative.
+///
+/// One pass on the CPU; candle's `gt` against a scalar broadcasts the scalar
+/// to a full tensor, compares into u8 and needs a conversion pass after.
+pub fn heaviside(x: &Tensor) -> Result<Tensor> {
+    match (x.device(), x.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) => Ok(x.contiguous()?.apply_op1_no_bwd(&Heaviside)?),
+        _ => Ok(x.gt(0.0)?.to_dtype(x.dtype())?),
+    }
+}
+
+struct Heaviside;
+
+impl candle_core::CustomOp1 for Heaviside {
+    fn name(&self) -> &'static str {
+        "heaviside"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("heaviside needs a contiguous input")
+        };
+        let out = match storage {
+            candle_core::CpuStorage::F32(v) => {
+                candle_core::CpuStorage::F32(v[start..end].iter().map(|&x| if x > 0.0 { 1.0 } else { 0.0 }).collect())
+            }
+            candle_core::CpuStorage::F64(v) => {
+                candle_core::CpuStorage::F64(v[start..end].iter().map(|&x| if x > 0.0 { 1.0 } else { 0.0 }).collect())
+            }
+            _ => candle_core::bail!("heaviside supports f32 and f64"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
 /// The logistic sigmoid 1 / (1 + e^(−x)), elementwise.
 pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok((x.neg()?.exp()? + 1.0)?.recip()?)
