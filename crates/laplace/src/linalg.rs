@@ -148,10 +148,46 @@ impl GramAccumulator {
     }
 }
 
+/// X Xᵀ for `x (p, n)`, symmetric, as a rank-n update of one triangle
+/// (half the operations of `x.matmul(x.t())`): KFAC's factors
+/// A ∝ Σ u uᵀ and B = Σ v vᵀ are such products with n ≫ p.
+pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
+    use crate::tensor::DType;
+    let (p, n) = x.dims2()?;
+    // A contiguous X (p, n) is a column-major Xᵀ (n, p); the transpose of a
+    // contiguous (n, p) (KFAC's Uᵀ, Vᵀ) is a row-major Xᵀ. H = (Xᵀ)ᵀ Xᵀ.
+    let xt = x.t()?;
+    let (flat, row_major) = if xt.is_contiguous() {
+        (xt.flatten_all()?, true)
+    } else {
+        (crate::tensor::contiguous(x)?.flatten_all()?, false)
+    };
+    fn run<T: faer::traits::ComplexField + Copy + Default + From<u8>>(v: &[T], n: usize, p: usize, row_major: bool) -> Vec<T> {
+        let m = if row_major {
+            faer::MatRef::from_row_major_slice(v, n, p)
+        } else {
+            faer::MatRef::from_column_major_slice(v, n, p)
+        };
+        let mut h = faer::Mat::<T>::zeros(p, p);
+        syrk_lower_ref(&mut h, m);
+        symmetric_row_major(&h)
+    }
+    let t = match x.dtype() {
+        DType::F32 => Tensor::from_vec(run(&flat.to_vec1::<f32>()?, n, p, row_major), (p, p), x.device())?,
+        _ => Tensor::from_vec(run(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, n, p, row_major), (p, p), x.device())?
+            .to_dtype(x.dtype())?,
+    };
+    Ok(t)
+}
+
 /// Lower triangle of `h (p, p)` += AᵀA for row-major `a (n, p)`.
 fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, a: &[T], n: usize, p: usize) {
+    syrk_lower_ref(h, faer::MatRef::from_row_major_slice(a, n, p));
+}
+
+/// Lower triangle of `h (p, p)` += mᵀm for `m (n, p)` in any layout.
+fn syrk_lower_ref<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, m: faer::MatRef<'_, T>) {
     use faer::linalg::matmul::triangular::{matmul, BlockStructure};
-    let m = faer::MatRef::from_row_major_slice(a, n, p);
     matmul(
         h.as_mut(),
         BlockStructure::TriangularLower,
@@ -189,4 +225,27 @@ fn symmetric_row_major<T: Copy + Default + faer::traits::ComplexField>(h: &faer:
         }
     }
     v
+}
+
+#[cfg(test)]
+mod gram_tests {
+    use crate::tensor::{DType, Device, Tensor};
+
+    /// `gram_rows` equals X Xᵀ for contiguous X and for the transpose of a
+    /// contiguous matrix (both layouts it reads without copying), f32 and f64.
+    #[test]
+    fn gram_rows_is_x_xt() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (70, 130), &dev).unwrap();
+        for x in [a.clone(), a.t().unwrap()] {
+            let want = x.matmul(&x.t().unwrap()).unwrap();
+            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+                let got = super::gram_rows(&x.to_dtype(dtype).unwrap()).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let err = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(err.to_scalar::<f64>().unwrap() <= tol * scale, "{:?} {dtype:?}", x.dims());
+            }
+        }
+    }
 }

@@ -37,18 +37,25 @@ impl FromStr for KfacApprox {
     }
 }
 
-/// `X Xᵀ` for X `(rows, cols)`.
+/// `X Xᵀ` for X `(rows, cols)`: a symmetric rank-k update (half a product)
+/// when the factor is large enough for that to pay, a plain product otherwise.
 fn gram_rows(x: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&x.t()?)?)
+    if x.dim(0)? >= SYRK_MIN_DIM {
+        crate::linalg::gram_rows(x)
+    } else {
+        Ok(x.matmul(&x.t()?)?)
+    }
 }
+
+/// Smallest factor dimension computed by a triangular rank-k update.
+const SYRK_MIN_DIM: usize = 64;
 
 /// The input factor A `(I, I)`.
 pub fn input_factor(u: &Tensor, n_data: usize, approx: KfacApprox) -> Result<Tensor> {
     let (m, i, r) = u.dims3()?;
     let a = if r == 1 {
         // Linear: U as (M, I), A ∝ Uᵀ U.
-        let x = u.reshape((m, i))?;
-        x.t()?.matmul(&x)?
+        gram_rows(&u.reshape((m, i))?.t()?)?
     } else {
         // U with the patch axis first, (I, M, R): free when the layer keeps
         // it that way (Conv2d does), a copy otherwise.
