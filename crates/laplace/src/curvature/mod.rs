@@ -390,9 +390,23 @@ fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows:
     }
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
-            let piece = batch_grad::batch_grads(&view, s)?;
-            let n = piece.dim(2)?;
-            crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, first_col[&view.layer])?;
+            let col = first_col[&view.layer];
+            let (_, i, r) = view.patches.dims3()?;
+            if r == 1 && matches!(s.weight, Some(Selected::All)) {
+                // Linear, whole weight: outer products straight into place, then the bias.
+                let o = view.sensitivities.dim(2)?;
+                let v = view.sensitivities.reshape((m, k, o))?;
+                crate::tensor::write_outer_rows(dst, &v, &view.patches.reshape((m, i))?, row0, col)?;
+                if let Some(b) = &s.bias {
+                    let piece = batch_grad::bias_grads(&view.sensitivities, b)?;
+                    let n = piece.dim(2)?;
+                    crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col + o * i)?;
+                }
+            } else {
+                let piece = batch_grad::batch_grads(&view, s)?;
+                let n = piece.dim(2)?;
+                crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col)?;
+            }
         }
         Ok(())
     })
