@@ -221,6 +221,8 @@ struct Runs {
     runs: Vec<(u32, u32, u32)>,
     /// Row j's runs are `runs[start[j]..start[j + 1]]`.
     start: Vec<usize>,
+    /// No padding: the runs cover every (j, r) exactly once.
+    dense: bool,
 }
 
 impl Runs {
@@ -245,7 +247,8 @@ impl Runs {
             }
         }
         start.push(runs.len());
-        Runs { runs, start }
+        let dense = table.iter().all(|&t| t < input_len);
+        Runs { runs, start, dense }
     }
 
     fn row(&self, j: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
@@ -270,14 +273,17 @@ const SAMPLE_BLOCK: usize = 16;
 fn gather_kernel<T: WithDType>(x: &[T], op: &Gather) -> Vec<T> {
     let (d, outer, inner) = (op.input_len, op.outer, op.inner);
     let b = x.len() / d;
-    let fill = T::from_f64(op.fill);
-    let mut out = vec![fill; outer * b * inner];
-    if out.is_empty() {
-        return out;
+    let n = outer * b * inner;
+    if n == 0 {
+        return Vec::new();
     }
+    // With padding, start from the fill value; without, every element is
+    // written below, so the buffer is left uninitialized (no memset of an
+    // output 25× the input for a 5 × 5 kernel).
+    let mut out: Vec<T> = if op.runs.dense { Vec::with_capacity(n) } else { vec![T::from_f64(op.fill); n] };
     // Threads own ranges of window rows j (disjoint output slabs (j, B, inner)).
     let rows_per_task = outer.div_ceil(2 * rayon::current_num_threads()).max(1);
-    out.par_chunks_mut(rows_per_task * b * inner).enumerate().for_each(|(task, slab)| {
+    let fill_slab = |task: usize, slab: &mut [std::mem::MaybeUninit<T>]| {
         let j0 = task * rows_per_task;
         let rows = slab.len() / (b * inner);
         for s0 in (0..b).step_by(SAMPLE_BLOCK) {
@@ -287,12 +293,29 @@ fn gather_kernel<T: WithDType>(x: &[T], op: &Gather) -> Vec<T> {
                     let row = &x[s * d..(s + 1) * d];
                     let dst = &mut slab[(jj * b + s) * inner..(jj * b + s + 1) * inner];
                     for (r, t, len) in op.runs.row(j0 + jj) {
-                        dst[r..r + len].copy_from_slice(&row[t..t + len]);
+                        dst[r..r + len].write_copy_of_slice(&row[t..t + len]);
                     }
                 }
             }
         }
-    });
+    };
+    if op.runs.dense {
+        out.spare_capacity_mut()[..n]
+            .par_chunks_mut(rows_per_task * b * inner)
+            .enumerate()
+            .for_each(|(task, slab)| fill_slab(task, slab));
+        // SAFETY: dense runs cover every (j, s, r) of the n elements, and
+        // `fill_slab` wrote each of them above.
+        unsafe { out.set_len(n) };
+    } else {
+        // SAFETY: viewing initialized elements as MaybeUninit is sound; only
+        // initialized values are written through the view.
+        let init: &mut [std::mem::MaybeUninit<T>] =
+            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), n) };
+        init.par_chunks_mut(rows_per_task * b * inner)
+            .enumerate()
+            .for_each(|(task, slab)| fill_slab(task, slab));
+    }
     out
 }
 
@@ -515,6 +538,10 @@ mod tests {
         (vec![0, 1, 4, 2, 3, 4], 3, 2, 4)
     }
 
+    fn diff_f64(a: Tensor, b: Tensor) -> Result<f64> {
+        Ok((a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.sum_all()?.to_scalar::<f64>()?)
+    }
+
     #[test]
     fn gather_scatter_and_argmax_match_the_generic_path_and_are_adjoint() -> Result<()> {
         let (t, outer, inner, d) = table();
@@ -540,6 +567,9 @@ mod tests {
         // One channel, window_len 3: maxima positions; ties go to the first.
         let a = wt.argmax(&x, 3)?.to_vec2::<u32>()?;
         assert_eq!(a, vec![vec![3, 1], vec![0, 2]]);
+        // A table without padding (the uninitialized-buffer path) too.
+        let dense = WindowTable::new(&[0, 1, 2, 3, 1, 2], 3, 2, d, &Device::Cpu)?;
+        assert_eq!(diff_f64(dense.gather(&x, -9.0)?, dense.gather_generic(&x, -9.0)?)?, 0.0);
         // The fast kernels agree with candle's generic ops, f32 and f64.
         for dtype in [DType::F64, DType::F32] {
             let x = x.to_dtype(dtype)?;
