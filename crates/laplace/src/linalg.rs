@@ -202,28 +202,40 @@ fn syrk_lower_ref<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer:
 }
 
 /// The full symmetric matrix, row-major, from the lower triangle of a
-/// column-major `h`: column j of h is row j of the upper triangle (a
-/// contiguous copy); the lower triangle is then mirrored tile by tile.
-fn symmetric_row_major<T: Copy + Default + faer::traits::ComplexField>(h: &faer::Mat<T>) -> Vec<T> {
+/// column-major `h`. Blocks of 8 rows in parallel, each written from `h`
+/// alone: row i's upper part is column i of h (a contiguous copy); its
+/// lower part h[i, j] (j < i) is read 8 rows at a time from column j, where
+/// those 8 entries are adjacent.
+fn symmetric_row_major<T: Copy + Default + Send + Sync + faer::traits::ComplexField>(h: &faer::Mat<T>) -> Vec<T> {
+    use rayon::prelude::*;
+    const ROWS: usize = 8;
     let p = h.nrows();
     let mut v = vec![T::default(); p * p];
-    let cs = h.col_stride() as usize;
-    let base = h.as_ptr();
-    for j in 0..p {
-        // SAFETY: faer stores column j contiguously at base + j·col_stride, p entries.
-        let col = unsafe { std::slice::from_raw_parts(base.add(j * cs), p) };
-        v[j * p + j..(j + 1) * p].copy_from_slice(&col[j..]);
+    if p == 0 {
+        return v;
     }
-    const TILE: usize = 32;
-    for i0 in (0..p).step_by(TILE) {
-        for j0 in (0..=i0).step_by(TILE) {
-            for i in i0..(i0 + TILE).min(p) {
-                for j in j0..(j0 + TILE).min(i) {
-                    v[i * p + j] = v[j * p + i];
-                }
+    let cs = h.col_stride() as usize;
+    // SAFETY: faer stores column j contiguously at base + j·col_stride, p
+    // entries per column, p columns; the slice spans exactly that.
+    let buf = unsafe { std::slice::from_raw_parts(h.as_ptr(), cs * (p - 1) + p) };
+    let col = |j: usize| &buf[j * cs..j * cs + p];
+    v.par_chunks_mut(ROWS * p).enumerate().for_each(|(blk, rows)| {
+        let i0 = blk * ROWS;
+        let n = rows.len() / p;
+        for j in 0..i0 {
+            let c = &col(j)[i0..i0 + n];
+            for (a, &x) in c.iter().enumerate() {
+                rows[a * p + j] = x;
             }
         }
-    }
+        for a in 0..n {
+            let i = i0 + a;
+            rows[a * p + i..(a + 1) * p].copy_from_slice(&col(i)[i..]);
+            for j in i0..i {
+                rows[a * p + j] = col(j)[i];
+            }
+        }
+    });
     v
 }
 
