@@ -124,13 +124,11 @@ impl GramAccumulator {
         if p != self.p {
             bail!(Invalid, "Gram update with {p} columns, accumulator has {}", self.p);
         }
-        let flat = a.flatten_all()?;
+        let a = crate::tensor::contiguous(a)?;
         if let Some(h) = &mut self.f32 {
-            let v = flat.to_dtype(crate::tensor::DType::F32)?.to_vec1::<f32>()?;
-            syrk_lower(h, &v, n, p);
+            crate::tensor::with_host_slice(&a, |v: &[f32]| syrk_lower(h, v, n, p))?;
         } else if let Some(h) = &mut self.f64 {
-            let v = flat.to_dtype(crate::tensor::DType::F64)?.to_vec1::<f64>()?;
-            syrk_lower(h, &v, n, p);
+            crate::tensor::with_host_slice(&a, |v: &[f64]| syrk_lower(h, v, n, p))?;
         }
         Ok(())
     }
@@ -157,12 +155,17 @@ pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
     // A contiguous X (p, n) is a column-major Xᵀ (n, p); the transpose of a
     // contiguous (n, p) (KFAC's Uᵀ, Vᵀ) is a row-major Xᵀ. H = (Xᵀ)ᵀ Xᵀ.
     let xt = x.t()?;
-    let (flat, row_major) = if xt.is_contiguous() {
-        (xt.flatten_all()?, true)
+    let (data, row_major) = if xt.is_contiguous() {
+        (xt, true)
     } else {
-        (crate::tensor::contiguous(x)?.flatten_all()?, false)
+        (crate::tensor::contiguous(x)?, false)
     };
-    fn run<T: faer::traits::ComplexField + Copy + Default + From<u8>>(v: &[T], n: usize, p: usize, row_major: bool) -> Vec<T> {
+    fn run<T: faer::traits::ComplexField + Copy + Default + Send + Sync + From<u8>>(
+        v: &[T],
+        n: usize,
+        p: usize,
+        row_major: bool,
+    ) -> Vec<T> {
         let m = if row_major {
             faer::MatRef::from_row_major_slice(v, n, p)
         } else {
@@ -173,9 +176,14 @@ pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
         symmetric_row_major(&h)
     }
     let t = match x.dtype() {
-        DType::F32 => Tensor::from_vec(run(&flat.to_vec1::<f32>()?, n, p, row_major), (p, p), x.device())?,
-        _ => Tensor::from_vec(run(&flat.to_dtype(DType::F64)?.to_vec1::<f64>()?, n, p, row_major), (p, p), x.device())?
-            .to_dtype(x.dtype())?,
+        DType::F32 => {
+            let h = crate::tensor::with_host_slice(&data, |v: &[f32]| run(v, n, p, row_major))?;
+            Tensor::from_vec(h, (p, p), x.device())?
+        }
+        _ => {
+            let h = crate::tensor::with_host_slice(&data, |v: &[f64]| run(v, n, p, row_major))?;
+            Tensor::from_vec(h, (p, p), x.device())?.to_dtype(x.dtype())?
+        }
     };
     Ok(t)
 }

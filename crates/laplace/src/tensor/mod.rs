@@ -374,6 +374,20 @@ pub fn first_non_finite(t: &Tensor) -> Result<Option<usize>> {
     Ok(to_vec_f64(t)?.iter().position(|v| !v.is_finite()))
 }
 
+/// `f` applied to the data of `t` as a host slice, in place when `t` is a
+/// contiguous CPU tensor of element type `T` (no copy), else on a copy
+/// converted to `T`. For handing tensors to faer kernels.
+pub fn with_host_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
+    if t.is_contiguous() && t.dtype() == T::DTYPE {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&cpu.as_slice::<T>()?[start..end]));
+        }
+    }
+    let v = t.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()?;
+    Ok(f(&v))
+}
+
 /// `dst[row.., col..] = src` for 2-D tensors, in place on the CPU (a candle
 /// in-place custom op: assembling per-layer pieces this way avoids a
 /// concatenation and a second copy of results as large as Jacobians), and
