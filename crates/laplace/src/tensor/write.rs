@@ -1,0 +1,162 @@
+//! In-place writes into large results (Jacobians, per-sample gradients):
+//! per-layer pieces go straight to their block, without concatenations.
+
+use super::{DType, Device, Tensor};
+use crate::error::{bail, Result};
+
+/// `dst[row.., col..] = src` for 2-D tensors, in place on the CPU (a candle
+/// in-place custom op: assembling per-layer pieces this way avoids a
+/// concatenation and a second copy of results as large as Jacobians), and
+/// by `slice_assign` (a new tensor) elsewhere.
+pub fn write_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Result<()> {
+    let (r, c) = src.dims2()?;
+    let (dr, dc) = dst.dims2()?;
+    if row + r > dr || col + c > dc {
+        bail!(Invalid, "block ({r}, {c}) at ({row}, {col}) does not fit in ({dr}, {dc})");
+    }
+    match (dst.device(), dst.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
+            let src = src.to_dtype(dst.dtype())?.contiguous()?;
+            Ok(dst.inplace_op2(&src, &WriteBlock { row, col })?)
+        }
+        _ => {
+            *dst = dst.slice_assign(&[row..row + r, col..col + c], src)?;
+            Ok(())
+        }
+    }
+}
+
+struct WriteBlock {
+    row: usize,
+    col: usize,
+}
+
+fn write_block_slices<T: Copy>(dst: &mut [T], dst_cols: usize, src: &[T], rows: usize, cols: usize, row: usize, col: usize) {
+    for i in 0..rows {
+        let d = (row + i) * dst_cols + col;
+        dst[d..d + cols].copy_from_slice(&src[i * cols..(i + 1) * cols]);
+    }
+}
+
+impl candle_core::InplaceOp2 for WriteBlock {
+    fn name(&self) -> &'static str {
+        "write_block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (_, dc) = l1.shape().dims2()?;
+        let (r, c) = l2.shape().dims2()?;
+        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("write_block needs contiguous tensors")
+        };
+        match (s1, s2) {
+            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(s)) => {
+                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
+            }
+            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(s)) => {
+                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
+            }
+            _ => candle_core::bail!("write_block supports matching f32 or f64 tensors"),
+        }
+        Ok(())
+    }
+}
+
+/// `dst[row0 + n·K + k, col + o·I + i] = v[n, k, o] · u[n, i]` for
+/// `v (M, K, O)`, `u (M, I)`: the per-sample weight gradients of a Linear
+/// layer (outer products), written in place without forming the `(M·K, O·I)`
+/// block first (on the CPU; by [`write_block`] elsewhere). Rows in parallel:
+/// the block is as large as the result and this is bandwidth-bound.
+pub fn write_outer_rows(dst: &mut Tensor, v: &Tensor, u: &Tensor, row0: usize, col: usize) -> Result<()> {
+    let (m, k, o) = v.dims3()?;
+    let i = u.dim(1)?;
+    let (dr, dc) = dst.dims2()?;
+    if u.dims2()? != (m, i) || row0 + m * k > dr || col + o * i > dc {
+        bail!(
+            Invalid,
+            "outer products of {:?} and {:?} at ({row0}, {col}) do not fit in ({dr}, {dc})",
+            v.dims(),
+            u.dims()
+        );
+    }
+    match (dst.device(), dst.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
+            let v = v.to_dtype(dst.dtype())?.contiguous()?;
+            let u = u.to_dtype(dst.dtype())?.contiguous()?;
+            Ok(dst.inplace_op3(&v, &u, &WriteOuter { row0, col })?)
+        }
+        _ => {
+            let g = v.unsqueeze(3)?.broadcast_mul(&u.reshape((m, 1, 1, i))?)?;
+            write_block(dst, &g.reshape((m * k, o * i))?, row0, col)
+        }
+    }
+}
+
+struct WriteOuter {
+    row0: usize,
+    col: usize,
+}
+
+fn write_outer_slices<T: candle_core::WithDType>(dst: &mut [T], dc: usize, v: &[T], u: &[T], (k, o, i): (usize, usize, usize), w: &WriteOuter) {
+    use rayon::prelude::*;
+    let rows = v.len() / o;
+    dst[w.row0 * dc..(w.row0 + rows) * dc]
+        .par_chunks_mut(dc)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (n, vrow) = (row / k, &v[row * o..(row + 1) * o]);
+            let urow = &u[n * i..(n + 1) * i];
+            for (oo, &scale) in vrow.iter().enumerate() {
+                let d = &mut out[w.col + oo * i..w.col + (oo + 1) * i];
+                for (x, &y) in d.iter_mut().zip(urow) {
+                    *x = scale * y;
+                }
+            }
+        });
+}
+
+impl candle_core::InplaceOp3 for WriteOuter {
+    fn name(&self) -> &'static str {
+        "write_outer_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (_, dc) = l1.shape().dims2()?;
+        let (_, k, o) = l2.shape().dims3()?;
+        let (_, i) = l3.shape().dims2()?;
+        let (Some((o1, e1)), Some((o2, e2)), Some((o3, e3))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("write_outer_rows needs contiguous tensors")
+        };
+        match (s1, s2, s3) {
+            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(v), candle_core::CpuStorage::F32(u)) => {
+                write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self)
+            }
+            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(v), candle_core::CpuStorage::F64(u)) => {
+                write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self)
+            }
+            _ => candle_core::bail!("write_outer_rows supports matching f32 or f64 tensors"),
+        }
+        Ok(())
+    }
+}
+
+/// Write `src` into `dst` (both contiguous) at row `offset` of axis 0, in place.
+pub fn write_rows(dst: &Tensor, src: &Tensor, offset: usize) -> Result<()> {
+    Ok(dst.slice_set(&src.contiguous()?, 0, offset)?)
+}
