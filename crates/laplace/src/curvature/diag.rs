@@ -8,8 +8,10 @@
 //!   Σ_{n,k} V[n,k,o]² U[n,i]² = ((Σ_k V²)ᵀ U²)[o, i],
 //!
 //! one (O × M) · (M × I) product and no per-sample gradients at all. For
-//! Conv2d the sum over positions r does not factor, and per-sample
-//! gradients are formed a few samples at a time.
+//! Conv2d the sum over positions r does not factor: the per-sample
+//! products are squared and summed as they are formed
+//! ([`tensor::sum_sq_products`]); for a subset of a weight, its
+//! per-sample gradients are formed a few samples at a time.
 
 use super::batch_grad::{bias_grads, weight_grads};
 use super::selection::{LayerSelection, Selected};
@@ -30,6 +32,13 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
                 let v2 = tensor::sum_dim(&v.sqr()?, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
                 v2.t()?.matmul(&u2)?.reshape(o * i)?
+            }
+            Selected::All => {
+                // Σ_n Σ_k (V_{n,k} U_nᵀ)²: per-sample products summed as squares
+                // on the fly, (K·O, I) → Σ_k → (O·I).
+                let k = v.dim(1)?;
+                let sq = tensor::sum_sq_products(&v.reshape((m, k * o, r))?, u)?;
+                tensor::sum_leading(&sq.reshape((k, o * i))?, 1)?
             }
             _ => chunked_sum_sq(m, chunk_elems / per_sample_elems(v, s, i).max(1), |start, len| {
                 weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, s)

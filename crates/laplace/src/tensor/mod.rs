@@ -12,11 +12,13 @@ pub use candle_core::{DType, Device, Tensor, D};
 use crate::error::{bail, Error, Result};
 
 mod elementwise;
+mod sum_sq;
 mod transpose;
 mod windows;
 mod write;
 
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
+pub use sum_sq::sum_sq_products;
 pub use transpose::{contiguous, move_leading_back, transpose2d};
 pub use windows::WindowTable;
 pub use write::{write_block, write_outer_rows, write_rows};
