@@ -402,6 +402,15 @@ fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows:
                     let n = piece.dim(2)?;
                     crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col + o * i)?;
                 }
+            } else if matches!(s.weight, Some(Selected::All)) {
+                // Weight sharing, whole weight: per-sample products straight into place.
+                let o = view.sensitivities.dim(2)?;
+                crate::tensor::write_products_rows(dst, &view.sensitivities, &view.patches, row0, col)?;
+                if let Some(b) = &s.bias {
+                    let piece = batch_grad::bias_grads(&view.sensitivities, b)?;
+                    let n = piece.dim(2)?;
+                    crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col + o * i)?;
+                }
             } else {
                 let piece = batch_grad::batch_grads(&view, s)?;
                 let n = piece.dim(2)?;

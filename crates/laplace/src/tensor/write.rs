@@ -160,3 +160,100 @@ impl candle_core::InplaceOp3 for WriteOuter {
 pub fn write_rows(dst: &Tensor, src: &Tensor, offset: usize) -> Result<()> {
     Ok(dst.slice_set(&src.contiguous()?, 0, offset)?)
 }
+
+/// `dst[row0 + n·K + k, col + o·I + i] = (V_{n,k} U_nᵀ)[o, i]` for
+/// `v (M, K, O, R)` and `u (M, I, R)` (any strides): per-sample weight
+/// gradients of a weight-sharing layer (Conv2d), each product computed by
+/// faer straight into its place in the result, samples over threads (on the
+/// CPU; a batched product and [`write_block`] elsewhere).
+pub fn write_products_rows(dst: &mut Tensor, v: &Tensor, u: &Tensor, row0: usize, col: usize) -> Result<()> {
+    let (m, k, o, r) = v.dims4()?;
+    let (mu, i, ru) = u.dims3()?;
+    let (dr, dc) = dst.dims2()?;
+    if (mu, ru) != (m, r) || row0 + m * k > dr || col + o * i > dc {
+        bail!(
+            Invalid,
+            "products of {:?} and {:?} at ({row0}, {col}) do not fit in ({dr}, {dc})",
+            v.dims(),
+            u.dims()
+        );
+    }
+    match (dst.device(), dst.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() && u.dtype() == dst.dtype() => {
+            let v = v.to_dtype(dst.dtype())?.contiguous()?;
+            Ok(dst.inplace_op3(&v, u, &WriteProducts { row0, col })?)
+        }
+        _ => {
+            let g = v.reshape((m, k * o, r))?.matmul(&u.transpose(1, 2)?)?;
+            write_block(dst, &g.reshape((m * k, o * i))?, row0, col)
+        }
+    }
+}
+
+struct WriteProducts {
+    row0: usize,
+    col: usize,
+}
+
+/// Raw-slice kernel of [`write_products_rows`]: `v` contiguous
+/// `(M, K, O, R)`, `u` from its first element with strides `us`.
+fn write_products_slices<T>(dst: &mut [T], dc: usize, v: &[T], (k, o, r): (usize, usize, usize), u: &[T], i: usize, us: &[usize], w: &WriteProducts)
+where
+    T: faer::traits::ComplexField + candle_core::WithDType + Send + Sync,
+{
+    use faer::{Accum, MatMut, MatRef, Par};
+    use rayon::prelude::*;
+    let one = <T as candle_core::WithDType>::from_f64(1.0);
+    let m = v.len() / (k * o * r);
+    let (us0, us1, us2) = (us[0], us[1] as isize, us[2] as isize);
+    let up = u.as_ptr() as usize; // shared read-only across threads
+    dst[w.row0 * dc..(w.row0 + m * k) * dc]
+        .par_chunks_mut(k * dc)
+        .enumerate()
+        .for_each(|(n, rows)| {
+            // SAFETY: candle's layout guarantees sample n's (I, R) block of
+            // u, at n·us0 with strides (us1, us2), lies inside `u`.
+            let un = unsafe { MatRef::from_raw_parts((up as *const T).add(n * us0), i, r, us1, us2) };
+            for kk in 0..k {
+                let base = (n * k + kk) * o * r;
+                let vk = MatRef::from_row_major_slice(&v[base..base + o * r], o, r);
+                let out = &mut rows[kk * dc + w.col..kk * dc + w.col + o * i];
+                let g = MatMut::from_row_major_slice_mut(out, o, i);
+                faer::linalg::matmul::matmul(g, Accum::Replace, vk, un.transpose(), one, Par::Seq);
+            }
+        });
+}
+
+impl candle_core::InplaceOp3 for WriteProducts {
+    fn name(&self) -> &'static str {
+        "write_products_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (_, dc) = l1.shape().dims2()?;
+        let (_, k, o, r) = l2.shape().dims4()?;
+        let (_, i, _) = l3.shape().dims3()?;
+        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("write_products_rows needs a contiguous destination and V")
+        };
+        let (us, u0) = (l3.stride(), l3.start_offset());
+        match (s1, s2, s3) {
+            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(v), candle_core::CpuStorage::F32(u)) => {
+                write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self)
+            }
+            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(v), candle_core::CpuStorage::F64(u)) => {
+                write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self)
+            }
+            _ => candle_core::bail!("write_products_rows supports matching f32 or f64 tensors"),
+        }
+        Ok(())
+    }
+}
