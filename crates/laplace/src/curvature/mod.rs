@@ -391,21 +391,17 @@ fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows:
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
             let col = first_col[&view.layer];
-            let (_, i, r) = view.patches.dims3()?;
-            if r == 1 && matches!(s.weight, Some(Selected::All)) {
-                // Linear, whole weight: outer products straight into place, then the bias.
+            if matches!(s.weight, Some(Selected::All)) {
+                // Whole weight: per-sample gradients straight into place (Linear:
+                // outer products; weight sharing: per-sample products), then the bias.
+                let (_, i, r) = view.patches.dims3()?;
                 let o = view.sensitivities.dim(2)?;
-                let v = view.sensitivities.reshape((m, k, o))?;
-                crate::tensor::write_outer_rows(dst, &v, &view.patches.reshape((m, i))?, row0, col)?;
-                if let Some(b) = &s.bias {
-                    let piece = batch_grad::bias_grads(&view.sensitivities, b)?;
-                    let n = piece.dim(2)?;
-                    crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col + o * i)?;
+                if r == 1 {
+                    let v = view.sensitivities.reshape((m, k, o))?;
+                    crate::tensor::write_outer_rows(dst, &v, &view.patches.reshape((m, i))?, row0, col)?;
+                } else {
+                    crate::tensor::write_products_rows(dst, &view.sensitivities, &view.patches, row0, col)?;
                 }
-            } else if matches!(s.weight, Some(Selected::All)) {
-                // Weight sharing, whole weight: per-sample products straight into place.
-                let o = view.sensitivities.dim(2)?;
-                crate::tensor::write_products_rows(dst, &view.sensitivities, &view.patches, row0, col)?;
                 if let Some(b) = &s.bias {
                     let piece = batch_grad::bias_grads(&view.sensitivities, b)?;
                     let n = piece.dim(2)?;
