@@ -40,9 +40,13 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
                 let sq = tensor::sum_sq_products(&v.reshape((m, k * o, r))?, u)?;
                 tensor::sum_leading(&sq.reshape((k, o * i))?, 1)?
             }
-            _ => chunked_sum_sq(m, chunk_elems / per_sample_elems(v, s, i).max(1), |start, len| {
-                weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, s)
-            })?,
+            Selected::Some(ids) => {
+                // Temporaries per sample: (K, S, R) gathered rows and their products.
+                let per_sample = (v.dim(1)? * ids.len() * r).max(1);
+                chunked_sum_sq(m, chunk_elems / per_sample, |start, len| {
+                    weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, ids)
+                })?
+            }
         };
         parts.push(part);
     }
@@ -50,16 +54,6 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
         parts.push(tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
-}
-
-/// Elements of the temporaries per sample when forming weight gradients.
-fn per_sample_elems(v: &Tensor, s: &Selected, i: usize) -> usize {
-    let d = v.dims();
-    let (k, o, r) = (d[1], d[2], d[3]);
-    match s {
-        Selected::All => k * o * (i + r),
-        Selected::Some(ids) => k * ids.len() * r,
-    }
 }
 
 /// Σ over samples 0..m, in chunks of `chunk` samples, of Σ_k g², g = `grads(start, len)` `(len, K, n)`.

@@ -390,27 +390,28 @@ fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows:
     }
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
-            let col = first_col[&view.layer];
-            if matches!(s.weight, Some(Selected::All)) {
-                // Whole weight: per-sample gradients straight into place (Linear:
-                // outer products; weight sharing: per-sample products), then the bias.
-                let (_, i, r) = view.patches.dims3()?;
-                let o = view.sensitivities.dim(2)?;
-                if r == 1 {
-                    let v = view.sensitivities.reshape((m, k, o))?;
-                    crate::tensor::write_outer_rows(dst, &v, &view.patches.reshape((m, i))?, row0, col)?;
-                } else {
-                    crate::tensor::write_products_rows(dst, &view.sensitivities, &view.patches, row0, col)?;
+            // The weight's columns, then the bias's, each written in place.
+            let mut col = first_col[&view.layer];
+            let (u, v) = (&view.patches, &view.sensitivities);
+            let (_, i, r) = u.dims3()?;
+            let o = v.dim(2)?;
+            match &s.weight {
+                // Linear: outer products V[n, k] ⊗ U[n].
+                Some(Selected::All) if r == 1 => {
+                    crate::tensor::write_outer_rows(dst, &v.reshape((m, k, o))?, &u.reshape((m, i))?, row0, col)?
                 }
-                if let Some(b) = &s.bias {
-                    let piece = batch_grad::bias_grads(&view.sensitivities, b)?;
-                    let n = piece.dim(2)?;
-                    crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col + o * i)?;
+                // Weight sharing: per-sample products V_{n,k} U_nᵀ.
+                Some(Selected::All) => crate::tensor::write_products_rows(dst, v, u, row0, col)?,
+                Some(Selected::Some(ids)) => {
+                    let g = batch_grad::weight_grads(u, v, ids)?;
+                    crate::tensor::write_block(dst, &g.reshape((m * k, ids.len()))?, row0, col)?
                 }
-            } else {
-                let piece = batch_grad::batch_grads(&view, s)?;
-                let n = piece.dim(2)?;
-                crate::tensor::write_block(dst, &piece.reshape((m * k, n))?, row0, col)?;
+                None => {}
+            }
+            col += s.weight.as_ref().map_or(0, |w| w.len(o * i));
+            if let Some(b) = &s.bias {
+                let g = batch_grad::bias_grads(v, b)?;
+                crate::tensor::write_block(dst, &g.reshape((m * k, b.len(o)))?, row0, col)?;
             }
         }
         Ok(())
