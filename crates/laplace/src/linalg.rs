@@ -118,17 +118,31 @@ impl GramAccumulator {
         GramAccumulator { p, f32, f64 }
     }
 
-    /// H += AᵀA.
+    /// H += AᵀA. `a` is read in place when it is contiguous (row-major) or
+    /// the transpose of a contiguous matrix (column-major), copied otherwise.
     pub fn add(&mut self, a: &Tensor) -> Result<()> {
         let (n, p) = a.dims2()?;
         if p != self.p {
             bail!(Invalid, "Gram update with {p} columns, accumulator has {}", self.p);
         }
-        let a = crate::tensor::contiguous(a)?;
+        let at = a.t()?;
+        let (data, col_major) = if !a.is_contiguous() && at.is_contiguous() {
+            (at, true)
+        } else {
+            (crate::tensor::contiguous(a)?, false)
+        };
+        fn update<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, v: &[T], n: usize, p: usize, col_major: bool) {
+            let m = if col_major {
+                faer::MatRef::from_column_major_slice(v, n, p)
+            } else {
+                faer::MatRef::from_row_major_slice(v, n, p)
+            };
+            syrk_lower(h, m);
+        }
         if let Some(h) = &mut self.f32 {
-            crate::tensor::with_host_slice(&a, |v: &[f32]| syrk_lower(h, v, n, p))?;
+            crate::tensor::with_host_slice(&data, |v: &[f32]| update(h, v, n, p, col_major))?;
         } else if let Some(h) = &mut self.f64 {
-            crate::tensor::with_host_slice(&a, |v: &[f64]| syrk_lower(h, v, n, p))?;
+            crate::tensor::with_host_slice(&data, |v: &[f64]| update(h, v, n, p, col_major))?;
         }
         Ok(())
     }
@@ -150,51 +164,13 @@ impl GramAccumulator {
 /// (half the operations of `x.matmul(x.t())`): KFAC's factors
 /// A ∝ Σ u uᵀ and B = Σ v vᵀ are such products with n ≫ p.
 pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
-    use crate::tensor::DType;
-    let (p, n) = x.dims2()?;
-    // A contiguous X (p, n) is a column-major Xᵀ (n, p); the transpose of a
-    // contiguous (n, p) (KFAC's Uᵀ, Vᵀ) is a row-major Xᵀ. H = (Xᵀ)ᵀ Xᵀ.
-    let xt = x.t()?;
-    let (data, row_major) = if xt.is_contiguous() {
-        (xt, true)
-    } else {
-        (crate::tensor::contiguous(x)?, false)
-    };
-    fn run<T: faer::traits::ComplexField + Copy + Default + Send + Sync + From<u8>>(
-        v: &[T],
-        n: usize,
-        p: usize,
-        row_major: bool,
-    ) -> Vec<T> {
-        let m = if row_major {
-            faer::MatRef::from_row_major_slice(v, n, p)
-        } else {
-            faer::MatRef::from_column_major_slice(v, n, p)
-        };
-        let mut h = faer::Mat::<T>::zeros(p, p);
-        syrk_lower_ref(&mut h, m);
-        symmetric_row_major(&h)
-    }
-    let t = match x.dtype() {
-        DType::F32 => {
-            let h = crate::tensor::with_host_slice(&data, |v: &[f32]| run(v, n, p, row_major))?;
-            Tensor::from_vec(h, (p, p), x.device())?
-        }
-        _ => {
-            let h = crate::tensor::with_host_slice(&data, |v: &[f64]| run(v, n, p, row_major))?;
-            Tensor::from_vec(h, (p, p), x.device())?.to_dtype(x.dtype())?
-        }
-    };
-    Ok(t)
-}
-
-/// Lower triangle of `h (p, p)` += AᵀA for row-major `a (n, p)`.
-fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, a: &[T], n: usize, p: usize) {
-    syrk_lower_ref(h, faer::MatRef::from_row_major_slice(a, n, p));
+    let mut gram = GramAccumulator::new(x.dim(0)?, x.dtype());
+    gram.add(&x.t()?)?;
+    gram.finish(x.dtype(), x.device())
 }
 
 /// Lower triangle of `h (p, p)` += mᵀm for `m (n, p)` in any layout.
-fn syrk_lower_ref<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, m: faer::MatRef<'_, T>) {
+fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, m: faer::MatRef<'_, T>) {
     use faer::linalg::matmul::triangular::{matmul, BlockStructure};
     matmul(
         h.as_mut(),
