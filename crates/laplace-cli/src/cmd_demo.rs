@@ -82,7 +82,7 @@ pub fn run(a: &DemoArgs) -> laplace::Result<()> {
 
     println!("laplace demo: curvature of a small CNN trained on scikit-learn's digits");
     println!("  (examples/digits: UCI Optical Recognition of Handwritten Digits, CC BY 4.0)");
-    let layers: Vec<&str> = model.layers().iter().map(|l| l.type_name()).collect();
+    let layers: Vec<&str> = model.nodes().iter().map(|n| n.op.type_name()).collect();
     println!("  model  {}", layers.join(" → "));
     println!(
         "         {} parameters, input {:?}, {} classes, computing in {}",

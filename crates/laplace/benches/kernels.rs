@@ -22,7 +22,7 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 fn model(spec: &str, seed: u64) -> Sequential {
     let spec = ModelSpec::from_json(spec).unwrap();
     let mut weights = HashMap::new();
-    for (i, l) in spec.layers.iter().enumerate() {
+    for (i, l) in spec.layers().expect("a Sequential spec").into_iter().enumerate() {
         match l {
             laplace::spec::LayerSpec::Linear { in_features, out_features, bias } => {
                 weights.insert(format!("{i}.weight"), randn(&[*out_features, *in_features], seed + i as u64));
@@ -65,8 +65,8 @@ fn layer_backward(c: &mut Criterion) {
         // Forward with saving, then the backward of 10 columns through every layer.
         let mut h = x.clone();
         let mut saved = Vec::new();
-        for l in net.layers() {
-            let (out, s) = l.forward(&h, true).unwrap();
+        for n in net.nodes() {
+            let (out, s) = n.op.forward_all(&[&h], true).unwrap();
             saved.push(s.unwrap());
             h = out;
         }
@@ -74,8 +74,8 @@ fn layer_backward(c: &mut Criterion) {
         c.bench_function(&format!("backward 10 columns through {name} (M = {m})"), |b| {
             b.iter(|| {
                 let mut v = v0.clone();
-                for (l, s) in net.layers().iter().zip(&saved).rev() {
-                    v = l.backward(s, &v).unwrap();
+                for (n, s) in net.nodes().iter().zip(&saved).rev() {
+                    v = n.op.backward_all(s, &v, &[true]).unwrap().pop().flatten().unwrap();
                 }
                 v
             })

@@ -1,26 +1,31 @@
-//! `Sequential`: a chain of [`Layer`]s built from a [`ModelSpec`] and a
-//! PyTorch `nn.Sequential` state_dict.
+//! The model: a directed acyclic graph of [`Op`]s built from a
+//! [`ModelSpec`] and a PyTorch state dict. An `nn.Sequential` is the chain
+//! graph whose node `i` is layer `i` (so [`Sequential`] is this same type).
 //!
-//! The parameter vector θ ∈ R^P is the concatenation of every trainable
-//! tensor in PyTorch `parameters()` order (layer by layer, weight before
-//! bias), each flattened row-major: exactly the layout of
-//! `torch.nn.utils.parameters_to_vector(model.parameters())`.
+//! Values are numbered: the graph inputs first, then one output per node, in
+//! node order (every node reads only earlier values). The parameter vector
+//! θ ∈ R^P is the concatenation of the trainable tensors listed in the
+//! spec's `parameters` (PyTorch `parameters()` order; for a Sequential,
+//! layer by layer, weight before bias), each flattened row-major: exactly
+//! the layout of `torch.nn.utils.parameters_to_vector(model.parameters())`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{bail, Result};
-use crate::nn::{self, Layer};
-use crate::spec::{LayerSpec, ModelSpec};
+use crate::nn::{self, Op};
+use crate::spec::{Form, LayerSpec, ModelSpec, OpSpec};
 use crate::tensor::{self, DType, Device, Tensor};
 
 /// One trainable tensor and its place in θ.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamInfo {
-    /// State-dict name, e.g. `"3.weight"`.
+    /// State-dict name, e.g. `"3.weight"` or `"layer1.0.bn1.bias"`.
     pub name: String,
-    /// Index of the layer that owns it.
+    /// Index of the node that owns it.
     pub layer: usize,
+    /// Its role in that node (`"weight"`, `"bias"`).
+    pub role: &'static str,
     /// Shape as PyTorch stores it.
     pub shape: Vec<usize>,
     /// First coordinate in θ.
@@ -28,25 +33,42 @@ pub struct ParamInfo {
     pub numel: usize,
 }
 
-pub struct Sequential {
+impl ParamInfo {
+    pub fn is_bias(&self) -> bool {
+        self.role == "bias"
+    }
+}
+
+/// One node: its op, the values it reads, and its name for messages.
+pub struct Node {
+    pub op: Box<dyn Op>,
+    /// Value ids of its inputs.
+    pub inputs: Vec<usize>,
+    /// `layer 3 (Conv2d)` or `node "conv1" (Conv2d)`.
+    pub label: String,
+}
+
+pub struct Model {
     spec: ModelSpec,
-    layers: Vec<Box<dyn Layer>>,
-    /// Per-sample shape entering layer i; the last entry is the output shape.
+    nodes: Vec<Node>,
+    /// Per-sample shape of every value (inputs, then node outputs).
     shapes: Vec<Vec<usize>>,
+    /// The value that is the model output.
+    output: usize,
+    /// The last node reading each value (`None`: no node reads it).
+    last_use: Vec<Option<usize>>,
     params: Vec<ParamInfo>,
     dtype: DType,
     device: Device,
 }
 
-impl Sequential {
+/// The chain of layers of an `nn.Sequential` is a graph like any other.
+pub type Sequential = Model;
+
+impl Model {
     /// Build from a spec and a state dict. `dtype` is the compute dtype; with
     /// `None` it is the dtype of the weights (f32 or f64).
-    pub fn new(
-        spec: ModelSpec,
-        mut weights: HashMap<String, Tensor>,
-        dtype: Option<DType>,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(spec: ModelSpec, mut weights: HashMap<String, Tensor>, dtype: Option<DType>, device: &Device) -> Result<Self> {
         let dtype = match dtype {
             Some(d) => d,
             None => weights_dtype(&weights)?,
@@ -54,12 +76,21 @@ impl Sequential {
         if !tensor::is_compute_dtype(dtype) {
             bail!(Invalid, "compute dtype must be f32 or f64, got {}", tensor::dtype_name(dtype));
         }
-        let mut layers = Vec::with_capacity(spec.layers.len());
-        let mut shapes = vec![spec.input_shape.clone()];
-        for (i, ls) in spec.layers.iter().enumerate() {
-            let layer = nn::build(i, ls, shapes.last().unwrap(), &mut weights, dtype, device)?;
-            shapes.push(layer.out_shape().to_vec());
-            layers.push(layer);
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        let mut shapes = Vec::new();
+        for inp in &spec.inputs {
+            ids.insert(&inp.name, shapes.len());
+            shapes.push(inp.shape.clone());
+        }
+        let mut nodes = Vec::with_capacity(spec.nodes.len());
+        for ns in &spec.nodes {
+            let label = ns.label(spec.form);
+            let inputs: Vec<usize> = ns.inputs.iter().map(|n| ids[n.as_str()]).collect();
+            let in_shapes: Vec<&[usize]> = inputs.iter().map(|&v| shapes[v].as_slice()).collect();
+            let op = nn::build(ns, &label, &in_shapes, &mut weights, dtype, device)?;
+            ids.insert(&ns.name, shapes.len());
+            shapes.push(op.out_shape().to_vec());
+            nodes.push(Node { op, inputs, label });
         }
         if !weights.is_empty() {
             let mut keys: Vec<_> = weights.keys().cloned().collect();
@@ -73,7 +104,8 @@ impl Sequential {
                 .collect();
             bail!(Weights, "unexpected tensors not used by any layer: {}", detail.join(", "));
         }
-        let out = shapes.last().unwrap();
+        let output = ids[spec.output.as_str()];
+        let out = &shapes[output];
         if out.len() != 1 {
             bail!(
                 Spec,
@@ -81,38 +113,19 @@ impl Sequential {
                  (add a Flatten and a Linear at the end?)"
             );
         }
-        let mut params = Vec::new();
-        let mut offset = 0;
-        for (i, layer) in layers.iter().enumerate() {
-            for (pname, t) in layer.params() {
-                let numel = t.elem_count();
-                params.push(ParamInfo {
-                    name: format!("{i}.{pname}"),
-                    layer: i,
-                    shape: t.dims().to_vec(),
-                    offset,
-                    numel,
-                });
-                offset += numel;
+        let n_in = spec.inputs.len();
+        let mut last_use = vec![None; shapes.len()];
+        for (i, node) in nodes.iter().enumerate() {
+            for &v in &node.inputs {
+                last_use[v] = Some(i);
             }
         }
-        Ok(Sequential {
-            spec,
-            layers,
-            shapes,
-            params,
-            dtype,
-            device: device.clone(),
-        })
+        let params = theta_layout(&spec, &nodes, n_in)?;
+        Ok(Model { spec, nodes, shapes, output, last_use, params, dtype, device: device.clone() })
     }
 
-    /// Load `model.json` and a safetensors state dict.
-    pub fn load(
-        spec_path: impl AsRef<Path>,
-        weights_path: impl AsRef<Path>,
-        dtype: Option<DType>,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Load `model.json` (either form) and a safetensors state dict.
+    pub fn load(spec_path: impl AsRef<Path>, weights_path: impl AsRef<Path>, dtype: Option<DType>, device: &Device) -> Result<Self> {
         let spec_path = spec_path.as_ref();
         let text = std::fs::read_to_string(spec_path).map_err(|e| crate::Error::io(spec_path, e))?;
         let spec = ModelSpec::from_json(&text)?;
@@ -124,23 +137,49 @@ impl Sequential {
         &self.spec
     }
 
-    pub fn layers(&self) -> &[Box<dyn Layer>] {
-        &self.layers
+    /// The nodes in execution order.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
     }
 
-    /// Per-sample input shape.
+    /// Number of graph inputs (value ids `0..n_inputs()`).
+    pub fn n_inputs(&self) -> usize {
+        self.spec.inputs.len()
+    }
+
+    /// The value id of node `i`'s output.
+    pub fn node_value(&self, i: usize) -> usize {
+        self.n_inputs() + i
+    }
+
+    /// The node producing value `v`, if it is not a graph input.
+    pub fn producer(&self, v: usize) -> Option<usize> {
+        v.checked_sub(self.n_inputs())
+    }
+
+    /// Per-sample shape of value `v`.
+    pub fn value_shape(&self, v: usize) -> &[usize] {
+        &self.shapes[v]
+    }
+
+    /// The value id of the model output.
+    pub fn output_value(&self) -> usize {
+        self.output
+    }
+
+    /// The last node that reads value `v`.
+    pub fn last_use(&self, v: usize) -> Option<usize> {
+        self.last_use[v]
+    }
+
+    /// Per-sample input shape (of the first input).
     pub fn input_shape(&self) -> &[usize] {
         &self.shapes[0]
     }
 
-    /// Per-sample shape entering layer `i` (`i = len` gives the output shape).
-    pub fn shape_before(&self, i: usize) -> &[usize] {
-        &self.shapes[i]
-    }
-
     /// Number of outputs C.
     pub fn n_outputs(&self) -> usize {
-        self.shapes.last().unwrap()[0]
+        self.shapes[self.output][0]
     }
 
     /// Number of parameters P.
@@ -161,23 +200,42 @@ impl Sequential {
         &self.device
     }
 
-    /// The state dict `(name, tensor)` in θ order, tensors in PyTorch shapes.
+    /// The tensor of a parameter, in its PyTorch shape.
+    pub fn param_tensor(&self, p: &ParamInfo) -> &Tensor {
+        self.nodes[p.layer]
+            .op
+            .params()
+            .into_iter()
+            .find(|(r, _)| *r == p.role)
+            .map(|(_, t)| t)
+            .expect("a parameter belongs to its node")
+    }
+
+    /// θ's tensors `(name, tensor)` in θ order, in PyTorch shapes.
+    pub fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|p| (p.name.clone(), self.param_tensor(p).clone())).collect()
+    }
+
+    /// The whole state dict the model was built from: θ's tensors in θ
+    /// order, then frozen parameters and buffers (running statistics).
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .flat_map(|(i, l)| {
-                l.params()
-                    .into_iter()
-                    .map(move |(n, t)| (format!("{i}.{n}"), t.clone()))
-            })
-            .collect()
+        let mut out = self.named_parameters();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let ns = &self.spec.nodes[i];
+            for (role, t) in node.op.params().into_iter().chain(node.op.buffers()) {
+                let key = ns.param_key(role).expect("a built node names its tensors");
+                if !self.params.iter().any(|p| p.name == key) {
+                    out.push((key, t.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// θ as one vector `(P,)`.
     pub fn parameter_vector(&self) -> Result<Tensor> {
         let flat: Vec<Tensor> = self
-            .state_dict()
+            .named_parameters()
             .into_iter()
             .map(|(_, t)| t.flatten_all())
             .collect::<std::result::Result<_, _>>()?;
@@ -193,50 +251,83 @@ impl Sequential {
         Self::new(self.spec.clone(), weights, Some(self.dtype), &self.device)
     }
 
-    /// The same network with parameters θ `(P,)`.
+    /// The same network with parameters θ `(P,)` (buffers and frozen tensors unchanged).
     pub fn with_parameter_vector(&self, theta: &Tensor) -> Result<Self> {
         if theta.dims() != [self.n_params()] {
             bail!(Invalid, "parameter vector has shape {:?}, the model has {} parameters", theta.dims(), self.n_params());
         }
-        let weights = self
-            .params
-            .iter()
-            .map(|p| Ok((p.name.clone(), theta.narrow(0, p.offset, p.numel)?.reshape(p.shape.as_slice())?)))
-            .collect::<Result<HashMap<_, _>>>()?;
+        let mut weights: HashMap<String, Tensor> = self.state_dict().into_iter().collect();
+        for p in &self.params {
+            weights.insert(p.name.clone(), theta.narrow(0, p.offset, p.numel)?.reshape(p.shape.as_slice())?);
+        }
         Self::new(self.spec.clone(), weights, Some(self.dtype), &self.device)
     }
 
-    /// Index of the final `Linear` layer: the "last layer" of last-layer
-    /// Laplace. Only parameter-free layers may follow it.
+    /// The nodes that depend on any of `sources` (themselves included):
+    /// where sensitivities of their parameters must be pulled back through.
+    pub fn downstream_of(&self, sources: &[usize]) -> Vec<bool> {
+        let mut on = vec![false; self.nodes.len()];
+        for &s in sources {
+            on[s] = true;
+        }
+        for i in 0..self.nodes.len() {
+            if !on[i] {
+                on[i] = self.nodes[i].inputs.iter().any(|&v| self.producer(v).is_some_and(|j| on[j]));
+            }
+        }
+        on
+    }
+
+    /// The node of the final `Linear` layer: the "last layer" of last-layer
+    /// Laplace. It is the last `Linear` executed, and its output must reach
+    /// the model output only through parameter-free ops linear in it
+    /// (reshape, slice, select, identities).
     pub fn last_linear(&self) -> Result<usize> {
-        let Some(i) = self
-            .spec
-            .layers
-            .iter()
-            .rposition(|l| matches!(l, LayerSpec::Linear { .. }))
-        else {
+        let is_linear = |i: usize| matches!(self.spec.nodes[i].op, OpSpec::Module(LayerSpec::Linear { .. }));
+        let Some(i) = (0..self.nodes.len()).rev().find(|&i| is_linear(i)) else {
             bail!(Spec, "last-layer quantities need a Linear layer, and the model has none");
         };
-        if let Some(j) = (i + 1..self.layers.len()).find(|&j| !self.layers[j].params().is_empty()) {
+        if !self.params.iter().any(|p| p.layer == i) {
+            bail!(Spec, "last-layer quantities need trainable parameters in the final Linear ({})", self.nodes[i].label);
+        }
+        let after = self.downstream_of(&[i]);
+        if let Some(j) = (i + 1..self.nodes.len()).find(|&j| after[j] && !self.nodes[j].op.is_linear_map()) {
             bail!(
                 Spec,
-                "last-layer quantities need the final Linear (layer {i}) to be the last layer with \
-                 parameters, but layer {j} ({}) has parameters",
-                self.layers[j].type_name()
+                "last-layer quantities need the output of the final Linear ({}) to reach the model output \
+                 through parameter-free linear ops only (reshape, slice, select), but {} is not one",
+                self.nodes[i].label,
+                self.nodes[j].label
             );
+        }
+        if let Some(p) = self.params.iter().find(|p| p.layer > i || (p.layer != i && after[p.layer])) {
+            bail!(
+                Spec,
+                "last-layer quantities need the final Linear ({}) to be the last layer with parameters, but {} \
+                 has parameters",
+                self.nodes[i].label,
+                self.nodes[p.layer].label
+            );
+        }
+        if self.producer(self.output).is_none_or(|o| !after[o]) {
+            bail!(Spec, "the model output does not depend on the final Linear ({})", self.nodes[i].label);
         }
         Ok(i)
     }
 
     /// Check a batch of inputs: `(M, *input_shape)`, compute dtype, finite.
     pub fn check_input(&self, x: &Tensor) -> Result<()> {
+        if self.n_inputs() != 1 {
+            bail!(Data, "the model has {} inputs ({}); pass them by name", self.n_inputs(), self.input_names().join(", "));
+        }
+        let shape = &self.shapes[0];
         let d = x.dims();
-        if d.len() != self.shapes[0].len() + 1 || d[1..] != self.shapes[0][..] {
+        if d.len() != shape.len() + 1 || d[1..] != shape[..] {
             bail!(
                 Data,
                 "inputs have shape {d:?}, the model expects (N, {}) (input_shape {:?})",
-                self.shapes[0].iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
-                self.shapes[0]
+                shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+                shape
             );
         }
         if x.dtype() != self.dtype {
@@ -248,15 +339,46 @@ impl Sequential {
         Ok(())
     }
 
+    fn input_names(&self) -> Vec<&str> {
+        self.spec.inputs.iter().map(|i| i.name.as_str()).collect()
+    }
+
     /// The network output f(x) `(M, C)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_input(x)?;
-        let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, false)?.0;
-        }
-        Ok(h)
+        Ok(crate::engine::forward(self, x, &vec![false; self.nodes.len()])?.output)
     }
+}
+
+/// θ: the spec's `parameters`, each the tensor of exactly one node.
+fn theta_layout(spec: &ModelSpec, nodes: &[Node], n_in: usize) -> Result<Vec<ParamInfo>> {
+    let _ = n_in;
+    let mut owner: HashMap<String, (usize, &'static str, Vec<usize>)> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for (role, t) in node.op.params() {
+            let key = spec.nodes[i].param_key(role).expect("a built node names its tensors");
+            if let Some((j, _, _)) = owner.get(&key) {
+                bail!(
+                    Spec,
+                    "tensor {key:?} is a parameter of both {} and {} (a module called twice shares its \
+                     parameters, which is not supported)",
+                    nodes[*j].label,
+                    node.label
+                );
+            }
+            owner.insert(key, (i, role, t.dims().to_vec()));
+        }
+    }
+    let mut params = Vec::with_capacity(spec.parameters.len());
+    let mut offset = 0;
+    for name in &spec.parameters {
+        let Some((layer, role, shape)) = owner.get(name).cloned() else {
+            bail!(Spec, "parameter {name:?} (in \"parameters\") is not a parameter of any node");
+        };
+        let numel = shape.iter().product();
+        params.push(ParamInfo { name: name.clone(), layer, role, shape, offset, numel });
+        offset += numel;
+    }
+    Ok(params)
 }
 
 /// The common dtype of the weights (f32 if there are none).
@@ -283,9 +405,12 @@ fn weights_dtype(weights: &HashMap<String, Tensor>) -> Result<DType> {
     Ok(found.map_or(DType::F32, |(d, _)| d))
 }
 
-/// For an unexpected key "i.name": which layer i is, if it exists.
+/// For an unexpected key "i.name" of a Sequential: which layer i is, if it exists.
 fn owner_of(key: &str, spec: &ModelSpec) -> Option<String> {
+    if spec.form != Form::Sequential {
+        return None;
+    }
     let idx: usize = key.split('.').next()?.parse().ok()?;
-    let layer = spec.layers.get(idx)?;
-    Some(format!("layer {idx} is {}", layer.type_name()))
+    let node = spec.nodes.get(idx)?;
+    Some(format!("layer {idx} is {}", node.op.name()))
 }

@@ -109,7 +109,7 @@ fn hessian_and_ggn_agree_where_the_network_is_linear() {
         let gc = Curvature::new(&fx.model, fx.likelihood, CurvatureKind::Ggn, &Subset::All).unwrap();
         let (_, h) = hc.full(&whole(&fx)).unwrap();
         let (_, g) = gc.full(&whole(&fx)).unwrap();
-        for l in 0..fx.model.layers().len() {
+        for l in 0..fx.model.nodes().len() {
             let ps: Vec<_> = fx.model.params().iter().filter(|p| p.layer == l).collect();
             if ps.is_empty() {
                 continue;

@@ -220,8 +220,8 @@ fn last_layer_ggn_has_the_kronecker_closed_form() {
         // φ: the input of the final Linear layer.
         let last = fx.model.last_linear().unwrap();
         let mut phi = fx.data.x.clone();
-        for l in &fx.model.layers()[..last] {
-            phi = l.forward(&phi, false).unwrap().0;
+        for n in &fx.model.nodes()[..last] {
+            phi = n.op.forward_all(&[&phi], false).unwrap().0;
         }
         let f = fx.model.forward(&fx.data.x).unwrap();
         let lam = fx.likelihood.hessian(&f).unwrap();

@@ -13,21 +13,27 @@
 //! ([`tensor::sum_sq_products`]); for a subset of a weight, its
 //! per-sample gradients are formed a few samples at a time.
 
-use super::batch_grad::{bias_grads, weight_grads};
+use super::batch_grad::{bias_grads, grouped_weight_grads, weight_grads};
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::Result;
 use crate::tensor::{self, Tensor};
 
-/// `(n,)` diagonal entries for the selected coordinates of the layer in
-/// `view`. `chunk_elems` bounds the size of temporary per-sample gradients.
-pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<Tensor> {
+/// Diagonal entries for the selected coordinates of the layer in `view`:
+/// the weight's and the bias's, each `(n,)`. `chunk_elems` bounds the size
+/// of temporary per-sample gradients.
+pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let (u, v) = (&view.patches, &view.sensitivities);
-    let mut parts = Vec::with_capacity(2);
+    let groups = view.groups();
+    let mut weight = None;
     if let Some(s) = &sel.weight {
-        let (m, _, o, r) = v.dims4()?;
-        let i = u.dim(1)?;
+        let (m, k, o, r) = v.dims4()?;
+        let i = u.dim(1)? / groups;
         let part = match s {
+            // Grouped layers: per-sample gradients a chunk of samples at a time.
+            Selected::All if groups > 1 => chunked_sum_sq(m, chunk_elems / (k * o * i).max(1), |start, len| {
+                grouped_weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, groups)
+            })?,
             Selected::All if r == 1 => {
                 let v2 = tensor::sum_dim(&v.sqr()?, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
@@ -36,7 +42,6 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
             Selected::All => {
                 // Σ_n Σ_k (V_{n,k} U_nᵀ)²: per-sample products summed as squares
                 // on the fly, (K·O, I) → Σ_k → (O·I).
-                let k = v.dim(1)?;
                 let sq = tensor::sum_sq_products(&v.reshape((m, k * o, r))?, u)?;
                 tensor::sum_leading(&sq.reshape((k, o * i))?, 1)?
             }
@@ -44,16 +49,14 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
                 // Temporaries per sample: (K, S, R) gathered rows and their products.
                 let per_sample = (v.dim(1)? * ids.len() * r).max(1);
                 chunked_sum_sq(m, chunk_elems / per_sample, |start, len| {
-                    weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, ids)
+                    weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, ids, groups)
                 })?
             }
         };
-        parts.push(part);
+        weight = Some(part);
     }
-    if let Some(s) = &sel.bias {
-        parts.push(tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    let bias = sel.bias.as_ref().map(|s| tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)).transpose()?;
+    Ok((weight, bias))
 }
 
 /// Σ over samples 0..m, in chunks of `chunk` samples, of Σ_k g², g = `grads(start, len)` `(len, K, n)`.

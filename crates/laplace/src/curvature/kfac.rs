@@ -11,9 +11,17 @@
 //! For Linear layers (R = 1) both are the same. The rows k are those of the
 //! curvature kind: √Λ (type-2 / KFLR), scaled MC gradients, or ∇_f ℓ (EF).
 //! Blocks: weight `[B, A]` (a 1 × 1 weight: `[B·A]`), bias `[B]`.
+//!
+//! A grouped convolution (G groups) takes A from its patches averaged over
+//! the groups, ū_{n,r} = (1/G) Σ_g u_{n,g,r} of length in_c/G·kh·kw, and B
+//! over all output channels (curvlinops' convention). Any other
+//! parameterized op (BatchNorm's scale and shift) has one block per tensor
+//! holding a single 1-D factor: the exact diagonal of the same curvature.
 
 use std::str::FromStr;
 
+use super::diag::diag_gram;
+use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::{bail, Error, Result};
 use crate::tensor::{self, Tensor};
@@ -85,19 +93,39 @@ pub fn output_factor(v: &Tensor, approx: KfacApprox) -> Result<Tensor> {
     }
 }
 
-/// The blocks of one layer: weight `[B, A]` (or `[B·A]` when 1 × 1), then bias `[B]`.
-pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox) -> Result<Vec<Vec<Tensor>>> {
-    let a = input_factor(&view.patches, n_data, approx)?;
+/// The blocks of one layer: weight `[B, A]` (or `[B·A]` when 1 × 1), then
+/// bias `[B]`, each tagged "is the bias"; for ops that are not Kronecker
+/// factored, one 1-D exact-diagonal block per tensor.
+pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_elems: usize) -> Result<Vec<(bool, Vec<Tensor>)>> {
+    let has_bias = view.affine.has_bias();
+    if !view.affine.kron_factored() {
+        let all = LayerSelection { weight: Some(Selected::All), bias: has_bias.then_some(Selected::All) };
+        let (w, b) = diag_gram(view, &all, chunk_elems)?;
+        let mut blocks = vec![(false, vec![w.expect("the weight is selected")])];
+        if let Some(b) = b {
+            blocks.push((true, vec![b]));
+        }
+        return Ok(blocks);
+    }
+    let groups = view.groups();
+    let patches = if groups > 1 {
+        // ū = (1/G) Σ_g u_g: (M, G, I, R) averaged over G.
+        let (m, gi, r) = view.patches.dims3()?;
+        (view.patches.reshape((m, groups, gi / groups, r))?.sum(1)? / groups as f64)?
+    } else {
+        view.patches.clone()
+    };
+    let a = input_factor(&patches, n_data, approx)?;
     let b = output_factor(&view.sensitivities, approx)?;
     let mut blocks = Vec::with_capacity(2);
     let (o, i, _) = view.affine.affine_dims();
     if o == 1 && i == 1 {
-        blocks.push(vec![(&b * &a)?]);
+        blocks.push((false, vec![(&b * &a)?]));
     } else {
-        blocks.push(vec![b.clone(), a]);
+        blocks.push((false, vec![b.clone(), a]));
     }
-    if view.affine.has_bias() {
-        blocks.push(vec![b]);
+    if has_bias {
+        blocks.push((true, vec![b]));
     }
     Ok(blocks)
 }

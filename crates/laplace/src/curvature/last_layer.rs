@@ -14,15 +14,24 @@
 use super::Curvature;
 use crate::engine;
 use crate::error::Result;
-use crate::spec::LayerSpec;
 use crate::tensor::{self, Tensor};
 
 /// Does the model end with its final Linear layer (identities after it)?
 pub(crate) fn applies(curv: &Curvature) -> Result<Option<usize>> {
     let model = curv.model();
     let last = model.last_linear()?;
-    let tail_is_identity = model.spec().layers[last + 1..].iter().all(|l| matches!(l, LayerSpec::Identity));
-    Ok(tail_is_identity.then_some(last))
+    let mut v = model.output_value();
+    while let Some(j) = model.producer(v) {
+        if j == last {
+            return Ok(Some(last));
+        }
+        let node = &model.nodes()[j];
+        if node.op.type_name() != "Identity" {
+            break;
+        }
+        v = node.inputs[0];
+    }
+    Ok(None)
 }
 
 /// Σ_n ℓ_n and the full last-layer curvature `(C·D [+ C], C·D [+ C])` in the
@@ -30,12 +39,12 @@ pub(crate) fn applies(curv: &Curvature) -> Result<Option<usize>> {
 pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Result<(Tensor, Tensor)> {
     let model = curv.model();
     let y = curv.targets(&batch.y, &batch.x)?;
-    let tape = engine::forward(model, &batch.x, last)?;
+    let tape = engine::forward(model, &batch.x, &model.downstream_of(&[last]))?;
     let f = &tape.output;
     let loss = curv.likelihood().loss(f, &y)?;
     let rows = curv.output_rows(f, &y, batch.offset)?; // (M, K, C)
     let lam = rows.transpose(1, 2)?.contiguous()?.matmul(&rows)?; // Λ̃ (M, C, C)
-    let affine = model.layers()[last].affine().expect("Linear is affine");
+    let affine = model.nodes()[last].op.affine().expect("Linear is affine");
     let (c, d, _) = affine.affine_dims();
     let m = f.dim(0)?;
     let phi = affine.patches(tape.saved(last))?.reshape((m, d))?;

@@ -168,7 +168,7 @@ impl<'m> Curvature<'m> {
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let tape = engine::forward(self.model, &x.narrow(0, start, len)?, self.selection.first_layer())?;
+            let tape = engine::forward(self.model, &x.narrow(0, start, len)?, self.selection.active())?;
             let yc = y.narrow(0, start, len)?;
             let l = self.likelihood.loss(&tape.output, &yc)?;
             let rows = self.likelihood.gradient(&tape.output, &yc)?.unsqueeze(1)?;
@@ -185,7 +185,7 @@ impl<'m> Curvature<'m> {
 
     fn gradients_chunk(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = self.targets(y, x)?;
-        let tape = engine::forward(self.model, x, self.selection.first_layer())?;
+        let tape = engine::forward(self.model, x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.likelihood.gradient(&tape.output, &y)?.unsqueeze(1)?;
         let g = batch_grads(self.model, &self.selection, &tape, rows)?.squeeze(1)?;
@@ -218,7 +218,7 @@ impl<'m> Curvature<'m> {
         while start < m {
             let len = chunk.min(m - start);
             let (x, y) = (batch.x.narrow(0, start, len)?, targets.narrow(0, start, len)?);
-            let tape = engine::forward(self.model, &x, self.selection.first_layer())?;
+            let tape = engine::forward(self.model, &x, self.selection.active())?;
             loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
             let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
             let k = rows.dim(1)?;
@@ -239,17 +239,19 @@ impl<'m> Curvature<'m> {
             return Ok((loss, check_finite(d, "Hessian diagonal")?));
         }
         let y = self.targets(&batch.y, &batch.x)?;
-        let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
+        let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
-        let mut parts = Vec::new();
+        let mut parts = std::collections::HashMap::new();
         engine::backward(self.model, &tape, rows, |view| {
             if let Some(sel) = self.selection.layer(view.layer) {
-                parts.push(diag::diag_gram(&view, sel, self.chunk_elems)?);
+                let (w, b) = diag::diag_gram(&view, sel, self.chunk_elems)?;
+                parts.extend(w.map(|w| ((view.layer, false), w)));
+                parts.extend(b.map(|b| ((view.layer, true), b)));
             }
             Ok(())
         })?;
-        parts.reverse();
+        let parts = self.selection.in_theta_order(self.model, parts);
         let d = self.selection.reorder(Tensor::cat(&parts, 0)?, 0)?;
         Ok((loss, check_finite(d, "curvature diagonal")?))
     }
@@ -272,18 +274,19 @@ impl<'m> Curvature<'m> {
             );
         }
         let y = self.targets(&batch.y, &batch.x)?;
-        let tape = engine::forward(self.model, &batch.x, self.selection.first_layer())?;
+        let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
-        let mut layers = Vec::new();
+        let mut blocks = std::collections::HashMap::new();
         engine::backward(self.model, &tape, rows, |view| {
             if self.selection.layer(view.layer).is_some() {
-                layers.push(kfac::layer_blocks(&view, n_data, approx)?);
+                for (is_bias, block) in kfac::layer_blocks(&view, n_data, approx, self.chunk_elems)? {
+                    blocks.insert((view.layer, is_bias), block);
+                }
             }
             Ok(())
         })?;
-        layers.reverse();
-        let kron = Kron::new(layers.into_iter().flatten().collect())?;
+        let kron = Kron::new(self.selection.in_theta_order(self.model, blocks))?;
         for (b, fs) in kron.blocks.iter().enumerate() {
             for f in fs {
                 check_finite(f.clone(), &format!("Kronecker factors of block {b}"))?;
@@ -347,7 +350,7 @@ fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor, chunk_ele
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let tape = engine::forward(model, &x.narrow(0, start, len)?, sel.first_layer())?;
+        let tape = engine::forward(model, &x.narrow(0, start, len)?, sel.active())?;
         let rows = identity_rows(len, c, model)?;
         batch_grads_into(model, sel, &tape, rows, &mut out, start * c)?;
         fs.push(tape.output);
@@ -366,7 +369,7 @@ fn identity_rows(m: usize, c: usize, model: &Sequential) -> Result<Tensor> {
 }
 
 fn jacobians_chunk(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
-    let tape = engine::forward(model, x, sel.first_layer())?;
+    let tape = engine::forward(model, x, sel.active())?;
     let (m, c) = tape.output.dims2()?;
     let j = batch_grads(model, sel, &tape, identity_rows(m, c, model)?)?;
     Ok((check_finite(sel.reorder(j, 2)?, "Jacobians")?, tape.output))
@@ -380,38 +383,42 @@ fn batch_grads(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows: Tens
     Ok(out.reshape((m, k, sel.len()))?)
 }
 
-/// The same, written into rows `row0..row0 + M·K` of `dst (·, P)` layer by
-/// layer (no per-layer concatenation), in θ order.
+/// The same, written into rows `row0..row0 + M·K` of `dst (·, P)` tensor by
+/// tensor (no per-layer concatenation), in θ order.
 fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows: Tensor, dst: &mut Tensor, row0: usize) -> Result<()> {
     let (m, k) = (rows.dim(0)?, rows.dim(1)?);
-    let mut first_col: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-    for t in sel.tensors(model) {
-        first_col.entry(t.layer).or_insert(t.column);
-    }
+    let columns: std::collections::HashMap<(usize, bool), usize> =
+        sel.tensors(model).iter().map(|t| ((t.layer, t.is_bias), t.column)).collect();
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
             // The weight's columns, then the bias's, each written in place.
-            let mut col = first_col[&view.layer];
             let (u, v) = (&view.patches, &view.sensitivities);
-            let (_, i, r) = u.dims3()?;
+            let (_, gi, r) = u.dims3()?;
             let o = v.dim(2)?;
-            match &s.weight {
-                // Linear: outer products V[n, k] ⊗ U[n].
-                Some(Selected::All) if r == 1 => {
-                    crate::tensor::write_outer_rows(dst, &v.reshape((m, k, o))?, &u.reshape((m, i))?, row0, col)?
+            let groups = view.groups();
+            if let Some(w) = &s.weight {
+                let col = columns[&(view.layer, false)];
+                match w {
+                    // Grouped layers: one batched product per (sample, group).
+                    Selected::All if groups > 1 => {
+                        let g = batch_grad::grouped_weight_grads(u, v, groups)?;
+                        crate::tensor::write_block(dst, &g.reshape((m * k, o * gi / groups))?, row0, col)?
+                    }
+                    // Linear: outer products V[n, k] ⊗ U[n].
+                    Selected::All if r == 1 => {
+                        crate::tensor::write_outer_rows(dst, &v.reshape((m, k, o))?, &u.reshape((m, gi))?, row0, col)?
+                    }
+                    // Weight sharing: per-sample products V_{n,k} U_nᵀ.
+                    Selected::All => crate::tensor::write_products_rows(dst, v, u, row0, col)?,
+                    Selected::Some(ids) => {
+                        let g = batch_grad::weight_grads(u, v, ids, groups)?;
+                        crate::tensor::write_block(dst, &g.reshape((m * k, ids.len()))?, row0, col)?
+                    }
                 }
-                // Weight sharing: per-sample products V_{n,k} U_nᵀ.
-                Some(Selected::All) => crate::tensor::write_products_rows(dst, v, u, row0, col)?,
-                Some(Selected::Some(ids)) => {
-                    let g = batch_grad::weight_grads(u, v, ids)?;
-                    crate::tensor::write_block(dst, &g.reshape((m * k, ids.len()))?, row0, col)?
-                }
-                None => {}
             }
-            col += s.weight.as_ref().map_or(0, |w| w.len(o * i));
             if let Some(b) = &s.bias {
                 let g = batch_grad::bias_grads(v, b)?;
-                crate::tensor::write_block(dst, &g.reshape((m * k, b.len(o)))?, row0, col)?;
+                crate::tensor::write_block(dst, &g.reshape((m * k, b.len(o)))?, row0, columns[&(view.layer, true)])?;
             }
         }
         Ok(())

@@ -1,9 +1,10 @@
 //! Which parameters a quantity is computed for: all of θ, the last layer, or
 //! a subnetwork given as indices into θ.
 //!
-//! Quantities are computed only for the selected coordinates, layer by layer
-//! (a layer with nothing selected contributes no work, and the backward pass
-//! stops at the first layer with something selected), in θ order. A
+//! Quantities are computed only for the selected coordinates, node by node
+//! (a node with nothing selected contributes no work, and the backward pass
+//! runs only through the nodes downstream of a selected parameter), in θ
+//! order. A
 //! subnetwork given in another order is permuted into that order at the end,
 //! so that results match `quantity[..., subnetwork_indices]` of the full
 //! object.
@@ -11,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{bail, Result};
-use crate::model::Sequential;
+use crate::model::Model;
 use crate::tensor::{self, Tensor};
 
 /// The parameters a curvature object works on.
@@ -70,15 +71,17 @@ pub struct ParamSelection {
     /// user order); `None` when the computed order is the output order.
     order: Option<Vec<usize>>,
     len: usize,
-    first_layer: usize,
+    /// Nodes downstream of a selected parameter: where the engine saves
+    /// state and pulls sensitivities back.
+    active: Vec<bool>,
 }
 
 impl ParamSelection {
-    pub fn new(model: &Sequential, subset: &Subset) -> Result<Self> {
+    pub fn new(model: &Model, subset: &Subset) -> Result<Self> {
         let mut layers: BTreeMap<usize, LayerSelection> = BTreeMap::new();
-        let mut put = |layer: usize, name: &str, sel: Selected| {
+        let mut put = |layer: usize, p: &crate::model::ParamInfo, sel: Selected| {
             let entry = layers.entry(layer).or_default();
-            if name.ends_with(".bias") {
+            if p.is_bias() {
                 entry.bias = Some(sel);
             } else {
                 entry.weight = Some(sel);
@@ -92,13 +95,13 @@ impl ParamSelection {
                     bail!(Invalid, "the model has no parameters");
                 }
                 for p in params {
-                    put(p.layer, &p.name, Selected::All);
+                    put(p.layer, p, Selected::All);
                 }
             }
             Subset::LastLayer => {
                 let last = model.last_linear()?;
                 for p in params.iter().filter(|p| p.layer == last) {
-                    put(p.layer, &p.name, Selected::All);
+                    put(p.layer, p, Selected::All);
                 }
             }
             Subset::Subnetwork(indices) => {
@@ -133,9 +136,9 @@ impl ParamSelection {
                         .map(|&i| i - p.offset)
                         .collect();
                     if local.len() == p.numel {
-                        put(p.layer, &p.name, Selected::All);
+                        put(p.layer, p, Selected::All);
                     } else if !local.is_empty() {
-                        put(p.layer, &p.name, Selected::Some(local));
+                        put(p.layer, p, Selected::Some(local));
                     }
                 }
                 // Rank of each requested index in θ order.
@@ -151,7 +154,7 @@ impl ParamSelection {
             .iter()
             .map(|p| {
                 let sel = layers.get(&p.layer).and_then(|l| {
-                    if p.name.ends_with(".bias") {
+                    if p.is_bias() {
                         l.bias.as_ref()
                     } else {
                         l.weight.as_ref()
@@ -160,12 +163,13 @@ impl ParamSelection {
                 sel.map_or(0, |s| s.len(p.numel))
             })
             .sum();
-        let first_layer = *layers.keys().next().expect("a selection is never empty");
+        let sources: Vec<usize> = layers.keys().copied().collect();
+        let active = model.downstream_of(&sources);
         Ok(ParamSelection {
             layers,
             order,
             len,
-            first_layer,
+            active,
         })
     }
 
@@ -188,9 +192,18 @@ impl ParamSelection {
         self.len == 0
     }
 
-    /// The first layer with a selected parameter: where the backward pass stops.
-    pub fn first_layer(&self) -> usize {
-        self.first_layer
+    /// The nodes downstream of a selected parameter (the engine's active set).
+    pub fn active(&self) -> &[bool] {
+        &self.active
+    }
+
+    /// Per-tensor pieces `(node, is_bias) → piece` in θ order (every
+    /// selected tensor must have its piece).
+    pub fn in_theta_order<T>(&self, model: &Model, mut pieces: std::collections::HashMap<(usize, bool), T>) -> Vec<T> {
+        self.tensors(model)
+            .iter()
+            .map(|t| pieces.remove(&(t.layer, t.is_bias)).expect("every selected tensor has its piece"))
+            .collect()
     }
 
     /// The selection within `layer`, if any.
@@ -200,11 +213,11 @@ impl ParamSelection {
 
     /// The selected tensors in θ order, with their columns in the θ-ordered
     /// (sorted) layout of selected coordinates.
-    pub fn tensors(&self, model: &Sequential) -> Vec<SelectedTensor> {
+    pub fn tensors(&self, model: &Model) -> Vec<SelectedTensor> {
         let mut out = Vec::new();
         let mut col = 0;
         for p in model.params() {
-            let is_bias = p.name.ends_with(".bias");
+            let is_bias = p.is_bias();
             let sel = self.layers.get(&p.layer).and_then(|l| if is_bias { l.bias.clone() } else { l.weight.clone() });
             if let Some(selected) = sel {
                 let len = selected.len(p.numel);

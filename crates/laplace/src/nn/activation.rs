@@ -107,6 +107,26 @@ pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tenso
             let d = (half_one_plus_t + ((x * 0.5)? * (1.0 - t.sqr()?)?)?.mul(&du)?)?;
             (y, d)
         }
+        Activation::ReLU6 => {
+            // y = min(max(x, 0), 6); σ' = 1 on (0, 6), 0 elsewhere (torch's hardtanh at the kinks).
+            let inside = (tensor::heaviside(x)? * tensor::heaviside(&(6.0 - x)?)?)?;
+            (x.clamp(0.0, 6.0)?, inside)
+        }
+        Activation::Hardsigmoid => {
+            // y = ReLU6(x + 3)/6; σ' = 1/6 on (−3, 3), 0 elsewhere.
+            let inside = (tensor::heaviside(&(x + 3.0)?)? * tensor::heaviside(&(3.0 - x)?)?)?;
+            (((x + 3.0)?.clamp(0.0, 6.0)? / 6.0)?, (inside / 6.0)?)
+        }
+        Activation::Hardswish => {
+            // y = x ReLU6(x + 3)/6; σ' = 0 for x < −3, x/3 + ½ for −3 ≤ x ≤ 3, 1 above
+            // (torch's hardswish_backward, including its choice at both kinks).
+            let y = (x * ((x + 3.0)?.clamp(0.0, 6.0)? / 6.0)?)?;
+            let lo = x.ge(-3.0)?.to_dtype(x.dtype())?; // x ≥ −3
+            let hi = x.gt(3.0)?.to_dtype(x.dtype())?; // x > 3
+            let mid = (&lo - &hi)?;
+            let d = ((mid * ((x / 3.0)? + 0.5)?)? + hi)?;
+            (y, d)
+        }
         Activation::SiLU => {
             // y = x s(x), s the logistic sigmoid; σ' = s (1 + x (1 − s)).
             let s = tensor::sigmoid(x)?;
@@ -117,10 +137,18 @@ pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tenso
     })
 }
 
-/// σ''(x), or `None` where it is zero almost everywhere (ReLU, LeakyReLU).
+/// σ''(x), or `None` where it is zero almost everywhere (ReLU, LeakyReLU,
+/// ReLU6, Hardsigmoid).
 pub(crate) fn second_derivative(act: Activation, x: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(match act {
-        Activation::ReLU | Activation::LeakyReLU { .. } => return Ok(None),
+        Activation::ReLU | Activation::LeakyReLU { .. } | Activation::ReLU6 | Activation::Hardsigmoid => {
+            return Ok(None)
+        }
+        // 1/3 on (−3, 3) (torch's derivative of hardswish_backward), 0 elsewhere
+        Activation::Hardswish => {
+            let inside = (tensor::heaviside(&(x + 3.0)?)? * tensor::heaviside(&(3.0 - x)?)?)?;
+            (inside / 3.0)?
+        }
         // tanh'' = −2 y (1 − y²)
         Activation::Tanh => {
             let y = x.tanh()?;

@@ -1,5 +1,8 @@
-//! `torch.nn.Conv2d` (groups = 1) as a matrix product over unfolded
-//! receptive fields: z[:, r] = W U[:, r] + b with W `(out_c, in_c·kh·kw)`.
+//! `torch.nn.Conv2d` as a matrix product over unfolded receptive fields:
+//! z[:, r] = W U[:, r] + b with W `(out_c, in_c/g·kh·kw)`. With g groups
+//! (depthwise: g = in_c) the product is block diagonal: group j's outputs
+//! read only the rows of its in_c/g input channels, which are the j-th
+//! block of the im2col rows (the grouped patch form of [`AffineLayer`]).
 
 use std::collections::HashMap;
 
@@ -16,8 +19,9 @@ const COL2IM_CHUNK: usize = 1 << 20;
 pub struct Conv2d {
     /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
     weight4: Tensor,
-    /// The same weight flattened to `(O, I)`, I = in_c·kh·kw.
+    /// The same weight flattened to `(O, I)`, I = in_c/g·kh·kw.
     weight: Tensor,
+    groups: usize,
     bias: Option<Tensor>,
     /// im2col table: outer = I patch rows, inner = R positions.
     index: WindowTable,
@@ -47,6 +51,7 @@ impl Conv2d {
             stride,
             padding,
             dilation,
+            groups,
             bias,
         } = *ctx.spec
         else {
@@ -90,7 +95,7 @@ impl Conv2d {
             dilation,
             out_hw,
         };
-        let wshape = [out_channels, in_channels, kernel_size[0], kernel_size[1]];
+        let wshape = [out_channels, in_channels / groups, kernel_size[0], kernel_size[1]];
         let weight4 = ctx.take_param(weights, "weight", &wshape, dtype)?;
         let weight = weight4.reshape((out_channels, ()))?;
         let bias = if bias {
@@ -102,6 +107,7 @@ impl Conv2d {
         Ok(Conv2d {
             weight4,
             weight,
+            groups,
             bias,
             index,
             in_shape: [c, h, w],
@@ -113,10 +119,33 @@ impl Conv2d {
         self.out_shape[1] * self.out_shape[2]
     }
 
-    /// The weight flattened to `(O, in_c·kh·kw)`.
+    /// The weight flattened to `(O, in_c/g·kh·kw)`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+}
+
+/// W X for W `(O, I)` in G blocks `(O/G, I)` and X `(G·I, N)`: block j of
+/// the result's rows is W_j X_j, `(O, N)`.
+fn group_mm(w: &Tensor, x: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(w.matmul(x)?);
+    }
+    let (o, i) = w.dims2()?;
+    let n = x.dim(1)?;
+    let y = w.reshape((groups, o / groups, i))?.matmul(&x.reshape((groups, i, n))?)?;
+    Ok(y.reshape((o, n))?)
+}
+
+/// Wᵀ Y per group for Y `(O, N)`: `(G·I, N)`.
+fn group_mm_t(w: &Tensor, y: &Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(w.t()?.matmul(y)?);
+    }
+    let (o, i) = w.dims2()?;
+    let n = y.dim(1)?;
+    let wt = w.reshape((groups, o / groups, i))?.transpose(1, 2)?;
+    Ok(wt.matmul(&y.reshape((groups, o / groups, n))?)?.reshape((groups * i, n))?)
 }
 
 impl Layer for Conv2d {
@@ -131,11 +160,12 @@ impl Layer for Conv2d {
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
         let m = x.dim(0)?;
         let (o, i) = self.weight.dims2()?;
+        let gi = i * self.groups;
         let r = self.positions();
-        // U = im2col(x), (I, M, R); z = W U + b for all samples at once:
-        // (O, I) @ (I, M·R) → (O, M, R), then sample-first by runs of R.
+        // U = im2col(x), (G·I, M, R); z = W U + b for all samples at once:
+        // (O, I) @ (I, M·R) → (O, M, R) per group, then sample-first by runs of R.
         let u = self.index.gather(x, 0.0)?;
-        let mut z = self.weight.matmul(&u.reshape((i, m * r))?)?;
+        let mut z = group_mm(&self.weight, &u.reshape((gi, m * r))?, self.groups)?;
         if let Some(b) = &self.bias {
             z = z.broadcast_add(&b.reshape((o, 1))?)?;
         }
@@ -150,17 +180,18 @@ impl Layer for Conv2d {
         // V as (O, M·K, R); Wᵀ V (I, M·K, R); col2im → (M·K, C·H·W).
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
+        let gi = i * self.groups;
         let r = self.positions();
-        // In chunks of columns whose Wᵀ V (I·R per column) stays in cache
+        // In chunks of columns whose Wᵀ V (G·I·R per column) stays in cache
         // between the product and the scatter.
         let vt = v.reshape((m * k, o, r))?.transpose(0, 1)?.contiguous()?; // (O, M·K, R)
-        let chunk = (COL2IM_CHUNK / (i * r)).clamp(1, m * k);
+        let chunk = (COL2IM_CHUNK / (gi * r)).clamp(1, m * k);
         let mut parts = Vec::with_capacity((m * k).div_ceil(chunk));
         for start in (0..m * k).step_by(chunk) {
             let n = chunk.min(m * k - start);
             let vc = vt.narrow(1, start, n)?.contiguous()?.reshape((o, n * r))?;
-            let cols = self.weight.t()?.matmul(&vc)?;
-            parts.push(self.index.scatter(&cols.reshape((i, n, r))?)?);
+            let cols = group_mm_t(&self.weight, &vc, self.groups)?;
+            parts.push(self.index.scatter(&cols.reshape((gi, n, r))?)?);
         }
         let vin = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
         let [c, h, w] = self.in_shape;
@@ -172,8 +203,8 @@ impl Layer for Conv2d {
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
-        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (I, M·K, R)
-        let z = self.weight.matmul(&u.reshape((i, m * k * r))?)?;
+        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (G·I, M·K, R)
+        let z = group_mm(&self.weight, &u.reshape((i * self.groups, m * k * r))?, self.groups)?;
         let z = z.reshape((o, m * k, r))?.transpose(0, 1)?.contiguous()?;
         split_mk(&z.reshape((m * k, o, self.out_shape[1], self.out_shape[2]))?, m, k)
     }
@@ -197,6 +228,10 @@ impl AffineLayer for Conv2d {
         (o, i, self.positions())
     }
 
+    fn groups(&self) -> usize {
+        self.groups
+    }
+
     fn has_bias(&self) -> bool {
         self.bias.is_some()
     }
@@ -209,8 +244,8 @@ impl AffineLayer for Conv2d {
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let (_, i) = self.weight.dims2()?;
         let r = self.positions();
-        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (I, M·K, R)
-        Ok(u.transpose(0, 1)?.contiguous()?.reshape((m, k, i, r))?)
+        let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (G·I, M·K, R)
+        Ok(u.transpose(0, 1)?.contiguous()?.reshape((m, k, i * self.groups, r))?)
     }
 
     fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -218,12 +253,16 @@ impl AffineLayer for Conv2d {
         let m = g.dim(0)?;
         let k = w.dim(0)?;
         let (o, i) = self.weight.dims2()?;
+        let (gs, og) = (self.groups, o / self.groups);
         let r = self.positions();
-        let gt = g.reshape((m, o, r))?.transpose(0, 1)?.contiguous()?.reshape((o, m * r))?;
-        let cols = w.transpose(1, 2)?.contiguous()?.matmul(&gt.broadcast_left(k)?)?; // (K, I, M·R)
-        // (K, I, M, R) → (I, M, K, R): the columns of sample-major (M·K).
-        let cols = cols.reshape((k, i, m, r))?.permute((1, 2, 0, 3))?.contiguous()?;
-        let vin = self.index.scatter(&cols.reshape((i, m * k, r))?)?;
+        let gt = g.reshape((m, o, r))?.transpose(0, 1)?.contiguous()?.reshape((gs, og, m * r))?;
+        // Per group: (K, G, I, O/G) @ (G, O/G, M·R) → (K, G·I, M·R).
+        let wt = w.reshape((k, gs, og, i))?.transpose(2, 3)?.contiguous()?;
+        let cols = wt.matmul(&gt.unsqueeze(0)?.broadcast_as((k, gs, og, m * r))?.contiguous()?)?;
+        let gi = gs * i;
+        // (K, G·I, M, R) → (G·I, M, K, R): the columns of sample-major (M·K).
+        let cols = cols.reshape((k, gi, m, r))?.permute((1, 2, 0, 3))?.contiguous()?;
+        let vin = self.index.scatter(&cols.reshape((gi, m * k, r))?)?;
         let [c, h, ww] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, ww))?, m, k)
     }

@@ -59,6 +59,10 @@ impl Layer for Flatten {
         Ok(v.reshape(with_leading(&v.dims()[..2], &self.in_shape))?)
     }
 
+    fn linear_map(&self) -> bool {
+        true
+    }
+
     fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         Ok(x_dot.reshape(with_leading(&x_dot.dims()[..2], &self.out_shape))?)
     }

@@ -34,6 +34,10 @@ impl Layer for Identity {
         Ok(v.clone())
     }
 
+    fn linear_map(&self) -> bool {
+        true
+    }
+
     fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         Ok(x_dot.clone())
     }

@@ -1,6 +1,11 @@
-//! Layers: one file per `torch.nn` class (or family), each knowing its
-//! forward pass, what that pass must save, and how to pull a batch of output
-//! sensitivities back to its input.
+//! Layers and graph ops: one file per `torch.nn` class (or family), each
+//! knowing its forward pass, what that pass must save, and how to pull a
+//! batch of output sensitivities back to its inputs.
+//!
+//! The engine sees every node of a model as an [`Op`] over all of its
+//! inputs. Ops with one input (nearly all of them) implement the simpler
+//! [`Layer`] trait and get [`Op`] from it; ops that read several values
+//! (`add`, `mul`, `cat`) implement [`Op`] directly.
 //!
 //! Shapes: a batch of M inputs is `(M, *in)`; a batch of sensitivities
 //! carries an extra column axis K right after the batch axis,
@@ -13,8 +18,11 @@
 //! layers and a new layer does not touch the quantities.
 
 mod activation;
+mod adaptive_pool;
+mod batchnorm;
 mod conv2d;
 mod flatten;
+mod graph_ops;
 mod identity;
 mod linear;
 mod patches;
@@ -24,7 +32,7 @@ use std::any::Any;
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::spec::LayerSpec;
+use crate::spec::{LayerSpec, NodeSpec, OpSpec};
 use crate::tensor::{DType, Device, Tensor};
 
 pub use activation::Elementwise;
@@ -33,6 +41,8 @@ pub use flatten::Flatten;
 pub use identity::Identity;
 pub use linear::Linear;
 pub use pool::{AvgPool2d, MaxPool2d};
+pub use adaptive_pool::AdaptiveAvgPool2d;
+pub use batchnorm::BatchNorm;
 
 /// What a layer's forward pass saved for its backward pass. Each layer
 /// stores its own type and downcasts it back.
@@ -50,7 +60,7 @@ impl Saved {
     }
 }
 
-/// One layer of a [`crate::Sequential`].
+/// An op with one input: a layer of a Sequential, or a unary graph node.
 pub trait Layer: Send + Sync {
     /// The `torch.nn` class name, for messages.
     fn type_name(&self) -> &'static str;
@@ -87,9 +97,145 @@ pub trait Layer: Send + Sync {
         Vec::new()
     }
 
+    /// Other state-dict tensors the layer reads (running statistics).
+    fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+
     /// The patch form, for layers with parameters.
     fn affine(&self) -> Option<&dyn AffineLayer> {
         None
+    }
+
+    /// Parameter-free and linear in the input (reshapes, slices, identities)?
+    fn linear_map(&self) -> bool {
+        false
+    }
+}
+
+/// The second-order term of an op for the Hessian's exact diagonal.
+pub enum Residual {
+    /// Linear in its inputs almost everywhere: no term.
+    None,
+    /// Σ_i g_i ∇²_x y_i is diagonal, given as `(M, *in)`.
+    Diagonal(Tensor),
+    /// The term couples different inputs (a product of two values); the
+    /// diagonal is computed from Hessian-vector products instead.
+    Coupled,
+}
+
+/// One node of a model graph, as the engine sees it: a map from its input
+/// values `(M, *in_j)` to one output `(M, *out)`.
+pub trait Op: Send + Sync {
+    fn type_name(&self) -> &'static str;
+
+    /// Per-sample output shape.
+    fn out_shape(&self) -> &[usize];
+
+    /// Forward pass of a batch; with `save`, also what the backward passes need.
+    fn forward_all(&self, inputs: &[&Tensor], save: bool) -> Result<(Tensor, Option<Saved>)>;
+
+    /// `Jⱼᵀ v` for every input j with `needs[j]` (`None` for the others), for
+    /// output sensitivities `v (M, K, *out)`.
+    fn backward_all(&self, saved: &Saved, v: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>>;
+
+    /// Σ_j Jⱼ ẋⱼ for input tangents `(M, K, *in_j)` (`None`: zero tangent);
+    /// `None` when every tangent is zero.
+    fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>>;
+
+    /// The R-operator's second-order term for the output gradient `g (M, *out)`:
+    /// for every input j with `needs[j]`, Σ_l (Σ_i g_i ∂²y_i/∂xⱼ∂x_l) ẋ_l `(M, K, *in_j)`.
+    fn second_order_all(
+        &self,
+        saved: &Saved,
+        g: &Tensor,
+        x_dots: &[Option<&Tensor>],
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>>;
+
+    /// The second-order term as the Hessian diagonal needs it.
+    fn residual(&self, saved: &Saved, g: &Tensor) -> Result<Residual>;
+
+    /// Trainable tensors (roles and tensors), in `parameters()` order.
+    fn params(&self) -> Vec<(&'static str, &Tensor)>;
+
+    /// Other tensors the op reads from the state dict (running statistics).
+    fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
+
+    fn affine(&self) -> Option<&dyn AffineLayer>;
+
+    /// Is the op parameter-free and linear in its input, so that the last
+    /// Linear layer's output may pass through it (reshape, slice, select)?
+    fn is_linear_map(&self) -> bool;
+
+    /// Does the op's second-order term couple different inputs (a product
+    /// or quotient of two values)? See [`Residual::Coupled`].
+    fn couples_inputs(&self) -> bool {
+        false
+    }
+}
+
+impl<T: Layer> Op for T {
+    fn type_name(&self) -> &'static str {
+        Layer::type_name(self)
+    }
+
+    fn out_shape(&self) -> &[usize] {
+        Layer::out_shape(self)
+    }
+
+    fn forward_all(&self, inputs: &[&Tensor], save: bool) -> Result<(Tensor, Option<Saved>)> {
+        self.forward(inputs[0], save)
+    }
+
+    fn backward_all(&self, saved: &Saved, v: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![if needs[0] { Some(self.backward(saved, v)?) } else { None }])
+    }
+
+    fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
+        x_dots[0].map(|t| self.jvp_input(saved, t)).transpose()
+    }
+
+    fn second_order_all(
+        &self,
+        saved: &Saved,
+        g: &Tensor,
+        x_dots: &[Option<&Tensor>],
+        needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        // Unary: diag(r) ẋ with r = Σ_i g_i ∇²_x y_i.
+        let (Some(t), true) = (x_dots[0], needs[0]) else {
+            return Ok(vec![None]);
+        };
+        match self.input_residual(saved, g)? {
+            Some(r) => Ok(vec![Some(t.broadcast_mul(&r.unsqueeze(1)?)?)]),
+            None => Ok(vec![None]),
+        }
+    }
+
+    fn residual(&self, saved: &Saved, g: &Tensor) -> Result<Residual> {
+        Ok(match self.input_residual(saved, g)? {
+            Some(r) => Residual::Diagonal(r),
+            None => Residual::None,
+        })
+    }
+
+    fn params(&self) -> Vec<(&'static str, &Tensor)> {
+        Layer::params(self)
+    }
+
+    fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        Layer::buffers(self)
+    }
+
+    fn affine(&self) -> Option<&dyn AffineLayer> {
+        Layer::affine(self)
+    }
+
+    fn is_linear_map(&self) -> bool {
+        self.linear_map()
     }
 }
 
@@ -107,54 +253,85 @@ pub trait Layer: Send + Sync {
 /// follows from U and the output sensitivities V:
 /// per-sample gradient of column k, `∂/∂W = V[n, k] U[n]ᵀ` and
 /// `∂/∂b = Σ_r V[n, k, :, r]`.
+///
+/// *Grouped* layers (grouped and depthwise Conv2d, BatchNorm's per-channel
+/// scale) split the O outputs and the patch rows into G equal groups that
+/// do not mix: W `(O, I)` holds G stacked blocks `(O/G, I)`, U `(M, G·I, R)`
+/// holds the G groups' patches one after the other, and
+///
+///   z[n, g·O/G + o, r] = Σ_i W[g·O/G + o, i] · U[n, g·I + i, r] + b[·].
+///
+/// With G = 1 this is the plain form above.
 pub trait AffineLayer {
-    /// (O, I, R).
+    /// (O, I, R), I the patch length of one group.
     fn affine_dims(&self) -> (usize, usize, usize);
+
+    /// The number of groups G (1 unless grouped).
+    fn groups(&self) -> usize {
+        1
+    }
+
+    /// Does KFAC factor the weight as `[B, A]` (Linear, Conv2d)? Otherwise
+    /// each of the layer's tensors is a block holding its exact diagonal.
+    fn kron_factored(&self) -> bool {
+        true
+    }
 
     fn has_bias(&self) -> bool;
 
-    /// The patches U `(M, I, R)` of the batch this `saved` came from.
+    /// The patches U `(M, G·I, R)` of the batch this `saved` came from.
     fn patches(&self, saved: &Saved) -> Result<Tensor>;
 
-    /// The patches of input tangents `x_dot (M, K, *in)`: `(M, K, I, R)`.
+    /// The patches of input tangents `x_dot (M, K, *in)`: `(M, K, G·I, R)`.
     fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor>;
 
     /// The output gradient `g (M, *out)` pulled back to `(M, K, *in)`
-    /// through the layer with weight `w[k]` `(K, O, I)` in place of its own,
+    /// through the layer with weight `w[k]` `(K, O, I)` in place of its own
+    /// (and no bias),
     /// one column per k (the mixed parameter-input term V_Wᵀ g of
     /// Hessian-vector products).
     fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor>;
 }
 
-/// Builds the layer at `index` for per-sample input shape `in_shape`,
-/// taking its parameters out of `weights` (keys `"{index}.weight"`, ...).
+/// Builds the op of `node` for the per-sample shapes of its inputs, taking
+/// its tensors out of `weights`.
 pub(crate) fn build(
-    index: usize,
-    spec: &LayerSpec,
-    in_shape: &[usize],
+    node: &NodeSpec,
+    label: &str,
+    in_shapes: &[&[usize]],
     weights: &mut HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
-) -> Result<Box<dyn Layer>> {
+) -> Result<Box<dyn Op>> {
+    let spec = match &node.op {
+        OpSpec::Module(l) => l,
+        other => return graph_ops::build(other, label, in_shapes, device),
+    };
     let ctx = LayerCtx {
-        index,
+        label,
+        node,
         spec,
         device,
     };
+    let in_shape = in_shapes[0];
     Ok(match spec {
         LayerSpec::Linear { .. } => Box::new(Linear::build(&ctx, in_shape, weights, dtype)?),
         LayerSpec::Conv2d { .. } => Box::new(Conv2d::build(&ctx, in_shape, weights, dtype)?),
+        LayerSpec::BatchNorm { .. } => Box::new(BatchNorm::build(&ctx, in_shape, weights, dtype)?),
         LayerSpec::Flatten { .. } => Box::new(Flatten::build(&ctx, in_shape)?),
         LayerSpec::Identity => Box::new(Identity::new(in_shape)),
         LayerSpec::Activation(a) => Box::new(Elementwise::new(*a, in_shape)),
         LayerSpec::MaxPool2d { .. } => Box::new(MaxPool2d::build(&ctx, in_shape)?),
         LayerSpec::AvgPool2d { .. } => Box::new(AvgPool2d::build(&ctx, in_shape)?),
+        LayerSpec::AdaptiveAvgPool2d { .. } => Box::new(AdaptiveAvgPool2d::build(&ctx, in_shape)?),
     })
 }
 
-/// Which layer is being built, for error messages.
+/// Which node is being built, for error messages and state-dict names.
 pub(crate) struct LayerCtx<'a> {
-    pub index: usize,
+    /// "layer 3 (Conv2d)" or "node \"conv1\" (Conv2d)".
+    pub label: &'a str,
+    pub node: &'a NodeSpec,
     pub spec: &'a LayerSpec,
     pub device: &'a Device,
 }
@@ -162,36 +339,35 @@ pub(crate) struct LayerCtx<'a> {
 impl LayerCtx<'_> {
     /// "layer 3 (Conv2d): {msg}" as a spec error.
     pub fn spec_err(&self, msg: impl std::fmt::Display) -> crate::Error {
-        crate::Error::Spec(format!(
-            "layer {} ({}): {msg}",
-            self.index,
-            self.spec.type_name()
-        ))
+        crate::Error::Spec(format!("{}: {msg}", self.label))
     }
 
-    /// Take parameter `name` of this layer out of `weights`, checking its shape
-    /// and converting it to the compute dtype.
+    /// Take the tensor in `role` of this node out of `weights`, checking its
+    /// shape and converting it to the compute dtype.
     pub fn take_param(
         &self,
         weights: &mut HashMap<String, Tensor>,
-        name: &str,
+        role: &str,
         shape: &[usize],
         dtype: DType,
     ) -> Result<Tensor> {
-        let key = format!("{}.{name}", self.index);
+        let Some(key) = self.node.param_key(role) else {
+            return Err(crate::Error::Spec(format!(
+                "{}: no tensor is named for its {role} (give \"params\": {{\"{role}\": ...}} or a \"module\")",
+                self.label
+            )));
+        };
         let Some(t) = weights.remove(&key) else {
             return Err(crate::Error::Weights(format!(
-                "missing tensor {key:?} (the {name} of layer {} ({}), shape {shape:?})",
-                self.index,
-                self.spec.type_name()
+                "missing tensor {key:?} (the {role} of {}, shape {shape:?})",
+                self.label
             )));
         };
         if t.dims() != shape {
             return Err(crate::Error::Weights(format!(
-                "tensor {key:?} has shape {:?}, but layer {} ({}) needs {shape:?}",
+                "tensor {key:?} has shape {:?}, but {} needs {shape:?}",
                 t.dims(),
-                self.index,
-                self.spec.type_name()
+                self.label
             )));
         }
         if !crate::tensor::is_compute_dtype(t.dtype()) {

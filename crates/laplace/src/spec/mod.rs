@@ -8,6 +8,10 @@
 //!             {"type": "Linear", "in_features": 4608, "out_features": 10}]}
 //! ```
 //!
+//! The graph form for any `nn.Module` is in [`graph`] and
+//! `docs/model-format.md`; a Sequential spec is loaded as the chain graph
+//! it is.
+//!
 //! Parsing is strict: an unknown type, an unknown argument, a missing
 //! required argument or a value of the wrong kind is an error that names the
 //! layer index and the argument, so a typo never silently means "default".
@@ -16,13 +20,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{bail, Result};
 
-/// A parsed model spec.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ModelSpec {
-    /// Shape of one input sample, without the batch dimension.
-    pub input_shape: Vec<usize>,
-    pub layers: Vec<LayerSpec>,
-}
+mod graph;
+
+pub use graph::{BinaryOp, Form, InputSpec, ModelSpec, NodeSpec, OpSpec, ReduceOp};
 
 /// Conv2d `padding`: explicit amounts, or torch's `"valid"` / `"same"`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,7 +47,19 @@ pub enum LayerSpec {
         stride: [usize; 2],
         padding: Padding,
         dilation: [usize; 2],
+        groups: usize,
         bias: bool,
+    },
+    /// `BatchNorm1d` / `BatchNorm2d` at evaluation (running statistics).
+    BatchNorm {
+        num_features: usize,
+        eps: f64,
+        affine: bool,
+        /// BatchNorm2d (inputs `(C, H, W)`) rather than BatchNorm1d (`(C,)` or `(C, L)`).
+        spatial: bool,
+    },
+    AdaptiveAvgPool2d {
+        output_size: [usize; 2],
     },
     Flatten {
         start_dim: i64,
@@ -84,6 +96,12 @@ pub enum Activation {
     LeakyReLU { negative_slope: f64 },
     GELU { tanh_approximation: bool },
     SiLU,
+    /// min(max(x, 0), 6).
+    ReLU6,
+    /// x · ReLU6(x + 3) / 6.
+    Hardswish,
+    /// ReLU6(x + 3) / 6.
+    Hardsigmoid,
 }
 
 impl LayerSpec {
@@ -96,6 +114,9 @@ impl LayerSpec {
             LayerSpec::Identity => "Identity",
             LayerSpec::MaxPool2d { .. } => "MaxPool2d",
             LayerSpec::AvgPool2d { .. } => "AvgPool2d",
+            LayerSpec::BatchNorm { spatial: true, .. } => "BatchNorm2d",
+            LayerSpec::BatchNorm { spatial: false, .. } => "BatchNorm1d",
+            LayerSpec::AdaptiveAvgPool2d { .. } => "AdaptiveAvgPool2d",
             LayerSpec::Activation(a) => a.type_name(),
         }
     }
@@ -112,67 +133,50 @@ impl Activation {
             Activation::LeakyReLU { .. } => "LeakyReLU",
             Activation::GELU { .. } => "GELU",
             Activation::SiLU => "SiLU",
+            Activation::ReLU6 => "ReLU6",
+            Activation::Hardswish => "Hardswish",
+            Activation::Hardsigmoid => "Hardsigmoid",
         }
     }
 }
 
-impl ModelSpec {
-    /// Parse a spec from JSON text.
-    pub fn from_json(text: &str) -> Result<Self> {
-        let root: Value = match serde_json::from_str(text) {
-            Ok(v) => v,
-            Err(e) => bail!(Spec, "not valid JSON: {e}"),
-        };
-        let Some(root) = root.as_object() else {
-            bail!(Spec, "the top level must be an object with \"input_shape\" and \"layers\"");
-        };
-        for key in root.keys() {
-            if key != "input_shape" && key != "layers" {
-                bail!(Spec, "unknown top-level key {key:?} (expected \"input_shape\", \"layers\")");
-            }
+/// Parse the Sequential form `{"input_shape", "layers"}` into its layers.
+pub(crate) fn parse_sequential(root: &Map<String, Value>) -> Result<(Vec<usize>, Vec<LayerSpec>)> {
+    for key in root.keys() {
+        if key != "input_shape" && key != "layers" {
+            bail!(Spec, "unknown top-level key {key:?} (expected \"input_shape\", \"layers\")");
         }
-        let input_shape = match root.get("input_shape") {
-            None => bail!(Spec, "missing \"input_shape\" (the shape of one sample, e.g. [784])"),
-            Some(v) => usize_list(v).ok_or_else(|| {
-                crate::Error::Spec(format!(
-                    "\"input_shape\" must be a list of positive integers, got {v}"
-                ))
-            })?,
-        };
-        if input_shape.is_empty() || input_shape.contains(&0) {
-            bail!(Spec, "\"input_shape\" must be non-empty with positive sizes, got {input_shape:?}");
-        }
-        let Some(layers) = root.get("layers").and_then(Value::as_array) else {
-            bail!(Spec, "missing \"layers\" (a list of layer objects)");
-        };
-        if layers.is_empty() {
-            bail!(Spec, "\"layers\" is empty");
-        }
-        let layers = layers
-            .iter()
-            .enumerate()
-            .map(|(i, v)| parse_layer(i, v))
-            .collect::<Result<_>>()?;
-        Ok(ModelSpec {
-            input_shape,
-            layers,
-        })
     }
+    let input_shape = match root.get("input_shape") {
+        None => bail!(Spec, "missing \"input_shape\" (the shape of one sample, e.g. [784])"),
+        Some(v) => usize_list(v).ok_or_else(|| {
+            crate::Error::Spec(format!("\"input_shape\" must be a list of positive integers, got {v}"))
+        })?,
+    };
+    if input_shape.is_empty() || input_shape.contains(&0) {
+        bail!(Spec, "\"input_shape\" must be non-empty with positive sizes, got {input_shape:?}");
+    }
+    let Some(layers) = root.get("layers").and_then(Value::as_array) else {
+        bail!(Spec, "missing \"layers\" (a list of layer objects)");
+    };
+    if layers.is_empty() {
+        bail!(Spec, "\"layers\" is empty");
+    }
+    let layers = layers.iter().enumerate().map(|(i, v)| parse_layer(i, v)).collect::<Result<_>>()?;
+    Ok((input_shape, layers))
 }
 
-impl ModelSpec {
-    /// The spec as JSON in the input format (every argument explicit), so
-    /// that `from_json(to_json())` gives the same spec.
-    pub fn to_json(&self) -> String {
+impl LayerSpec {
+    /// The layer as a JSON object in the input format, every argument
+    /// explicit, so that parsing it gives the same spec.
+    pub fn to_value(&self) -> Value {
         use serde_json::json;
-        let layers: Vec<Value> = self
-            .layers
-            .iter()
-            .map(|l| match l {
+        let l = self;
+        match l {
                 LayerSpec::Linear { in_features, out_features, bias } => {
                     json!({"type": "Linear", "in_features": in_features, "out_features": out_features, "bias": bias})
                 }
-                LayerSpec::Conv2d { in_channels, out_channels, kernel_size, stride, padding, dilation, bias } => {
+                LayerSpec::Conv2d { in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias } => {
                     let padding = match padding {
                         Padding::Explicit(p) => json!(p),
                         Padding::Valid => json!("valid"),
@@ -180,7 +184,13 @@ impl ModelSpec {
                     };
                     json!({"type": "Conv2d", "in_channels": in_channels, "out_channels": out_channels,
                            "kernel_size": kernel_size, "stride": stride, "padding": padding,
-                           "dilation": dilation, "bias": bias})
+                           "dilation": dilation, "groups": groups, "bias": bias})
+                }
+                LayerSpec::BatchNorm { num_features, eps, affine, .. } => {
+                    json!({"type": l.type_name(), "num_features": num_features, "eps": eps, "affine": affine})
+                }
+                LayerSpec::AdaptiveAvgPool2d { output_size } => {
+                    json!({"type": "AdaptiveAvgPool2d", "output_size": output_size})
                 }
                 LayerSpec::Flatten { start_dim, end_dim } => json!({"type": "Flatten", "start_dim": start_dim, "end_dim": end_dim}),
                 LayerSpec::Identity => json!({"type": "Identity"}),
@@ -199,9 +209,17 @@ impl ModelSpec {
                     }
                     other => json!({"type": other.type_name()}),
                 },
-            })
-            .collect();
-        json!({"input_shape": self.input_shape, "layers": layers}).to_string()
+            }
+    }
+
+    /// The trainable tensors this layer owns, in `parameters()` order.
+    pub fn param_roles(&self) -> Vec<&'static str> {
+        let (weight, bias) = match *self {
+            LayerSpec::Linear { bias, .. } | LayerSpec::Conv2d { bias, .. } => (true, bias),
+            LayerSpec::BatchNorm { affine, .. } => (affine, affine),
+            _ => (false, false),
+        };
+        [(weight, "weight"), (bias, "bias")].into_iter().filter(|(on, _)| *on).map(|(_, r)| r).collect()
     }
 }
 
@@ -215,14 +233,14 @@ fn usize_list(v: &Value) -> Option<Vec<usize>> {
 /// The arguments of one layer, consumed one by one so that leftovers are
 /// reported as unknown.
 struct Args {
-    index: usize,
-    ty: String,
+    /// "layer 3 (Conv2d)" or "node \"conv1\" (Conv2d)": who the arguments belong to.
+    label: String,
     map: Map<String, Value>,
 }
 
 impl Args {
     fn err(&self, msg: String) -> crate::Error {
-        crate::Error::Spec(format!("layer {} ({}): {msg}", self.index, self.ty))
+        crate::Error::Spec(format!("{}: {msg}", self.label))
     }
 
     fn take(&mut self, key: &str) -> Option<Value> {
@@ -328,12 +346,31 @@ fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
         Some(other) => bail!(Spec, "layer {index}: \"type\" must be a string, got {other}"),
         None => bail!(Spec, "layer {index}: missing \"type\" (a torch.nn class name such as \"Linear\")"),
     };
+    match parse_module(&format!("layer {index} ({ty})"), &ty, map)? {
+        Some(layer) => Ok(layer),
+        None => bail!(
+            Spec,
+            "layer {index}: unknown layer type {ty:?} (known: {})",
+            MODULE_OPS.join(", ")
+        ),
+    }
+}
+
+/// The `torch.nn` classes a layer (or a graph node's `op`) may name.
+pub const MODULE_OPS: &[&str] = &[
+    "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "Flatten", "ReLU", "ReLU6", "Tanh", "Sigmoid", "Softplus",
+    "ELU", "LeakyReLU", "GELU", "SiLU", "Hardswish", "Hardsigmoid", "Identity", "Dropout", "MaxPool2d", "AvgPool2d",
+    "AdaptiveAvgPool2d",
+];
+
+/// A module op `ty` with constructor arguments `map`, or `None` when `ty`
+/// is not a module op. `label` names the layer or node in messages.
+pub(crate) fn parse_module(label: &str, ty: &str, map: Map<String, Value>) -> Result<Option<LayerSpec>> {
     let mut a = Args {
-        index,
-        ty: ty.clone(),
+        label: label.to_string(),
         map,
     };
-    let layer = match ty.as_str() {
+    let layer = match ty {
         "Linear" => {
             let in_features = a.usize_req("in_features")?;
             let in_features = positive(&a, "in_features", in_features)?;
@@ -372,8 +409,11 @@ fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
                 None => 1,
                 Some(v) => a.as_usize("groups", &v)?,
             };
-            if groups != 1 {
-                return Err(a.err(format!("groups = {groups} is not supported (only groups = 1)")));
+            if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+                return Err(a.err(format!(
+                    "groups = {groups} must be positive and divide in_channels = {in_channels} and \
+                     out_channels = {out_channels}"
+                )));
             }
             if let Some(mode) = a.take("padding_mode") {
                 if mode != "zeros" {
@@ -390,8 +430,50 @@ fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
                 stride,
                 padding,
                 dilation,
+                groups,
                 bias,
             }
+        }
+        "BatchNorm1d" | "BatchNorm2d" => {
+            let num_features = a.usize_req("num_features")?;
+            let num_features = positive(&a, "num_features", num_features)?;
+            let eps = a.f64_or("eps", 1e-5)?;
+            if eps < 0.0 {
+                return Err(a.err(format!("argument \"eps\" must be non-negative, got {eps}")));
+            }
+            let affine = a.bool_or("affine", true)?;
+            // Evaluation mode: the running statistics are used, momentum does not matter.
+            a.ignore("momentum");
+            if !a.bool_or("track_running_stats", true)? {
+                return Err(a.err(
+                    "track_running_stats = false normalizes by batch statistics even at evaluation; \
+                     only running statistics are supported"
+                        .into(),
+                ));
+            }
+            LayerSpec::BatchNorm {
+                num_features,
+                eps,
+                affine,
+                spatial: ty == "BatchNorm2d",
+            }
+        }
+        "AdaptiveAvgPool2d" => {
+            let output_size = a.pair("output_size", None)?;
+            let output_size = positive_pair(&a, "output_size", output_size)?;
+            LayerSpec::AdaptiveAvgPool2d { output_size }
+        }
+        "ReLU6" => {
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::ReLU6)
+        }
+        "Hardswish" => {
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::Hardswish)
+        }
+        "Hardsigmoid" => {
+            a.ignore("inplace");
+            LayerSpec::Activation(Activation::Hardsigmoid)
         }
         "Flatten" => LayerSpec::Flatten {
             start_dim: a.i64_or("start_dim", 1)?,
@@ -490,14 +572,10 @@ fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
                 divisor_override,
             }
         }
-        other => bail!(
-            Spec,
-            "layer {index}: unknown layer type {other:?} (known: Linear, Conv2d, Flatten, ReLU, Tanh, \
-             Sigmoid, Softplus, ELU, LeakyReLU, GELU, SiLU, Identity, Dropout, MaxPool2d, AvgPool2d)"
-        ),
+        _ => return Ok(None),
     };
     a.finish()?;
-    Ok(layer)
+    Ok(Some(layer))
 }
 
 /// torch: "pad should be at most half of effective kernel size".
@@ -526,8 +604,9 @@ mod tests {
                 {"type":"Linear","in_features":18,"out_features":3}]}"#,
         )
         .unwrap();
+        let layers = s.layers().unwrap();
         assert_eq!(
-            s.layers[0],
+            *layers[0],
             LayerSpec::Conv2d {
                 in_channels: 1,
                 out_channels: 2,
@@ -535,21 +614,22 @@ mod tests {
                 stride: [1, 1],
                 padding: Padding::Explicit([0, 0]),
                 dilation: [1, 1],
+                groups: 1,
                 bias: true
             }
         );
-        match &s.layers[1] {
-            LayerSpec::MaxPool2d { stride, .. } => assert_eq!(*stride, [2, 2]),
+        match layers[1] {
+            LayerSpec::MaxPool2d { stride, .. } => assert_eq!(stride, &[2, 2]),
             l => panic!("{l:?}"),
         }
         assert_eq!(
-            s.layers[2],
+            *layers[2],
             LayerSpec::Activation(Activation::Softplus {
                 beta: 1.0,
                 threshold: 20.0
             })
         );
-        assert_eq!(s.layers[3], LayerSpec::Flatten { start_dim: 1, end_dim: -1 });
+        assert_eq!(*layers[3], LayerSpec::Flatten { start_dim: 1, end_dim: -1 });
     }
 
     #[test]

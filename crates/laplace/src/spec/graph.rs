@@ -1,0 +1,468 @@
+//! The graph form of a model spec (`docs/model-format.md`): named inputs,
+//! nodes in an order where each reads only earlier values, one output, and
+//! θ as an explicit list of state-dict names. A Sequential spec is parsed
+//! into the same structure, a chain whose node `i` is layer `i`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde_json::{json, Map, Value};
+
+use super::{parse_module, parse_sequential, usize_list, Args, LayerSpec, MODULE_OPS};
+use crate::error::{bail, Result};
+
+/// A parsed model spec: always a graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelSpec {
+    pub inputs: Vec<InputSpec>,
+    /// θ: the trainable tensors' state-dict names in `parameters()` order.
+    pub parameters: Vec<String>,
+    pub nodes: Vec<NodeSpec>,
+    /// The value that is the model output.
+    pub output: String,
+    /// How the spec was written, so that [`ModelSpec::to_json`] writes it back alike.
+    pub form: Form,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    Sequential,
+    Graph,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InputSpec {
+    pub name: String,
+    /// Per-sample shape.
+    pub shape: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeSpec {
+    /// The node's output value.
+    pub name: String,
+    pub op: OpSpec,
+    pub inputs: Vec<String>,
+    /// Role (`weight`, `running_mean`, ...) → state-dict name, where given.
+    pub params: BTreeMap<String, String>,
+    /// The module path it came from (`layer1.0.conv1`; `"3"` for layer 3 of a Sequential).
+    pub module: Option<String>,
+}
+
+/// Elementwise binary arithmetic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Mean,
+    Sum,
+}
+
+/// What a node computes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpSpec {
+    /// A `torch.nn` module (or the functional form of one).
+    Module(LayerSpec),
+    /// Two values, broadcast per sample.
+    Binary(BinaryOp),
+    /// One value and a number: `x ∘ s`, or `s ∘ x` when `reverse`.
+    Scalar { op: BinaryOp, scalar: f64, reverse: bool },
+    Neg,
+    Cat { dim: i64 },
+    /// Per-sample target shape.
+    Reshape { shape: Vec<usize> },
+    /// Batched axis numbering, `dims[0] == 0`.
+    Permute { dims: Vec<i64> },
+    Reduce { op: ReduceOp, dims: Vec<i64>, keepdim: bool },
+    Slice { dim: i64, start: i64, end: Option<i64>, step: usize },
+    Select { dim: i64, index: i64 },
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+impl OpSpec {
+    /// The op's name as written in `model.json`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpSpec::Module(l) => l.type_name(),
+            OpSpec::Binary(op) | OpSpec::Scalar { op, .. } => op.name(),
+            OpSpec::Neg => "neg",
+            OpSpec::Cat { .. } => "cat",
+            OpSpec::Reshape { .. } => "reshape",
+            OpSpec::Permute { .. } => "permute",
+            OpSpec::Reduce { op: ReduceOp::Mean, .. } => "mean",
+            OpSpec::Reduce { op: ReduceOp::Sum, .. } => "sum",
+            OpSpec::Slice { .. } => "slice",
+            OpSpec::Select { .. } => "select",
+        }
+    }
+
+    /// How many inputs the op reads: exactly `n`, or at least 1 (`None`).
+    fn arity(&self) -> Option<usize> {
+        match self {
+            OpSpec::Binary(_) => Some(2),
+            OpSpec::Cat { .. } => None,
+            _ => Some(1),
+        }
+    }
+
+    fn attrs(&self) -> Value {
+        match self {
+            OpSpec::Module(l) => {
+                let mut v = l.to_value();
+                v.as_object_mut().expect("an object").remove("type");
+                v
+            }
+            OpSpec::Binary(_) | OpSpec::Neg => json!({}),
+            OpSpec::Scalar { scalar, reverse, .. } => json!({"scalar": scalar, "reverse": reverse}),
+            OpSpec::Cat { dim } => json!({"dim": dim}),
+            OpSpec::Reshape { shape } => json!({"shape": shape}),
+            OpSpec::Permute { dims } => json!({"dims": dims}),
+            OpSpec::Reduce { dims, keepdim, .. } => json!({"dim": dims, "keepdim": keepdim}),
+            OpSpec::Slice { dim, start, end, step } => json!({"dim": dim, "start": start, "end": end, "step": step}),
+            OpSpec::Select { dim, index } => json!({"dim": dim, "index": index}),
+        }
+    }
+}
+
+impl NodeSpec {
+    /// The state-dict name of the tensor in `role`: given in `params`, or
+    /// `<module>.<role>` (a Sequential layer `i` has module `"i"`).
+    pub fn param_key(&self, role: &str) -> Option<String> {
+        self.params
+            .get(role)
+            .cloned()
+            .or_else(|| self.module.as_ref().map(|m| format!("{m}.{role}")))
+    }
+
+    /// `node "conv1" (Conv2d)`, or `layer 3 (Conv2d)` in a Sequential, for messages.
+    pub fn label(&self, form: Form) -> String {
+        match form {
+            Form::Sequential => format!("layer {} ({})", self.name, self.op.name()),
+            Form::Graph => match &self.module {
+                Some(m) if m != &self.name => format!("node {:?} ({}, module {m:?})", self.name, self.op.name()),
+                _ => format!("node {:?} ({})", self.name, self.op.name()),
+            },
+        }
+    }
+}
+
+impl ModelSpec {
+    /// Parse either form from JSON text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let root: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => bail!(Spec, "not valid JSON: {e}"),
+        };
+        let Some(root) = root.as_object() else {
+            bail!(Spec, "the top level must be an object (\"input_shape\" and \"layers\", or a graph with \"nodes\")");
+        };
+        if root.contains_key("nodes") || root.contains_key("format") {
+            return parse_graph(root);
+        }
+        let (input_shape, layers) = parse_sequential(root)?;
+        Ok(Self::sequential(input_shape, layers))
+    }
+
+    /// The chain graph of an `nn.Sequential`: node `i` is layer `i`, reading
+    /// the previous node (the first reads input `x`); θ is every layer's
+    /// weight and bias in layer order.
+    pub fn sequential(input_shape: Vec<usize>, layers: Vec<LayerSpec>) -> Self {
+        let mut parameters = Vec::new();
+        let nodes = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                parameters.extend(l.param_roles().into_iter().map(|r| format!("{i}.{r}")));
+                NodeSpec {
+                    name: i.to_string(),
+                    op: OpSpec::Module(l),
+                    inputs: vec![if i == 0 { "x".to_string() } else { (i - 1).to_string() }],
+                    params: BTreeMap::new(),
+                    module: Some(i.to_string()),
+                }
+            })
+            .collect::<Vec<_>>();
+        let output = nodes.last().map_or_else(|| "x".to_string(), |n| n.name.clone());
+        ModelSpec {
+            inputs: vec![InputSpec { name: "x".into(), shape: input_shape }],
+            parameters,
+            nodes,
+            output,
+            form: Form::Sequential,
+        }
+    }
+
+    /// The per-sample shape of the first input.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.inputs[0].shape
+    }
+
+    /// The layers of a Sequential spec, in order (`None` for a graph).
+    pub fn layers(&self) -> Option<Vec<&LayerSpec>> {
+        (self.form == Form::Sequential)
+            .then(|| self.nodes.iter().filter_map(|n| if let OpSpec::Module(l) = &n.op { Some(l) } else { None }).collect())
+    }
+
+    /// The spec as JSON in the form it was written in, every argument
+    /// explicit, so that `from_json(to_json())` gives the same spec.
+    pub fn to_json(&self) -> String {
+        if let Some(layers) = self.layers() {
+            let layers: Vec<Value> = layers.iter().map(|l| l.to_value()).collect();
+            return json!({"input_shape": self.input_shape(), "layers": layers}).to_string();
+        }
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut v = json!({"name": n.name, "op": n.op.name(), "inputs": n.inputs, "attrs": n.op.attrs()});
+                let o = v.as_object_mut().expect("an object");
+                if !n.params.is_empty() {
+                    o.insert("params".into(), json!(n.params));
+                }
+                if let Some(m) = &n.module {
+                    o.insert("module".into(), json!(m));
+                }
+                v
+            })
+            .collect();
+        let inputs: Vec<Value> =
+            self.inputs.iter().map(|i| json!({"name": i.name, "shape": i.shape, "dtype": "float"})).collect();
+        json!({"format": FORMAT, "version": VERSION, "inputs": inputs, "parameters": self.parameters,
+               "nodes": nodes, "output": self.output})
+        .to_string()
+    }
+}
+
+const FORMAT: &str = "laplace-graph";
+const VERSION: u64 = 1;
+
+fn parse_graph(root: &Map<String, Value>) -> Result<ModelSpec> {
+    const KEYS: [&str; 6] = ["format", "version", "inputs", "parameters", "nodes", "output"];
+    for key in root.keys() {
+        if !KEYS.contains(&key.as_str()) {
+            bail!(Spec, "unknown top-level key {key:?} (expected {})", KEYS.join(", "));
+        }
+    }
+    match root.get("format") {
+        Some(Value::String(s)) if s == FORMAT => {}
+        other => bail!(Spec, "\"format\" must be \"{FORMAT}\", got {}", other.map_or("nothing".into(), |v| v.to_string())),
+    }
+    match root.get("version").and_then(Value::as_u64) {
+        Some(VERSION) => {}
+        _ => bail!(Spec, "\"version\" must be {VERSION}, got {}", root.get("version").map_or("nothing".into(), |v| v.to_string())),
+    }
+    let Some(inputs) = root.get("inputs").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+        bail!(Spec, "\"inputs\" must be a non-empty list of {{\"name\", \"shape\", \"dtype\"}}");
+    };
+    let mut values: HashSet<String> = HashSet::new();
+    let inputs = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let o = v.as_object().ok_or_else(|| spec_err(format!("input {i} must be an object, got {v}")))?;
+            for k in o.keys() {
+                if !["name", "shape", "dtype"].contains(&k.as_str()) {
+                    bail!(Spec, "input {i}: unknown key {k:?} (expected name, shape, dtype)");
+                }
+            }
+            let name = str_field(o, "name").ok_or_else(|| spec_err(format!("input {i} needs a \"name\"")))?;
+            let shape = o
+                .get("shape")
+                .and_then(usize_list)
+                .filter(|s| !s.contains(&0))
+                .ok_or_else(|| spec_err(format!("input {name:?}: \"shape\" must be a list of positive sizes")))?;
+            match o.get("dtype").and_then(Value::as_str) {
+                None | Some("float") => {}
+                Some(other) => bail!(Spec, "input {name:?}: dtype {other:?} is not supported (only \"float\")"),
+            }
+            if !values.insert(name.clone()) {
+                bail!(Spec, "input name {name:?} appears twice");
+            }
+            Ok(InputSpec { name, shape })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parameters: Vec<String> = match root.get("parameters") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| spec_err(format!("\"parameters\" must be a list of state-dict names, got {v}")))?,
+    };
+    let mut seen = HashSet::new();
+    for p in &parameters {
+        if !seen.insert(p) {
+            bail!(Spec, "parameter {p:?} is listed twice in \"parameters\"");
+        }
+    }
+    let Some(nodes) = root.get("nodes").and_then(Value::as_array).filter(|a| !a.is_empty()) else {
+        bail!(Spec, "\"nodes\" must be a non-empty list of node objects");
+    };
+    let nodes = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let node = parse_node(i, v)?;
+            for inp in &node.inputs {
+                if !values.contains(inp) {
+                    bail!(
+                        Spec,
+                        "{}: input {inp:?} is not a graph input or an earlier node (nodes must come after the values they read)",
+                        node.label(Form::Graph)
+                    );
+                }
+            }
+            if !values.insert(node.name.clone()) {
+                bail!(Spec, "node name {:?} (node {i}) is already a value of the graph", node.name);
+            }
+            Ok(node)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let output = match root.get("output") {
+        Some(Value::String(s)) if values.contains(s) => s.clone(),
+        Some(Value::String(s)) => bail!(Spec, "\"output\" {s:?} is not a value of the graph"),
+        _ => bail!(Spec, "\"output\" must name the value that is the model output"),
+    };
+    Ok(ModelSpec { inputs, parameters, nodes, output, form: Form::Graph })
+}
+
+fn spec_err(msg: String) -> crate::Error {
+    crate::Error::Spec(msg)
+}
+
+fn str_field(o: &Map<String, Value>, key: &str) -> Option<String> {
+    o.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+const FUNCTIONAL_OPS: &[&str] = &["add", "sub", "mul", "div", "neg", "cat", "reshape", "permute", "mean", "sum", "slice", "select"];
+
+fn parse_node(i: usize, v: &Value) -> Result<NodeSpec> {
+    let Some(o) = v.as_object() else {
+        bail!(Spec, "node {i} must be an object, got {v}");
+    };
+    const KEYS: [&str; 6] = ["name", "op", "inputs", "attrs", "params", "module"];
+    for k in o.keys() {
+        if !KEYS.contains(&k.as_str()) {
+            bail!(Spec, "node {i}: unknown key {k:?} (expected {})", KEYS.join(", "));
+        }
+    }
+    let name = str_field(o, "name").ok_or_else(|| spec_err(format!("node {i} needs a \"name\" (its output value)")))?;
+    let op_name = str_field(o, "op").ok_or_else(|| spec_err(format!("node {name:?} needs an \"op\"")))?;
+    let module = match o.get("module") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => bail!(Spec, "node {name:?}: \"module\" must be a string, got {other}"),
+    };
+    let inputs = o
+        .get("inputs")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| spec_err(format!("node {name:?}: \"inputs\" must be a list of value names")))?;
+    let params: BTreeMap<String, String> = match o.get("params") {
+        None => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_str().map(str::to_string).ok_or_else(|| spec_err(format!("node {name:?}: params.{k} must be a state-dict name, got {v}")))?)))
+            .collect::<Result<_>>()?,
+        Some(other) => bail!(Spec, "node {name:?}: \"params\" must be an object (role → state-dict name), got {other}"),
+    };
+    let attrs = match o.get("attrs") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(other) => bail!(Spec, "node {name:?}: \"attrs\" must be an object, got {other}"),
+    };
+    let label = format!("node {name:?} ({op_name})");
+    let op = match parse_module(&label, &op_name, attrs.clone())? {
+        Some(l) => OpSpec::Module(l),
+        None => parse_functional(&label, &op_name, attrs, inputs.len())?,
+    };
+    match op.arity() {
+        Some(n) if n != inputs.len() => bail!(Spec, "{label}: takes {n} input(s), got {}", inputs.len()),
+        None if inputs.is_empty() => bail!(Spec, "{label}: needs at least one input"),
+        _ => {}
+    }
+    Ok(NodeSpec { name, op, inputs, params, module })
+}
+
+fn parse_functional(label: &str, op: &str, attrs: Map<String, Value>, n_inputs: usize) -> Result<OpSpec> {
+    let mut a = Args { label: label.to_string(), map: attrs };
+    let dims = |a: &mut Args, key: &str| -> Result<Vec<i64>> {
+        match a.take(key) {
+            None => Err(a.err(format!("missing required argument {key:?}"))),
+            Some(Value::Number(n)) => n.as_i64().map(|d| vec![d]).ok_or_else(|| a.err(format!("{key:?} must be an integer"))),
+            Some(v) => v
+                .as_array()
+                .and_then(|l| l.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| a.err(format!("{key:?} must be an integer or a list of integers, got {v}"))),
+        }
+    };
+    let binary = |name: &str| match name {
+        "add" => Some(BinaryOp::Add),
+        "sub" => Some(BinaryOp::Sub),
+        "mul" => Some(BinaryOp::Mul),
+        "div" => Some(BinaryOp::Div),
+        _ => None,
+    };
+    let spec = match op {
+        _ if binary(op).is_some() => {
+            let bop = binary(op).expect("checked");
+            match a.take("scalar") {
+                None if n_inputs == 2 => OpSpec::Binary(bop),
+                None => return Err(a.err("with one input, the number is given as \"scalar\"".into())),
+                Some(v) => {
+                    let scalar = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| a.err(format!("\"scalar\" must be a finite number, got {v}")))?;
+                    let reverse = a.bool_or("reverse", false)?;
+                    OpSpec::Scalar { op: bop, scalar, reverse }
+                }
+            }
+        }
+        "neg" => OpSpec::Neg,
+        "cat" => OpSpec::Cat { dim: a.i64_or("dim", 0)? },
+        "reshape" => {
+            let shape = a.take("shape").and_then(|v| usize_list(&v)).ok_or_else(|| a.err("\"shape\" must be the per-sample target shape, a list of sizes".into()))?;
+            OpSpec::Reshape { shape }
+        }
+        "permute" => OpSpec::Permute { dims: dims(&mut a, "dims")? },
+        "mean" | "sum" => {
+            let d = dims(&mut a, "dim")?;
+            let keepdim = a.bool_or("keepdim", false)?;
+            OpSpec::Reduce { op: if op == "mean" { ReduceOp::Mean } else { ReduceOp::Sum }, dims: d, keepdim }
+        }
+        "slice" => {
+            let dim = a.i64_or("dim", 0)?;
+            let start = a.i64_or("start", 0)?;
+            let end = match a.take("end") {
+                None => None,
+                Some(v) => Some(v.as_i64().ok_or_else(|| a.err(format!("\"end\" must be an integer, got {v}")))?),
+            };
+            let step = a.i64_or("step", 1)?;
+            if step < 1 {
+                return Err(a.err(format!("\"step\" must be positive, got {step}")));
+            }
+            OpSpec::Slice { dim, start, end, step: step as usize }
+        }
+        "select" => OpSpec::Select { dim: a.i64_or("dim", 0)?, index: a.i64_or("index", 0)? },
+        other => bail!(
+            Spec,
+            "{label}: unknown op {other:?} (module ops: {}; functional ops: {})",
+            MODULE_OPS.join(", "),
+            FUNCTIONAL_OPS.join(", ")
+        ),
+    };
+    a.finish()?;
+    Ok(spec)
+}
