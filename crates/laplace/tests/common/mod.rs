@@ -25,6 +25,20 @@ pub fn cases() -> Vec<String> {
     v
 }
 
+/// Every graph-model fixture case (`fixtures/graph/<case>`), as `graph/<case>`, sorted.
+pub fn graph_cases() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(fixtures_dir().join("graph"))
+        .expect("graph fixtures directory")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            e.path().join("meta.json").exists().then(|| format!("graph/{}", e.file_name().to_string_lossy()))
+        })
+        .collect();
+    v.sort();
+    assert!(v.len() >= 3, "expected the committed graph fixtures, found {v:?}");
+    v
+}
+
 pub struct Fixture {
     pub name: String,
     pub dir: PathBuf,
