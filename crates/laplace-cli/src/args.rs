@@ -9,10 +9,10 @@ use laplace::{Dataset, Sequential, Subset};
 /// Model, weights and data.
 #[derive(Args, Debug, Clone)]
 pub struct Inputs {
-    /// Model spec (JSON: input_shape and torch.nn layers).
+    /// Model spec (JSON: a graph from tools/laplace_export.py, or input_shape and torch.nn layers).
     #[arg(long, value_name = "M.json")]
     pub model: PathBuf,
-    /// Weights: safetensors with nn.Sequential state_dict names ("0.weight").
+    /// Weights: safetensors with the module's state_dict names ("0.weight", "layer1.0.bn1.bias").
     #[arg(long, value_name = "W.safetensors")]
     pub weights: PathBuf,
     /// Data: .npz or .safetensors with x (N, *input_shape) and y.
@@ -30,11 +30,15 @@ pub struct Inputs {
 #[derive(Args, Debug, Clone)]
 pub struct SubsetArgs {
     /// Only the final Linear layer's parameters.
-    #[arg(long, conflicts_with = "subnetwork")]
+    #[arg(long, conflicts_with_all = ["subnetwork", "params"])]
     pub last_layer: bool,
     /// Only these parameter indices (int64 .npy, indices into θ in parameters() order).
-    #[arg(long, value_name = "IDX.npy")]
+    #[arg(long, value_name = "IDX.npy", conflicts_with = "params")]
     pub subnetwork: Option<PathBuf>,
+    /// Only the parameter tensors whose names match these globs, comma-separated
+    /// (named_parameters() names: 'fc.*,layer4.*').
+    #[arg(long, value_name = "GLOBS")]
+    pub params: Option<String>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -77,7 +81,14 @@ impl Inputs {
 }
 
 impl SubsetArgs {
-    pub fn subset(&self) -> laplace::Result<Subset> {
+    pub fn subset(&self, model: &Sequential) -> laplace::Result<Subset> {
+        if let Some(globs) = &self.params {
+            let patterns: Vec<&str> = globs.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+            if patterns.is_empty() {
+                return Err(laplace::Error::Invalid("--params needs at least one name pattern".into()));
+            }
+            return Ok(Subset::Subnetwork(model.param_indices_matching(&patterns)?));
+        }
         Ok(match (&self.subnetwork, self.last_layer) {
             (Some(path), _) => Subset::Subnetwork(laplace::io::read_indices(path)?),
             (None, true) => Subset::LastLayer,

@@ -59,7 +59,7 @@ fn peak_rss_bytes() -> Option<u64> {
 fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<Vec<(String, Tensor)>> {
     let bs = a.inputs.batch_size();
     Ok(match a.quantity {
-        QuantityArg::Curvature => a.spec.compute(curv, data, bs)?,
+        QuantityArg::Curvature => a.spec.compute(curv, data, bs)?.0,
         QuantityArg::Jacobians => {
             let (j, f) = curv.jacobians_over(data, bs, a.spec.subset.last_layer)?;
             vec![("J".into(), j), ("f".into(), f)]
@@ -93,7 +93,7 @@ pub fn run(a: &BenchArgs) -> laplace::Result<()> {
         QuantityArg::Hvp => a.spec.kind(a.mc.samples),
     };
     let lik: Likelihood = a.spec.likelihood.into();
-    let curv = Curvature::new(&model, lik, kind, &a.spec.subset.subset()?)?;
+    let curv = Curvature::new(&model, lik, kind, &a.spec.subset.subset(&model)?)?;
     let mut result = compute(a, &curv, &data)?; // warm-up
     let mut times = Vec::with_capacity(a.repeat as usize);
     for _ in 0..a.repeat {

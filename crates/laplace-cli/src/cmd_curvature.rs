@@ -91,11 +91,13 @@ impl CurvatureSpec {
 
     /// The curvature object for `model`.
     pub fn curvature<'m>(&self, model: &'m Sequential, mc_samples: u64) -> laplace::Result<Curvature<'m>> {
-        Curvature::new(model, self.likelihood.into(), self.kind(mc_samples), &self.subset.subset()?)
+        Curvature::new(model, self.likelihood.into(), self.kind(mc_samples), &self.subset.subset(model)?)
     }
 
-    /// Loss and curvature over `data`, as named output tensors.
-    pub fn compute(&self, curv: &Curvature, data: &Dataset, batch_size: usize) -> laplace::Result<Vec<(String, Tensor)>> {
+    /// Loss and curvature over `data`, as named output tensors, and the
+    /// output's metadata (`kron_blocks`: the parameter names of each KFAC
+    /// block, a JSON list of lists).
+    pub fn compute(&self, curv: &Curvature, data: &Dataset, batch_size: usize) -> laplace::Result<(Vec<(String, Tensor)>, Vec<(String, String)>)> {
         let (loss, h) = match self.structure {
             StructureArg::Full => curv.full_over(data, batch_size)?,
             StructureArg::Diag => curv.diag_over(data, batch_size)?,
@@ -112,16 +114,17 @@ impl CurvatureSpec {
                         out.push((format!("kron.{b}.{f}"), t));
                     }
                 }
-                return Ok(out);
+                let names = serde_json::to_string(&curv.kron_block_names()).expect("names serialize");
+                return Ok((out, vec![("kron_blocks".to_string(), names)]));
             }
         };
-        Ok(vec![("loss".into(), loss), ("H".into(), h)])
+        Ok((vec![("loss".into(), loss), ("H".into(), h)], Vec::new()))
     }
 }
 
 pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
     let curv = a.spec.curvature(&model, a.mc.samples)?;
-    let out = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
-    laplace::io::write_safetensors(&a.out, &out)
+    let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
+    laplace::io::write_safetensors_with_metadata(&a.out, &out, &metadata)
 }

@@ -34,7 +34,7 @@ pub struct GradientsArgs {
 
 pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
-    let subset = a.subset.subset()?;
+    let subset = a.subset.subset(&model)?;
     // The likelihood plays no part in Jacobians.
     let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?;
     let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
@@ -43,7 +43,7 @@ pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
 
 pub fn run_gradients(a: &GradientsArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
-    let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset()?)?;
+    let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset(&model)?)?;
     let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
     laplace::io::write_safetensors(&a.out, &[("G".into(), g), ("loss".into(), loss)])
 }

@@ -11,7 +11,7 @@ use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device};
 use laplace::{CurvatureKind, Dataset, Likelihood, Subset};
 
-use crate::args::{DTypeArg, LikelihoodArg};
+use crate::args::{DTypeArg, LikelihoodArg, SubsetArgs};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubsetArg {
@@ -62,8 +62,11 @@ pub struct FitArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub subset: SubsetArg,
     /// Parameter indices of the subnetwork (int64 .npy), with --subset subnetwork.
-    #[arg(long, value_name = "IDX.npy")]
+    #[arg(long, value_name = "IDX.npy", conflicts_with = "params")]
     pub subnetwork: Option<PathBuf>,
+    /// The subnetwork as parameter-name globs ('fc.*,layer4.*'), with --subset subnetwork.
+    #[arg(long, value_name = "GLOBS")]
+    pub params: Option<String>,
     #[arg(long, value_enum)]
     pub structure: PosteriorStructureArg,
     /// Rank of the low-rank structure (top eigenpairs of the curvature).
@@ -173,14 +176,24 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
     let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
     let data = Dataset::load(&a.data, model.dtype(), &dev)?;
     let likelihood: Likelihood = a.likelihood.into();
-    let subset = match (a.subset, &a.subnetwork) {
-        (SubsetArg::All, None) => Subset::All,
-        (SubsetArg::LastLayer, None) => Subset::LastLayer,
-        (SubsetArg::Subnetwork, Some(p)) => Subset::Subnetwork(laplace::io::read_indices(p)?),
-        (SubsetArg::Subnetwork, None) => {
-            return Err(laplace::Error::Invalid("--subset subnetwork needs --subnetwork IDX.npy".into()))
+    let subset = match (a.subset, &a.subnetwork, &a.params) {
+        (SubsetArg::All, None, None) => Subset::All,
+        (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
+        (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
+        (SubsetArg::Subnetwork, None, Some(_)) => {
+            let args = SubsetArgs { last_layer: false, subnetwork: None, params: a.params.clone() };
+            args.subset(&model)?
         }
-        (_, Some(_)) => return Err(laplace::Error::Invalid("--subnetwork needs --subset subnetwork".into())),
+        (SubsetArg::Subnetwork, None, None) => {
+            return Err(laplace::Error::Invalid(
+                "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),
+            ))
+        }
+        _ => {
+            return Err(laplace::Error::Invalid(
+                "--subnetwork and --params need --subset subnetwork".into(),
+            ))
+        }
     };
     let structure = match a.structure {
         PosteriorStructureArg::Full => Structure::Full,

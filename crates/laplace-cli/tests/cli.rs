@@ -362,3 +362,59 @@ fn hessian_eigen_and_trace_through_the_cli() {
     assert!((got - want).abs() <= 1e-9 * want, "trace {got} vs {want}");
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// Graph models through the CLI: the diagonal GGN, KFAC with its block
+/// names in the output's metadata, a subnetwork by parameter-name globs, and
+/// a KFAC posterior fitted, evaluated and used for predictions.
+#[test]
+fn graph_models_through_the_cli() {
+    let tmp = scratch("graph");
+    let dir = fixture("graph/resnet_bn");
+    let exp = expected("graph/resnet_bn");
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("model.json")).unwrap()).unwrap();
+    let params: Vec<String> = spec["parameters"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+
+    let out = tmp.join("diag.safetensors");
+    let mut args = base("curvature", &dir);
+    args.extend(["--likelihood", "classification", "--structure", "diag", "--out", p(&out)].map(String::from));
+    assert_ok(&run(args));
+    assert_close(&read(&out)["H"], &exp["ggn.diag"], "resnet_bn GGN diagonal");
+
+    let out = tmp.join("kron.safetensors");
+    let mut args = base("curvature", &dir);
+    args.extend(["--likelihood", "classification", "--structure", "kron", "--out", p(&out)].map(String::from));
+    assert_ok(&run(args));
+    let meta = laplace::io::read_safetensors_metadata(&out).unwrap();
+    let blocks: Vec<Vec<String>> = serde_json::from_str(&meta["kron_blocks"]).unwrap();
+    assert_eq!(blocks, params.iter().map(|n| vec![n.clone()]).collect::<Vec<_>>(), "one block per θ tensor, in θ order");
+    let kron = read(&out);
+    assert_eq!(kron.keys().filter(|k| k.starts_with("kron.")).count(), 7 * 2 + 13, "7 Conv/Linear weights [B, A], 13 other tensors [·]");
+
+    // The head by name is the last layer.
+    let out = tmp.join("fc.safetensors");
+    let mut args = base("curvature", &dir);
+    args.extend(["--likelihood", "classification", "--structure", "full", "--params", "fc.*", "--out", p(&out)].map(String::from));
+    assert_ok(&run(args));
+    assert_close(&read(&out)["H"], &exp["last_layer.ggn.full"], "resnet_bn --params 'fc.*' GGN");
+    let mut args = base("curvature", &dir);
+    args.extend(["--likelihood", "classification", "--params", "head.*", "--out", p(&tmp.join("none.safetensors"))].map(String::from));
+    let o = run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("\"head.*\"") && err.contains("layer1.conv1.weight"), "{err}");
+    assert!(!tmp.join("none.safetensors").exists());
+
+    let post = tmp.join("post.safetensors");
+    let mut args = base("fit", &dir);
+    args.extend(["--likelihood", "classification", "--structure", "kron", "--optimize-prior", "marglik", "--out", p(&post)].map(String::from));
+    assert_ok(&run(args));
+    let o = laplace(&["evaluate", "--posterior", p(&post), "--data", p(&dir.join("data.npz"))]);
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Laplace"));
+    let pred = tmp.join("pred.safetensors");
+    assert_ok(&laplace(&["predict", "--posterior", p(&post), "--data", p(&dir.join("data.npz")), "--out", p(&pred)]));
+    let probs = tensor::to_vec_f64(&read(&pred)["probs"]).unwrap();
+    assert_eq!(probs.len(), 5 * 3);
+    for row in probs.chunks(3) {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6 && row.iter().all(|&q| q > 0.0), "{row:?}");
+    }
+}

@@ -83,18 +83,33 @@ pub fn read_indices(path: &Path) -> Result<Vec<i64>> {
     tensor::to_vec_i64(&t)
 }
 
+/// The string metadata (`__metadata__`) of a safetensors file.
+pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::Data(format!("{}: not a safetensors file: {e}", path.display())))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Write tensors to a safetensors file, atomically.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let map: HashMap<String, Tensor> = tensors
+    write_safetensors_with_metadata(path, tensors, &[])
+}
+
+/// Write tensors and string metadata (the header's `__metadata__`) to a
+/// safetensors file, atomically.
+pub fn write_safetensors_with_metadata(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
+    let map: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
         .collect::<Result<_>>()?;
+    let info: Option<HashMap<String, String>> = (!metadata.is_empty()).then(|| metadata.iter().cloned().collect());
     let tmp = temp_path(path);
-    candle_core::safetensors::save(&map, &tmp).map_err(|e| {
+    safetensors::serialize_to_file(map, info, &tmp).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         match e {
-            candle_core::Error::Io(io) => Error::io(path, io),
-            other => Error::Tensor(other),
+            safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+            other => Error::Invalid(format!("cannot write {}: {other}", path.display())),
         }
     })?;
     std::fs::rename(&tmp, path).map_err(|e| {

@@ -263,6 +263,26 @@ impl Model {
         Self::new(self.spec.clone(), weights, Some(self.dtype), &self.device)
     }
 
+    /// The θ indices of every parameter tensor whose name matches one of the
+    /// glob `patterns` (`*` any run of characters, `?` one), in θ order: the
+    /// subnetwork `--params 'fc.*,layer4.*'`. A pattern matching nothing is
+    /// an error that lists the parameter names.
+    pub fn param_indices_matching(&self, patterns: &[&str]) -> Result<Vec<i64>> {
+        for pat in patterns {
+            if !self.params.iter().any(|p| glob_match(pat, &p.name)) {
+                let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+                let shown = if names.len() > 12 { format!("{}, ...", names[..12].join(", ")) } else { names.join(", ") };
+                bail!(Invalid, "parameter pattern {pat:?} matches no parameter (parameters: {shown})");
+            }
+        }
+        Ok(self
+            .params
+            .iter()
+            .filter(|p| patterns.iter().any(|pat| glob_match(pat, &p.name)))
+            .flat_map(|p| (p.offset..p.offset + p.numel).map(|i| i as i64))
+            .collect())
+    }
+
     /// The nodes that depend on any of `sources` (themselves included):
     /// where sensitivities of their parameters must be pulled back through.
     pub fn downstream_of(&self, sources: &[usize]) -> Vec<bool> {
@@ -349,6 +369,30 @@ impl Model {
     }
 }
 
+/// Does `name` match the glob `pat` (`*`: any run of characters, `?`: one)?
+fn glob_match(pat: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pat.chars().collect(), name.chars().collect());
+    // Classic two-pointer match with backtracking to the last `*`.
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
+}
+
 /// θ: the spec's `parameters`, each the tensor of exactly one node.
 fn theta_layout(spec: &ModelSpec, nodes: &[Node], n_in: usize) -> Result<Vec<ParamInfo>> {
     let _ = n_in;
@@ -413,4 +457,21 @@ fn owner_of(key: &str, spec: &ModelSpec) -> Option<String> {
     let idx: usize = key.split('.').next()?.parse().ok()?;
     let node = spec.nodes.get(idx)?;
     Some(format!("layer {idx} is {}", node.op.name()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_like_fnmatch() {
+        assert!(glob_match("fc.*", "fc.weight"));
+        assert!(glob_match("layer4.*", "layer4.1.bn2.bias"));
+        assert!(!glob_match("layer4.*", "layer1.0.conv1.weight"));
+        assert!(glob_match("*.bias", "layer1.0.bn1.bias"));
+        assert!(glob_match("layer?.0.*", "layer3.0.conv1.weight"));
+        assert!(!glob_match("fc", "fc.weight"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("a*b*c", "axxbyyc") && !glob_match("a*b*c", "axxbyy"));
+    }
 }

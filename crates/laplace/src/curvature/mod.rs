@@ -295,6 +295,20 @@ impl<'m> Curvature<'m> {
         Ok((loss, kron))
     }
 
+    /// The parameter names of each block of [`Curvature::kron`], in block
+    /// order (one tensor per block): the `kron_blocks` metadata of outputs.
+    pub fn kron_block_names(&self) -> Vec<Vec<String>> {
+        let params = self.model.params();
+        self.selection
+            .tensors(self.model)
+            .iter()
+            .map(|t| {
+                let p = params.iter().find(|p| p.layer == t.layer && p.is_bias() == t.is_bias).expect("a selected tensor");
+                vec![p.name.clone()]
+            })
+            .collect()
+    }
+
     /// Products with K directions: `v (K, P)` → Σ_n ℓ_n `(1,)` and `(K, P)`,
     /// row k = H v_k for the curvature H of this kind (the exact Hessian by
     /// Pearlmutter's R-operator, the others as J ᵀ Λ̃ J v), never forming H.
