@@ -3,8 +3,8 @@
 //! Curvature of neural-network losses — Jacobians, per-sample gradients, the
 //! generalized Gauss-Newton (GGN), Monte-Carlo Fisher and empirical Fisher
 //! (EF), as full matrices or diagonals, over all weights, the last layer or a
-//! subnetwork — for PyTorch `nn.Sequential` models exported as a JSON spec
-//! plus safetensors weights. The numbers match laplace-torch's
+//! subnetwork — for PyTorch models (any `nn.Module` torch.fx traces, or an
+//! `nn.Sequential`) exported as a JSON graph plus safetensors weights. The numbers match laplace-torch's
 //! `laplace.curvature` module; see `shared/spec/curvature-conventions.md`
 //! for every convention.
 //!
@@ -21,7 +21,7 @@
 //! ```
 //!
 //! Layout: [`spec`] parses the model description, [`nn`] holds one module
-//! per layer, [`model`] chains them, [`engine`] propagates sensitivities,
+//! per op, [`model`] connects them into a graph, [`engine`] walks it,
 //! [`curvature`] turns them into quantities, [`likelihood`] supplies the
 //! output-space pieces. [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.
@@ -46,5 +46,5 @@ pub use curvature::{Batch, Curvature, CurvatureKind, Subset};
 pub use data::Dataset;
 pub use error::{Error, Result};
 pub use likelihood::Likelihood;
-pub use model::Sequential;
+pub use model::{Model, Sequential};
 pub use spec::ModelSpec;
