@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--b", required=True, help="new binary")
     ap.add_argument("--workload-dir", default=os.path.join(HERE, "workloads"))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--quantities", default=None, help="comma-separated subset (default: every harness quantity)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -55,6 +56,8 @@ def main():
     for w in args.workloads.split(","):
         wdir = os.path.join(args.workload_dir, w)
         for q in WORKLOADS[w]:
+            if args.quantities and q not in args.quantities.split(","):
+                continue
             med = {"a": [], "b": []}
             rss = {"a": [], "b": []}
             err = None
@@ -79,7 +82,7 @@ def main():
             lines.append(f"| {w} | {q} | | | {err} | | |")
         else:
             lines.append(f"| {w} | {q} | {a*1e3:.2f} | {b*1e3:.2f} | {r:.2f} | {ra/1e6:.0f} | {rb/1e6:.0f} |")
-    ratios = [r for *_, r, _, _, _ in [(x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7]) for x in rows] if r]
+    ratios = [row[4] for row in rows if row[4] is not None]
     if ratios:
         lines.append("")
         lines.append(f"B / A over {len(ratios)} quantities: median {statistics.median(ratios):.2f}, "

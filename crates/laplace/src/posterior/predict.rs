@@ -46,6 +46,9 @@ impl FromStr for Link {
     }
 }
 
+/// Elements of the Jacobians the GLM predictive forms at once (2^25: 256 MiB in f64).
+const GLM_CHUNK_ELEMS: usize = 1 << 25;
+
 /// `(N, C, P)` as f64 host rows `[n][c][p]`.
 fn rows3(t: &Tensor) -> Result<(usize, usize, usize, Vec<f64>)> {
     let (n, c, p) = t.dims3()?;
@@ -135,10 +138,23 @@ impl Posterior {
         }
     }
 
-    /// GLM predictive: f_μ `(N, C)` and J P⁻¹ Jᵀ `(N, C, C)` (f64).
+    /// GLM predictive: f_μ `(N, C)` and J P⁻¹ Jᵀ `(N, C, C)` (f64), a chunk
+    /// of points at a time so that their Jacobians `(chunk, C, P)` stay
+    /// within [`GLM_CHUNK_ELEMS`] (one point at a time for large networks).
     pub fn glm_predictive(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (j, f) = self.jacobians(x)?;
-        Ok((f.to_dtype(DType::F64)?, self.functional_variance(&j)?))
+        let m = x.dim(0)?;
+        let per_point = (self.n_outputs * self.n_params()).max(1);
+        let chunk = (GLM_CHUNK_ELEMS / per_point).clamp(1, m.max(1));
+        let (mut fs, mut vars) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < m {
+            let len = chunk.min(m - start);
+            let (j, f) = self.jacobians(&x.narrow(0, start, len)?)?;
+            fs.push(f.to_dtype(DType::F64)?);
+            vars.push(self.functional_variance(&j)?);
+            start += len;
+        }
+        Ok((Tensor::cat(&fs, 0)?, Tensor::cat(&vars, 0)?))
     }
 
     /// The joint functional covariance over a batch `(N·C, N·C)` (regression GP view).
