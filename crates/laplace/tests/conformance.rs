@@ -1,11 +1,13 @@
-//! Every quantity against laplace-torch on the committed fixtures
-//! (`tools/reference/make_fixtures.py`), at 1e-8 relative in float64.
+//! Every quantity against laplace-torch on the committed fixtures, chains
+//! (`tools/reference/make_fixtures.py`) and graph models
+//! (`make_graph_fixtures.py`: ResNet-style with BatchNorm, a MobileNet-style
+//! block, a bias-free graph), at 1e-8 relative in float64.
 //! Regression EF and gradients in the fixtures are already halved to the
 //! negative log-likelihood convention of the spec.
 
 mod common;
 
-use common::{assert_close, cases, Fixture};
+use common::{assert_close, cases, graph_cases, Fixture};
 use laplace::{Batch, Curvature, CurvatureKind, Subset};
 
 const TOL: f64 = 1e-8;
@@ -18,13 +20,18 @@ fn subsets(fx: &Fixture) -> Vec<(&'static str, Subset)> {
     v
 }
 
+/// Every fixture: the Sequential cases, then the graph models.
+fn all_cases() -> Vec<String> {
+    cases().into_iter().chain(graph_cases()).collect()
+}
+
 fn whole(fx: &Fixture) -> Batch {
     fx.data.batch(0, fx.data.len()).unwrap()
 }
 
 #[test]
 fn jacobians_match_laplace_torch() {
-    for name in cases() {
+    for name in all_cases() {
         let fx = Fixture::load(&name);
         let c = Curvature::new(&fx.model, fx.likelihood, CurvatureKind::Ggn, &Subset::All).unwrap();
         let (j, f) = c.jacobians(&fx.data.x).unwrap();
@@ -44,7 +51,7 @@ fn jacobians_match_laplace_torch() {
 
 #[test]
 fn gradients_and_loss_match_laplace_torch() {
-    for name in cases() {
+    for name in all_cases() {
         let fx = Fixture::load(&name);
         for (prefix, subset) in subsets(&fx) {
             if prefix == "last_layer." {
@@ -61,7 +68,7 @@ fn gradients_and_loss_match_laplace_torch() {
 
 #[test]
 fn ggn_and_ef_full_and_diag_match_laplace_torch() {
-    for name in cases() {
+    for name in all_cases() {
         let fx = Fixture::load(&name);
         for (prefix, subset) in subsets(&fx) {
             for (kind, key) in [(CurvatureKind::Ggn, "ggn"), (CurvatureKind::Ef, "ef")] {

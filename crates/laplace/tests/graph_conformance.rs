@@ -1,9 +1,10 @@
-//! Every quantity on graph models (ResNet-style with BatchNorm, a
+//! The Hessian and KFAC on graph models (ResNet-style with BatchNorm, a
 //! MobileNet-style block with depthwise and grouped convolutions,
 //! Hardswish and squeeze-excitation, a bias-free graph with cat / permute /
-//! mean) against laplace-torch's torch.func interfaces and, for KFAC,
-//! factors cross-checked with curvlinops (`tools/reference/make_graph_fixtures.py`),
-//! at 1e-8 relative in float64.
+//! mean) against laplace-torch and, for KFAC, factors cross-checked with
+//! curvlinops (`tools/reference/make_graph_fixtures.py`), at 1e-8 relative
+//! in float64. Jacobians, gradients, GGN and EF of the same fixtures are
+//! checked in `conformance.rs`, with the Sequential ones.
 
 mod common;
 
@@ -30,49 +31,6 @@ fn subsets(fx: &Fixture) -> Vec<(&'static str, Subset)> {
 
 fn whole(fx: &Fixture) -> Batch {
     fx.data.batch(0, fx.data.len()).unwrap()
-}
-
-#[test]
-fn graph_forward_jacobians_and_gradients_match_laplace_torch() {
-    for name in graph_cases() {
-        let fx = Fixture::load(&name);
-        let f = fx.model.forward(&fx.data.x).unwrap();
-        assert_close(&f, fx.expect("jacobians.f"), TOL, &format!("{name} f"));
-        let c = Curvature::new(&fx.model, fx.likelihood, CurvatureKind::Ggn, &Subset::All).unwrap();
-        let (j, _) = c.jacobians(&fx.data.x).unwrap();
-        assert_close(&j, fx.expect("jacobians.J"), TOL, &format!("{name} jacobians.J"));
-        let (j, f) = c.last_layer_jacobians(&fx.data.x).unwrap();
-        assert_close(&j, fx.expect("last_layer_jacobians.J"), TOL, &format!("{name} last_layer_jacobians.J"));
-        assert_close(&f, fx.expect("last_layer_jacobians.f"), TOL, &format!("{name} last_layer_jacobians.f"));
-        for (prefix, subset) in subsets(&fx) {
-            if prefix == "last_layer." {
-                continue;
-            }
-            let c = Curvature::new(&fx.model, fx.likelihood, CurvatureKind::Ef, &subset).unwrap();
-            let (j, _) = c.jacobians(&fx.data.x).unwrap();
-            assert_close(&j, fx.expect(&format!("{prefix}jacobians.J")), TOL, &format!("{name} {prefix}jacobians.J"));
-            let (g, loss) = c.gradients(&fx.data.x, fx.y()).unwrap();
-            assert_close(&g, fx.expect(&format!("{prefix}gradients.G")), TOL, &format!("{name} {prefix}gradients.G"));
-            assert_close(&loss, fx.expect("loss"), TOL, &format!("{name} loss"));
-        }
-    }
-}
-
-#[test]
-fn graph_ggn_and_ef_full_and_diag_match_laplace_torch() {
-    for name in graph_cases() {
-        let fx = Fixture::load(&name);
-        for (prefix, subset) in subsets(&fx) {
-            for (kind, key) in [(CurvatureKind::Ggn, "ggn"), (CurvatureKind::Ef, "ef")] {
-                let c = Curvature::new(&fx.model, fx.likelihood, kind, &subset).unwrap();
-                let (loss, h) = c.full(&whole(&fx)).unwrap();
-                assert_close(&h, fx.expect(&format!("{prefix}{key}.full")), TOL, &format!("{name} {prefix}{key}.full"));
-                assert_close(&loss, fx.expect("loss"), TOL, &format!("{name} {prefix}{key}.full loss"));
-                let (_, d) = c.diag(&whole(&fx)).unwrap();
-                assert_close(&d, fx.expect(&format!("{prefix}{key}.diag")), TOL, &format!("{name} {prefix}{key}.diag"));
-            }
-        }
-    }
 }
 
 #[test]

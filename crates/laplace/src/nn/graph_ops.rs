@@ -298,18 +298,6 @@ impl Op for Binary {
     fn couples_inputs(&self) -> bool {
         matches!(self.op, BinaryOp::Mul | BinaryOp::Div)
     }
-
-    fn params(&self) -> Vec<(&'static str, &Tensor)> {
-        Vec::new()
-    }
-
-    fn affine(&self) -> Option<&dyn super::AffineLayer> {
-        None
-    }
-
-    fn is_linear_map(&self) -> bool {
-        false
-    }
 }
 
 /// `x ∘ s` or `s ∘ x` with a number s (and `neg` as `x · (−1)`).
@@ -443,26 +431,6 @@ impl Op for Cat {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Tensor::cat(&parts, self.axis + 2)?))
-    }
-
-    fn second_order_all(&self, _: &Saved, _: &Tensor, x_dots: &[Option<&Tensor>], _: &[bool]) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![None; x_dots.len()])
-    }
-
-    fn residual(&self, _saved: &Saved, _g: &Tensor) -> Result<Residual> {
-        Ok(Residual::None)
-    }
-
-    fn params(&self) -> Vec<(&'static str, &Tensor)> {
-        Vec::new()
-    }
-
-    fn affine(&self) -> Option<&dyn super::AffineLayer> {
-        None
-    }
-
-    fn is_linear_map(&self) -> bool {
-        false
     }
 }
 

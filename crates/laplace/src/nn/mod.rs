@@ -144,31 +144,43 @@ pub trait Op: Send + Sync {
     fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>>;
 
     /// The R-operator's second-order term for the output gradient `g (M, *out)`:
-    /// for every input j with `needs[j]`, Σ_l (Σ_i g_i ∂²y_i/∂xⱼ∂x_l) ẋ_l `(M, K, *in_j)`.
+    /// for every input j with `needs[j]`, Σ_l (Σ_i g_i ∂²y_i/∂xⱼ∂x_l) ẋ_l
+    /// `(M, K, *in_j)`. None for ops linear in their inputs (the default).
     fn second_order_all(
         &self,
-        saved: &Saved,
-        g: &Tensor,
+        _saved: &Saved,
+        _g: &Tensor,
         x_dots: &[Option<&Tensor>],
-        needs: &[bool],
-    ) -> Result<Vec<Option<Tensor>>>;
+        _needs: &[bool],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![None; x_dots.len()])
+    }
 
-    /// The second-order term as the Hessian diagonal needs it.
-    fn residual(&self, saved: &Saved, g: &Tensor) -> Result<Residual>;
+    /// The second-order term as the Hessian diagonal needs it (default: none).
+    fn residual(&self, _saved: &Saved, _g: &Tensor) -> Result<Residual> {
+        Ok(Residual::None)
+    }
 
     /// Trainable tensors (roles and tensors), in `parameters()` order.
-    fn params(&self) -> Vec<(&'static str, &Tensor)>;
+    fn params(&self) -> Vec<(&'static str, &Tensor)> {
+        Vec::new()
+    }
 
     /// Other tensors the op reads from the state dict (running statistics).
     fn buffers(&self) -> Vec<(&'static str, &Tensor)> {
         Vec::new()
     }
 
-    fn affine(&self) -> Option<&dyn AffineLayer>;
+    /// The patch form, for ops with parameters.
+    fn affine(&self) -> Option<&dyn AffineLayer> {
+        None
+    }
 
     /// Is the op parameter-free and linear in its input, so that the last
     /// Linear layer's output may pass through it (reshape, slice, select)?
-    fn is_linear_map(&self) -> bool;
+    fn is_linear_map(&self) -> bool {
+        false
+    }
 
     /// Does the op's second-order term couple different inputs (a product
     /// or quotient of two values)? See [`Residual::Coupled`].
