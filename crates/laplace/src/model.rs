@@ -76,6 +76,7 @@ impl Model {
         if !tensor::is_compute_dtype(dtype) {
             bail!(Invalid, "compute dtype must be f32 or f64, got {}", tensor::dtype_name(dtype));
         }
+        refuse_shared_tensors(&spec)?;
         let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut shapes = Vec::new();
         for inp in &spec.inputs {
@@ -113,14 +114,13 @@ impl Model {
                  (add a Flatten and a Linear at the end?)"
             );
         }
-        let n_in = spec.inputs.len();
         let mut last_use = vec![None; shapes.len()];
         for (i, node) in nodes.iter().enumerate() {
             for &v in &node.inputs {
                 last_use[v] = Some(i);
             }
         }
-        let params = theta_layout(&spec, &nodes, n_in)?;
+        let params = theta_layout(&spec, &nodes)?;
         Ok(Model { spec, nodes, shapes, output, last_use, params, dtype, device: device.clone() })
     }
 
@@ -393,22 +393,39 @@ fn glob_match(pat: &str, name: &str) -> bool {
     p[i..].iter().all(|&c| c == '*')
 }
 
+/// A module called twice reads the same state-dict tensors from two nodes;
+/// its parameters would be shared, which the engine does not support.
+fn refuse_shared_tensors(spec: &ModelSpec) -> Result<()> {
+    let mut claimed: HashMap<String, usize> = HashMap::new();
+    for (i, ns) in spec.nodes.iter().enumerate() {
+        let OpSpec::Module(layer) = &ns.op else { continue };
+        let mut roles = layer.param_roles();
+        if matches!(layer, LayerSpec::BatchNorm { .. }) {
+            roles.extend(["running_mean", "running_var"]);
+        }
+        for role in roles {
+            let Some(key) = ns.param_key(role) else { continue };
+            if let Some(&j) = claimed.get(&key) {
+                bail!(
+                    Spec,
+                    "tensor {key:?} is read by both {} and {} (a module called twice shares its \
+                     parameters, which is not supported)",
+                    spec.nodes[j].label(spec.form),
+                    ns.label(spec.form)
+                );
+            }
+            claimed.insert(key, i);
+        }
+    }
+    Ok(())
+}
+
 /// θ: the spec's `parameters`, each the tensor of exactly one node.
-fn theta_layout(spec: &ModelSpec, nodes: &[Node], n_in: usize) -> Result<Vec<ParamInfo>> {
-    let _ = n_in;
+fn theta_layout(spec: &ModelSpec, nodes: &[Node]) -> Result<Vec<ParamInfo>> {
     let mut owner: HashMap<String, (usize, &'static str, Vec<usize>)> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
         for (role, t) in node.op.params() {
             let key = spec.nodes[i].param_key(role).expect("a built node names its tensors");
-            if let Some((j, _, _)) = owner.get(&key) {
-                bail!(
-                    Spec,
-                    "tensor {key:?} is a parameter of both {} and {} (a module called twice shares its \
-                     parameters, which is not supported)",
-                    nodes[*j].label,
-                    node.label
-                );
-            }
             owner.insert(key, (i, role, t.dims().to_vec()));
         }
     }

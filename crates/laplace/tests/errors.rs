@@ -179,3 +179,91 @@ fn file_errors_name_the_file() {
     expect_err(laplace::Dataset::load(&dir.join("expected.safetensors"), DType::F64, &dev()), &["no array named \"x\""]);
     expect_err(laplace::io::read_indices(&dir.join("data.npz")), &["exactly one index array"]);
 }
+
+/// A graph: x → fc1 → relu → add(relu, fc1) → fc2, with `parameters` listed.
+fn graph(nodes: &str, parameters: &str) -> String {
+    format!(
+        r#"{{"format": "laplace-graph", "version": 1, "inputs": [{{"name": "x", "shape": [4], "dtype": "float"}}],
+            "parameters": {parameters}, "nodes": [{nodes}], "output": "fc2"}}"#
+    )
+}
+
+const GOOD_NODES: &str = r#"
+    {"name": "fc1", "op": "Linear", "inputs": ["x"], "module": "fc1", "attrs": {"in_features": 4, "out_features": 3}},
+    {"name": "relu", "op": "ReLU", "inputs": ["fc1"]},
+    {"name": "res", "op": "add", "inputs": ["relu", "fc1"]},
+    {"name": "fc2", "op": "Linear", "inputs": ["res"], "module": "fc2", "attrs": {"in_features": 3, "out_features": 2}}"#;
+
+const GOOD_PARAMS: &str = r#"["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]"#;
+
+fn graph_weights() -> HashMap<String, Tensor> {
+    HashMap::from([
+        ("fc1.weight".to_string(), zeros(&[3, 4])),
+        ("fc1.bias".to_string(), zeros(&[3])),
+        ("fc2.weight".to_string(), zeros(&[2, 3])),
+        ("fc2.bias".to_string(), zeros(&[2])),
+    ])
+}
+
+#[test]
+fn graph_errors_name_the_node_and_key() {
+    assert!(build(&graph(GOOD_NODES, GOOD_PARAMS), graph_weights()).is_ok());
+    // Unknown op, with the node named.
+    let bad = GOOD_NODES.replace(r#""op": "ReLU""#, r#""op": "Relu""#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node \"relu\"", "unknown op \"Relu\""]);
+    // A value read before it is written.
+    let bad = GOOD_NODES.replace(r#""inputs": ["relu", "fc1"]"#, r#""inputs": ["relu", "fc9"]"#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node \"res\"", "\"fc9\"", "earlier node"]);
+    // Wrong arity, unknown node key, unknown attribute.
+    let bad = GOOD_NODES.replace(r#""inputs": ["relu", "fc1"]"#, r#""inputs": ["relu"]"#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node \"res\" (add)", "\"scalar\""]);
+    let bad = GOOD_NODES.replace(r#""op": "ReLU","#, r#""op": "ReLU", "inplace_ops": 1,"#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node 1", "\"inplace_ops\""]);
+    let bad = GOOD_NODES.replace(r#""out_features": 3}"#, r#""out_features": 3, "bais": false}"#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node \"fc1\" (Linear)", "\"bais\""]);
+    // Shapes that do not fit name the node.
+    let bad = GOOD_NODES.replace(r#""in_features": 3, "out_features": 2"#, r#""in_features": 5, "out_features": 2"#);
+    expect_err(build(&graph(&bad, GOOD_PARAMS), graph_weights()), &["node \"fc2\" (Linear)", "in_features = 5"]);
+    // Tensors: missing, unexpected, a parameter no node has, one listed twice.
+    let mut w = graph_weights();
+    w.remove("fc2.bias");
+    expect_err(build(&graph(GOOD_NODES, GOOD_PARAMS), w), &["missing tensor \"fc2.bias\"", "node \"fc2\""]);
+    let mut w = graph_weights();
+    w.insert("fc3.weight".into(), zeros(&[1]));
+    expect_err(build(&graph(GOOD_NODES, GOOD_PARAMS), w), &["unexpected", "\"fc3.weight\""]);
+    let params = r#"["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight"]"#;
+    expect_err(build(&graph(GOOD_NODES, params), graph_weights()), &["\"head.weight\"", "not a parameter of any node"]);
+    let params = r#"["fc1.weight", "fc1.bias", "fc1.bias"]"#;
+    expect_err(build(&graph(GOOD_NODES, params), graph_weights()), &["\"fc1.bias\"", "twice"]);
+    // A module called twice shares its parameters: refused, naming both nodes.
+    let shared = GOOD_NODES.replace(
+        r#"{"name": "fc2", "op": "Linear", "inputs": ["res"], "module": "fc2""#,
+        r#"{"name": "fc1b", "op": "Linear", "inputs": ["res"], "module": "fc1", "attrs": {"in_features": 3, "out_features": 3}},
+           {"name": "fc2", "op": "Linear", "inputs": ["fc1b"], "module": "fc2""#,
+    );
+    expect_err(
+        build(&graph(&shared, GOOD_PARAMS), graph_weights()),
+        &["\"fc1.weight\"", "node \"fc1\"", "node \"fc1b\"", "called twice"],
+    );
+}
+
+#[test]
+fn graph_last_layer_must_reach_the_output_linearly() {
+    // fc2 followed by a Tanh: not a last layer.
+    let nodes = format!(
+        "{GOOD_NODES}, {}",
+        r#"{"name": "out", "op": "Tanh", "inputs": ["fc2"]}"#
+    );
+    let text = graph(&nodes, GOOD_PARAMS).replace(r#""output": "fc2""#, r#""output": "out""#);
+    let model = build(&text, graph_weights()).unwrap();
+    expect_err(model.last_linear(), &["node \"fc2\"", "node \"out\" (Tanh)", "linear ops"]);
+    // fc2 followed by a slice and a reshape: fine.
+    let nodes = format!(
+        "{GOOD_NODES}, {}",
+        r#"{"name": "sl", "op": "slice", "inputs": ["fc2"], "attrs": {"dim": 1, "start": 0, "end": 2}},
+           {"name": "out", "op": "reshape", "inputs": ["sl"], "attrs": {"shape": [2]}}"#
+    );
+    let text = graph(&nodes, GOOD_PARAMS).replace(r#""output": "fc2""#, r#""output": "out""#);
+    let model = build(&text, graph_weights()).unwrap();
+    assert_eq!(model.last_linear().unwrap(), 3);
+}

@@ -10,6 +10,9 @@ use crate::error::Result;
 use crate::spec::LayerSpec;
 use crate::tensor::{self, DType, Tensor};
 
+/// Largest pooling matrix (2^26 entries, 512 MiB in f64).
+const MAX_POOL_MATRIX: usize = 1 << 26;
+
 pub struct AdaptiveAvgPool2d {
     /// P `(H·W, oh·ow)` in f64; converted to the input dtype on use.
     pool: Tensor,
@@ -28,6 +31,15 @@ impl AdaptiveAvgPool2d {
             )));
         };
         let [oh, ow] = output_size;
+        // The pooling matrix is dense (H·W, oh·ow): refuse sizes no network uses
+        // rather than abort on the allocation.
+        let cells = [h, w, oh, ow].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if cells.is_none_or(|n| n > MAX_POOL_MATRIX) {
+            return Err(ctx.spec_err(format!(
+                "output_size {output_size:?} on a {h}×{w} input needs a pooling matrix of more than \
+                 {MAX_POOL_MATRIX} entries"
+            )));
+        }
         // Window of output index i along an axis of length n with `out` outputs.
         let window = |i: usize, n: usize, out: usize| ((i * n) / out, ((i + 1) * n).div_ceil(out));
         let mut p = vec![0.0; h * w * oh * ow];

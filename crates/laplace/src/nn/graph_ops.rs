@@ -58,7 +58,8 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &D
             Box::new(Cat { axis, sizes: in_shapes.iter().map(|s| s[axis]).collect(), out })
         }
         OpSpec::Reshape { ref shape } => {
-            if shape.iter().product::<usize>() != x.iter().product::<usize>() {
+            let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            if numel != Some(x.iter().product::<usize>()) {
                 return Err(err(format!("cannot reshape per-sample shape {x:?} to {shape:?}")));
             }
             Box::new(Reshape { in_shape: x.to_vec(), out_shape: shape.clone() })
