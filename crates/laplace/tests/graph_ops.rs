@@ -229,3 +229,52 @@ fn graph_op_diagonals_are_the_diagonals_of_the_full_matrices() {
         }
     }
 }
+
+/// A parameterized node whose output the model never uses: its
+/// coordinates get zero curvature, and the rest equals the chain without it.
+#[test]
+fn a_dead_branch_contributes_zeros() {
+    let dead = r#"{"format": "laplace-graph", "version": 1,
+     "inputs": [{"name": "x", "shape": [4], "dtype": "float"}],
+     "parameters": ["0.weight", "0.bias", "aux.weight", "2.weight", "2.bias"],
+     "nodes": [
+      {"name": "0", "op": "Linear", "inputs": ["x"], "module": "0", "attrs": {"in_features": 4, "out_features": 5}},
+      {"name": "1", "op": "Tanh", "inputs": ["0"]},
+      {"name": "aux", "op": "Linear", "inputs": ["1"], "module": "aux", "attrs": {"in_features": 5, "out_features": 2, "bias": false}},
+      {"name": "2", "op": "Linear", "inputs": ["1"], "module": "2", "attrs": {"in_features": 5, "out_features": 3}}],
+     "output": "2"}"#;
+    let chain = r#"{"input_shape": [4], "layers": [{"type": "Linear", "in_features": 4, "out_features": 5},
+        {"type": "Tanh"}, {"type": "Linear", "in_features": 5, "out_features": 3}]}"#;
+    let g = build(dead, 3);
+    let mut w: HashMap<String, Tensor> = g.state_dict().into_iter().collect();
+    w.remove("aux.weight");
+    let c = Sequential::new(ModelSpec::from_json(chain).unwrap(), w, Some(DType::F64), &Device::Cpu).unwrap();
+    let b = batch(&[4], 2);
+    // θ of the graph: 25 (layer 0), 10 (aux, dead), 18 (layer 2).
+    let live: Vec<usize> = (0..25).chain(35..53).collect();
+    let take = |t: &Tensor, dim: usize| tensor::select(t, &tensor::index_tensor(&live, &Device::Cpu).unwrap(), dim).unwrap();
+    let dead_part = |t: &Tensor, dim: usize| t.narrow(dim, 25, 10).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    for kind in [CurvatureKind::Ggn, CurvatureKind::Ef, CurvatureKind::Hessian] {
+        let cg = Curvature::new(&g, Likelihood::Classification, kind, &Subset::All).unwrap();
+        let cc = Curvature::new(&c, Likelihood::Classification, kind, &Subset::All).unwrap();
+        let (_, dg) = cg.diag(&b).unwrap();
+        let (_, dc) = cc.diag(&b).unwrap();
+        assert_close(&take(&dg, 0), &dc, 1e-12, &format!("{kind:?} diag, live part"));
+        assert_eq!(dead_part(&dg, 0).to_scalar::<f64>().unwrap(), 0.0);
+        let (_, hg) = cg.full(&b).unwrap();
+        let (_, hc) = cc.full(&b).unwrap();
+        assert_close(&take(&take(&hg, 0), 1), &hc, 1e-12, &format!("{kind:?} full, live part"));
+        assert_eq!(dead_part(&hg, 0).to_scalar::<f64>().unwrap(), 0.0);
+    }
+    let cg = Curvature::new(&g, Likelihood::Classification, CurvatureKind::Ggn, &Subset::All).unwrap();
+    let (_, k) = cg.kron(&b, 3, laplace::curvature::KfacApprox::Expand).unwrap();
+    assert_eq!(k.blocks.len(), 5);
+    let dead_block = tensor::to_vec_f64(&k.blocks[2][0]).unwrap();
+    assert!(dead_block.len() == 10 && dead_block.iter().all(|&v| v == 0.0));
+    let (j, _) = cg.jacobians(&b.x).unwrap();
+    assert_eq!(dead_part(&j, 2).to_scalar::<f64>().unwrap(), 0.0);
+    // Only the dead tensor selected: every product is zero.
+    let only = Curvature::new(&g, Likelihood::Classification, CurvatureKind::Hessian, &Subset::Subnetwork((25..35).collect())).unwrap();
+    let (_, h) = only.full(&b).unwrap();
+    assert_eq!(h.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap(), 0.0);
+}

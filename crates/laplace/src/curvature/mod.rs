@@ -251,7 +251,8 @@ impl<'m> Curvature<'m> {
             }
             Ok(())
         })?;
-        let parts = self.selection.in_theta_order(self.model, parts);
+        let (dt, dev) = (self.model.dtype(), self.model.device());
+        let parts = self.selection.in_theta_order(self.model, parts, |t| Ok(Tensor::zeros(t.len, dt, dev)?))?;
         let d = self.selection.reorder(Tensor::cat(&parts, 0)?, 0)?;
         Ok((loss, check_finite(d, "curvature diagonal")?))
     }
@@ -286,7 +287,8 @@ impl<'m> Curvature<'m> {
             }
             Ok(())
         })?;
-        let kron = Kron::new(self.selection.in_theta_order(self.model, blocks))?;
+        let (dt, dev) = (self.model.dtype(), self.model.device());
+        let kron = Kron::new(self.selection.in_theta_order(self.model, blocks, |t| Ok(vec![Tensor::zeros(t.len, dt, dev)?]))?)?;
         for (b, fs) in kron.blocks.iter().enumerate() {
             for f in fs {
                 check_finite(f.clone(), &format!("Kronecker factors of block {b}"))?;

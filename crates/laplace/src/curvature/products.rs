@@ -199,7 +199,11 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
         shape.extend_from_slice(nodes[i].op.out_shape());
         Ok(Some(term.reshape(shape)?))
     })?;
-    let f_dot = tangents[model.output_value()].clone().expect("a selection has at least one parameterized node");
+    // No tangent reaches the output when the selected parameters do not.
+    let f_dot = match tangents[model.output_value()].clone() {
+        Some(t) => t,
+        None => Tensor::zeros((m, k, model.n_outputs()), v.dtype(), v.device())?,
+    };
 
     // Output: ġ = Λ̃ ḟ, g = ∇_f ℓ.
     let f = &tape.output;
@@ -263,7 +267,8 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
                 .collect()
         },
     )?;
-    let out = sel.reorder(Tensor::cat(&sel.in_theta_order(model, pieces), 1)?, 1)?;
+    let pieces = sel.in_theta_order(model, pieces, |t| Ok(Tensor::zeros((k, t.len), v.dtype(), v.device())?))?;
+    let out = sel.reorder(Tensor::cat(&pieces, 1)?, 1)?;
     Ok((loss, out))
 }
 
@@ -457,7 +462,7 @@ pub(crate) fn hessian_diag(curv: &Curvature, batch: &Batch) -> Result<(Tensor, T
             Ok(out)
         },
     )?;
-    let parts = sel.in_theta_order(model, parts);
+    let parts = sel.in_theta_order(model, parts, |t| Ok(Tensor::zeros(t.len, model.dtype(), model.device())?))?;
     Ok((loss, sel.reorder(Tensor::cat(&parts, 0)?, 0)?))
 }
 

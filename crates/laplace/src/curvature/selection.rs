@@ -197,12 +197,21 @@ impl ParamSelection {
         &self.active
     }
 
-    /// Per-tensor pieces `(node, is_bias) → piece` in θ order (every
-    /// selected tensor must have its piece).
-    pub fn in_theta_order<T>(&self, model: &Model, mut pieces: std::collections::HashMap<(usize, bool), T>) -> Vec<T> {
+    /// Per-tensor pieces `(node, is_bias) → piece` in θ order. A tensor
+    /// without a piece (its node does not reach the model output, so the
+    /// backward pass never met it) gets `missing(tensor)`: its zero.
+    pub fn in_theta_order<T>(
+        &self,
+        model: &Model,
+        mut pieces: std::collections::HashMap<(usize, bool), T>,
+        missing: impl Fn(&SelectedTensor) -> Result<T>,
+    ) -> Result<Vec<T>> {
         self.tensors(model)
             .iter()
-            .map(|t| pieces.remove(&(t.layer, t.is_bias)).expect("every selected tensor has its piece"))
+            .map(|t| match pieces.remove(&(t.layer, t.is_bias)) {
+                Some(p) => Ok(p),
+                None => missing(t),
+            })
             .collect()
     }
 
