@@ -78,3 +78,22 @@ fn graph_kron_matches_reference_factors() {
         }
     }
 }
+
+/// The Monte-Carlo Fisher on graph models is an unbiased estimate of the
+/// GGN: with many samples per point its diagonal and KFAC factors approach
+/// the exact ones, and the error shrinks with the sample count.
+#[test]
+fn graph_mc_fisher_converges_to_the_ggn() {
+    for name in ["graph/resnet_bn", "graph/mobilenet_block"] {
+        let fx = Fixture::load(name);
+        let exact = fx.expect("ggn.diag");
+        let err = |samples: usize| {
+            let kind = CurvatureKind::FisherMc { samples, seed: 3 };
+            let c = Curvature::new(&fx.model, fx.likelihood, kind, &Subset::All).unwrap();
+            let (_, d) = c.diag(&whole(&fx)).unwrap();
+            common::rel_err(&d, exact)
+        };
+        let (coarse, fine) = (err(64), err(4096));
+        assert!(fine < 0.05 && fine < coarse, "{name}: MC Fisher diag error {coarse:.3} (64) -> {fine:.3} (4096)");
+    }
+}
