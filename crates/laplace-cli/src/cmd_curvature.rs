@@ -9,6 +9,10 @@ use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
 
+/// Named output tensors, and string metadata, of a safetensors output.
+pub type Named = Vec<(String, Tensor)>;
+pub type Metadata = Vec<(String, String)>;
+
 /// What to compute: the curvature flags shared by `curvature` and `bench`.
 #[derive(Args, Debug, Clone)]
 pub struct CurvatureSpec {
@@ -97,7 +101,7 @@ impl CurvatureSpec {
     /// Loss and curvature over `data`, as named output tensors, and the
     /// output's metadata (`kron_blocks`: the parameter names of each KFAC
     /// block, a JSON list of lists).
-    pub fn compute(&self, curv: &Curvature, data: &Dataset, batch_size: usize) -> laplace::Result<(Vec<(String, Tensor)>, Vec<(String, String)>)> {
+    pub fn compute(&self, curv: &Curvature, data: &Dataset, batch_size: usize) -> laplace::Result<(Named, Metadata)> {
         let (loss, h) = match self.structure {
             StructureArg::Full => curv.full_over(data, batch_size)?,
             StructureArg::Diag => curv.diag_over(data, batch_size)?,
