@@ -37,7 +37,8 @@ impl Flatten {
     }
 }
 
-fn with_leading(leading: &[usize], shape: &[usize]) -> Vec<usize> {
+/// `leading` axes followed by `shape`.
+pub(crate) fn with_leading(leading: &[usize], shape: &[usize]) -> Vec<usize> {
     leading.iter().chain(shape).copied().collect()
 }
 

@@ -8,6 +8,7 @@
 //! `mul` / `div` of two values and `s / x` is linear in its inputs, so its
 //! backward pass is its adjoint and it has no second-order term.
 
+use super::flatten::with_leading;
 use super::{Layer, Op, Residual, Saved};
 use crate::error::{bail, Result};
 use crate::spec::{BinaryOp, OpSpec, ReduceOp};
@@ -435,9 +436,9 @@ impl Op for Cat {
     }
 }
 
-/// `(M, K)` or `(M,)` leading axes of `t` followed by `shape`.
+/// The first `lead` axes of `t` (`(M,)` or `(M, K)`) followed by `shape`.
 fn lead_then(t: &Tensor, lead: usize, shape: &[usize]) -> Vec<usize> {
-    t.dims()[..lead].iter().chain(shape).copied().collect()
+    with_leading(&t.dims()[..lead], shape)
 }
 
 /// view / reshape / flatten / squeeze / unsqueeze.
