@@ -10,7 +10,7 @@ Written to ``crates/laplace/tests/fixtures/graph_large/<case>/``: ``model.json``
 against the formula and then DELETED: 45-90 MB), ``data.npz``, ``subnetwork.npy``,
 ``last_layer_block.npy``, ``meta.json``, ``expected.safetensors``.
 
-Weights and inputs: ``synthetic.py`` (formula ``synthetic-sin-v1``); the Rust test
+Weights and inputs: ``synthetic.py`` (formula ``synthetic-sin-v2``); the Rust test
 regenerates them. Float64, eval mode, classification, C = 3, M = 2.
 
 Every value comes from a laplace-torch call (GGNInterface / EFInterface, torch.func
@@ -480,7 +480,7 @@ def process(name):
             "definition": (
                 "every state-dict tensor except num_batches_tracked; k = (sum of UTF-8 bytes "
                 "of name) % 97; s_i = sin(0.37*i + k) (float64, i row-major); .running_var: "
-                "1 + 0.5*s_i^2; .running_mean: 0.1*s_i; .bias: 0.05*s_i; 1-D .weight: "
+                "1 + 0.5*s_i^2; .running_mean: 0.1*s_i; .bias: 0.1 + 0.05*s_i; 1-D .weight: "
                 "1 + 0.2*s_i; other .weight: sqrt(3/fan_in)*s_i, fan_in = numel/shape[0]"),
             "inputs": "x (M,3,32,32), x.flat[j] = sin(0.11*j); y[j] = j % C (int64)",
             "not_committed": f"weights.safetensors ({n_weights} tensors, {w_bytes} bytes) "

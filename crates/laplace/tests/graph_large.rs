@@ -2,10 +2,11 @@
 //! points) exported with `tools/laplace_export.py`, against laplace-torch
 //! (`tools/reference/make_large_graph_fixtures.py`). Their weights are too
 //! large to commit, so both sides build them from the same formula
-//! ("synthetic-sin-v1", `tools/reference/synthetic.py`): every state-dict
+//! ("synthetic-sin-v2", `tools/reference/synthetic.py`): every state-dict
 //! tensor `name` with k = (Σ bytes of name) mod 97 and s_i = sin(0.37 i + k)
-//! holds 1 + ½s² (running_var), s/10 (running_mean), s/20 (bias),
-//! 1 + s/5 (a 1-D weight) or √(3/fan_in)·s (other weights).
+//! holds 1 + ½s² (running_var), s/10 (running_mean), 0.1 + s/20 (bias:
+//! the offset keeps the ReLUs after BatchNorm active), 1 + s/5 (a 1-D
+//! weight) or √(3/fan_in)·s (other weights).
 //! Dense whole-network results do not fit in a fixture: the whole diagonals
 //! are compared as sums per parameter tensor, the rest on a subnetwork of
 //! 100 coordinates spread over 40 tensors and on the last layer.
@@ -21,7 +22,7 @@ use laplace::{Batch, Curvature, CurvatureKind, Dataset, Likelihood, Sequential, 
 
 const TOL: f64 = 1e-8;
 
-/// The synthetic-sin-v1 state dict of a spec.
+/// The synthetic-sin-v2 state dict of a spec.
 fn synthetic_weights(spec: &ModelSpec) -> HashMap<String, Tensor> {
     let mut w = HashMap::new();
     let mut put = |name: String, shape: Vec<usize>| {
@@ -33,7 +34,7 @@ fn synthetic_weights(spec: &ModelSpec) -> HashMap<String, Tensor> {
         } else if name.ends_with(".running_mean") {
             (0..n).map(|i| 0.1 * s(i)).collect()
         } else if name.ends_with(".bias") {
-            (0..n).map(|i| 0.05 * s(i)).collect()
+            (0..n).map(|i| 0.1 + 0.05 * s(i)).collect()
         } else if shape.len() == 1 {
             (0..n).map(|i| 1.0 + 0.2 * s(i)).collect()
         } else {
