@@ -267,3 +267,21 @@ fn graph_last_layer_must_reach_the_output_linearly() {
     let model = build(&text, graph_weights()).unwrap();
     assert_eq!(model.last_linear().unwrap(), 3);
 }
+
+/// Geometry that would need absurd memory is refused before anything is
+/// allocated (a hostile spec once asked for 192 TB and aborted).
+#[test]
+fn huge_window_geometry_is_refused_by_name() {
+    for (layer, needle) in [
+        (r#"{"type":"Conv2d","in_channels":1,"out_channels":2,"kernel_size":3,"padding":1000000000000}"#, "layer 0 (Conv2d)"),
+        (r#"{"type":"Conv2d","in_channels":1,"out_channels":2,"kernel_size":3,"padding":9223372036854775807}"#, "layer 0 (Conv2d)"),
+        (r#"{"type":"AvgPool2d","kernel_size":1000000,"stride":1,"padding":500000}"#, "layer 0 (AvgPool2d)"),
+    ] {
+        let spec = format!(r#"{{"input_shape":[1,8,8],"layers":[{layer},{{"type":"Flatten"}}]}}"#);
+        let w = HashMap::from([("0.weight".to_string(), zeros(&[2, 1, 3, 3])), ("0.bias".to_string(), zeros(&[2]))]);
+        let r = build(&spec, w);
+        let Err(e) = r else { panic!("{layer}: accepted") };
+        let e = e.to_string();
+        assert!(e.contains(needle), "{layer}: {e}");
+    }
+}

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::patches::{window_table, Window};
+use super::patches::{check_window_size, window_table, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
@@ -95,6 +95,7 @@ impl Conv2d {
             dilation,
             out_hw,
         };
+        check_window_size(ctx, &window, c)?;
         let wshape = [out_channels, in_channels / groups, kernel_size[0], kernel_size[1]];
         let weight4 = ctx.take_param(weights, "weight", &wshape, dtype)?;
         let weight = weight4.reshape((out_channels, ()))?;

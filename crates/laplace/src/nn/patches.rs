@@ -37,8 +37,9 @@ impl Window {
         dilation: usize,
         ceil_mode: bool,
     ) -> Option<usize> {
-        let span = dilation * (kernel - 1) + 1;
-        let padded = n + pad_before + pad_after;
+        // Checked: sizes come from the spec (an overflow is "does not fit").
+        let span = dilation.checked_mul(kernel - 1)?.checked_add(1)?;
+        let padded = n.checked_add(pad_before)?.checked_add(pad_after)?;
         if padded < span {
             return None;
         }
@@ -95,6 +96,24 @@ impl Window {
             }
         }
         ids
+    }
+}
+
+/// Most entries of an index table (C·kh·kw·R per sample): u32 indices, and
+/// patches of that many elements per sample.
+const MAX_WINDOW_TABLE: usize = 1 << 31;
+
+/// Refuse a window whose index table (and patches) would exceed
+/// [`MAX_WINDOW_TABLE`] entries, before anything is allocated.
+pub(crate) fn check_window_size(ctx: &super::LayerCtx, window: &Window, channels: usize) -> Result<()> {
+    let dims = [channels, window.kernel[0], window.kernel[1], window.out_hw[0], window.out_hw[1]];
+    match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
+        Some(n) if n <= MAX_WINDOW_TABLE => Ok(()),
+        _ => Err(ctx.spec_err(format!(
+            "its sliding window needs {channels} channels × {:?} kernel × {:?} output positions of patch \
+             entries per sample, more than {MAX_WINDOW_TABLE} (padding {:?}, stride {:?})",
+            window.kernel, window.out_hw, window.pad_before, window.stride
+        ))),
     }
 }
 

@@ -1,7 +1,7 @@
 //! `torch.nn.MaxPool2d` and `torch.nn.AvgPool2d`, channel by channel, on
 //! the same receptive-field tables as convolution ([`super::patches`]).
 
-use super::patches::{window_table, Window};
+use super::patches::{check_window_size, window_table, Window};
 use super::{merge_mk, split_mk, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
@@ -40,6 +40,7 @@ fn pool_window(
         dilation,
         out_hw,
     };
+    check_window_size(ctx, &window, c)?;
     Ok((c, window))
 }
 
