@@ -80,14 +80,20 @@ impl Inputs {
     }
 }
 
+/// The subnetwork of `--params 'fc.*,layer4.*'`: every tensor whose name
+/// matches one of the comma-separated globs.
+pub fn subset_from_globs(model: &Sequential, globs: &str) -> laplace::Result<Subset> {
+    let patterns: Vec<&str> = globs.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    if patterns.is_empty() {
+        return Err(laplace::Error::Invalid("--params needs at least one name pattern".into()));
+    }
+    Ok(Subset::Subnetwork(model.param_indices_matching(&patterns)?))
+}
+
 impl SubsetArgs {
     pub fn subset(&self, model: &Sequential) -> laplace::Result<Subset> {
         if let Some(globs) = &self.params {
-            let patterns: Vec<&str> = globs.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
-            if patterns.is_empty() {
-                return Err(laplace::Error::Invalid("--params needs at least one name pattern".into()));
-            }
-            return Ok(Subset::Subnetwork(model.param_indices_matching(&patterns)?));
+            return subset_from_globs(model, globs);
         }
         Ok(match (&self.subnetwork, self.last_layer) {
             (Some(path), _) => Subset::Subnetwork(laplace::io::read_indices(path)?),

@@ -11,7 +11,7 @@ use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device};
 use laplace::{CurvatureKind, Dataset, Likelihood, Subset};
 
-use crate::args::{DTypeArg, LikelihoodArg, SubsetArgs};
+use crate::args::{subset_from_globs, DTypeArg, LikelihoodArg};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubsetArg {
@@ -180,10 +180,7 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         (SubsetArg::All, None, None) => Subset::All,
         (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
         (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
-        (SubsetArg::Subnetwork, None, Some(_)) => {
-            let args = SubsetArgs { last_layer: false, subnetwork: None, params: a.params.clone() };
-            args.subset(&model)?
-        }
+        (SubsetArg::Subnetwork, None, Some(globs)) => subset_from_globs(&model, globs)?,
         (SubsetArg::Subnetwork, None, None) => {
             return Err(laplace::Error::Invalid(
                 "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),

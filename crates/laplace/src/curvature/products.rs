@@ -322,29 +322,29 @@ impl Rows {
         if self.segs == other.segs {
             return Ok(Rows { rows: (self.rows + other.rows)?, segs: self.segs });
         }
-        let start_of = |segs: &[(usize, usize)], id: usize| {
+        // (origin, first row, rows) of every segment.
+        let starts = |segs: &[(usize, usize)]| {
             let mut s = 0;
-            for &(i, n) in segs {
-                if i == id {
-                    return Some((s, n));
-                }
-                s += n;
-            }
-            None
+            segs.iter()
+                .map(|&(id, n)| {
+                    s += n;
+                    (id, s - n, n)
+                })
+                .collect::<Vec<_>>()
         };
+        let (mine, theirs) = (starts(&self.segs), starts(&other.segs));
+        let find = |list: &[(usize, usize, usize)], id: usize| list.iter().find(|x| x.0 == id).map(|x| x.1);
         let mut parts = Vec::new();
         let mut segs = self.segs.clone();
-        for &(id, n) in &self.segs {
-            let (s, _) = start_of(&self.segs, id).expect("own segment");
+        for &(id, s, n) in &mine {
             let mut part = self.rows.narrow(1, s, n)?;
-            if let Some((t, _)) = start_of(&other.segs, id) {
+            if let Some(t) = find(&theirs, id) {
                 part = (part + other.rows.narrow(1, t, n)?)?;
             }
             parts.push(part);
         }
-        for &(id, n) in &other.segs {
-            if start_of(&self.segs, id).is_none() {
-                let (t, _) = start_of(&other.segs, id).expect("own segment");
+        for &(id, t, n) in &theirs {
+            if find(&mine, id).is_none() {
                 parts.push(other.rows.narrow(1, t, n)?);
                 segs.push((id, n));
             }

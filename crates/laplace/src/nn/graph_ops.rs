@@ -78,7 +78,7 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &D
             if seen != (0..x.len()).collect::<Vec<_>>() {
                 return Err(err(format!("dims {dims:?} is not a permutation")));
             }
-            Box::new(Permute { out: perm.iter().map(|&p| x[p]).collect(), perm, in_shape: x.to_vec() })
+            Box::new(Permute { out: perm.iter().map(|&p| x[p]).collect(), perm })
         }
         OpSpec::Reduce { op, ref dims, keepdim } => {
             let mut axes = dims.iter().map(|&d| per_sample_axis(d, x.len())).collect::<std::result::Result<Vec<_>, _>>().map_err(err)?;
@@ -102,7 +102,7 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &D
             }
             let mut out = x.to_vec();
             out[axis] = ids.len();
-            Box::new(Slice { axis, index: tensor::index_tensor(&ids, device)?, len: x[axis], in_shape: x.to_vec(), out })
+            Box::new(Slice { axis, index: tensor::index_tensor(&ids, device)?, len: x[axis], out })
         }
         OpSpec::Select { dim, index } => {
             let axis = per_sample_axis(dim, x.len()).map_err(err)?;
@@ -476,7 +476,6 @@ impl Layer for Reshape {
 /// permute / transpose of per-sample axes: output axis a is input axis `perm[a]`.
 struct Permute {
     perm: Vec<usize>,
-    in_shape: Vec<usize>,
     out: Vec<usize>,
 }
 
@@ -505,7 +504,6 @@ impl Layer for Permute {
         for (a, &p) in self.perm.iter().enumerate() {
             inverse[p] = a;
         }
-        let _ = &self.in_shape;
         self.apply(v, 2, &inverse)
     }
 
@@ -576,7 +574,6 @@ struct Slice {
     axis: usize,
     index: Tensor,
     len: usize,
-    in_shape: Vec<usize>,
     out: Vec<usize>,
 }
 
@@ -594,7 +591,6 @@ impl Layer for Slice {
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
-        let _ = &self.in_shape;
         tensor::select_adjoint(v, &self.index, self.axis + 2, self.len)
     }
 
