@@ -215,7 +215,8 @@ def _is_inplace(node, mod=None) -> bool:
 
 
 def export(model: nn.Module, example_input, out_dir: str, output_key=None,
-           model_name: str = "model.json", weights_name: str = "weights.safetensors") -> dict:
+           model_name: str = "model.json", weights_name: str = "weights.safetensors",
+           tracer: str = "auto") -> dict:
     """Export any ``nn.Module`` to the graph form of docs/model-format.md.
 
     ``example_input``: a batched Tensor (``model(x)``; graph input ``"x"``) or a dict
@@ -227,7 +228,7 @@ def export(model: nn.Module, example_input, out_dir: str, output_key=None,
     """
     from safetensors.torch import save_file
 
-    spec, state = graph_spec(model, example_input, output_key)
+    spec, state = graph_spec(model, example_input, output_key, tracer)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, model_name), "w") as fh:
         fh.write(graph_json(spec))
@@ -249,8 +250,62 @@ def graph_json(spec: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def graph_spec(model: nn.Module, example_input, output_key=None):
-    """Return (model.json dict, {state-dict name: tensor}) for ``model``."""
+def graph_spec(model: nn.Module, example_input, output_key=None, tracer: str = "auto"):
+    """Return (model.json dict, {state-dict name: tensor}) for ``model``.
+
+    ``tracer``: ``"fx"`` (torch.fx symbolic tracing, the graph form's original path),
+    ``"export"`` (``torch.export`` ATen graph with a dynamic batch axis: transformers,
+    HuggingFace models, integer inputs) or ``"auto"``: ``"export"`` when an input is an
+    integer tensor, else ``"fx"``, retried with ``"export"`` when torch.fx cannot trace
+    the model or meets an op it does not know (the torch.fx error is the one raised
+    when both fail, unless torch.fx could not trace at all).
+    """
+    if tracer == "fx":
+        return _fx_graph_spec(model, example_input, output_key)
+    if tracer == "export":
+        return _aten_graph_spec(model, example_input, output_key)
+    if tracer != "auto":
+        raise ValueError(f"tracer must be 'auto', 'fx' or 'export', not {tracer!r}")
+    leaves = list(example_input.values()) if isinstance(example_input, dict) else [example_input]
+    if any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in leaves):
+        return _aten_graph_spec(model, example_input, output_key)
+    try:
+        return _fx_graph_spec(model, example_input, output_key)
+    except ExportError as e_fx:
+        if not getattr(e_fx, "retry_with_export", False):
+            raise
+        try:
+            return _aten_graph_spec(model, example_input, output_key)
+        except ExportError as e_ex:
+            if getattr(e_fx, "trace_failed", False):
+                raise e_ex from None
+            raise e_fx from None
+
+
+def _check_model(model: nn.Module):
+    """Refusals common to both tracers: training mode, shared parameters."""
+    if model.training:
+        bad = [n for n, m in model.named_modules() if isinstance(m, _BN + (nn.Dropout,))]
+        if bad:
+            raise ValueError(
+                f"the model is in training mode and contains BatchNorm/Dropout ({bad[0]!r}"
+                f"{' and others' if len(bad) > 1 else ''}); laplace-rs evaluates models in "
+                "evaluation mode (BatchNorm with running statistics, no dropout): call "
+                "model.eval() before exporting")
+    for n, m in model.named_modules():
+        if m.training and isinstance(m, _BN + (nn.Dropout,)):
+            raise ValueError(f"module {n!r} ({_module_op_name(m)}) is in training mode: "
+                             "call model.eval() before exporting")
+    seen = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            raise ExportError(f"parameter {n!r} is the same tensor as {seen[id(p)]!r}: shared "
+                              "parameters are not supported")
+        seen[id(p)] = n
+
+
+def _fx_graph_spec(model: nn.Module, example_input, output_key=None):
+    """The torch.fx path of ``graph_spec``."""
     # ------------------------------------------------------------ refusals
     if model.training:
         bad = [n for n, m in model.named_modules() if isinstance(m, _BN + (nn.Dropout,))]
@@ -279,8 +334,10 @@ def graph_spec(model: nn.Module, example_input, output_key=None):
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"torch.fx could not trace {type(model).__name__}: "
-                          f"{type(e).__name__}: {e}") from e
+        err = ExportError(f"torch.fx could not trace {type(model).__name__}: "
+                          f"{type(e).__name__}: {e}")
+        err.trace_failed = err.retry_with_export = True
+        raise err from e
     gm = torch.fx.GraphModule(tracer.root, graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     prop = _ValueProp(gm)
@@ -364,9 +421,11 @@ def graph_spec(model: nn.Module, example_input, output_key=None):
         return nm
 
     def unsupported(node, opname, why=""):
-        raise ExportError(f"unsupported op {opname} (node {node.name!r}, from module "
+        err = ExportError(f"unsupported op {opname} (node {node.name!r}, from module "
                           f"{_where(node)}){': ' + why if why else ''}; laplace-rs graph form "
                           "supports the ops of docs/model-format.md")
+        err.retry_with_export = True
+        raise err
 
     def ndim(node_arg):
         return len(shape_of(node_arg))

@@ -193,11 +193,11 @@ pub fn run(a: &DemoArgs) -> laplace::Result<()> {
 /// Out-of-distribution inputs: images of uniform noise, seeded.
 fn noise_images(n: usize, like: &Dataset) -> laplace::Result<Tensor> {
     let mut rng = laplace::rng::Rng::new(1);
-    let shape = like.x.dims()[1..].to_vec();
+    let shape = like.x.first().dims()[1..].to_vec();
     let per: usize = shape.iter().product();
     let mut dims = vec![n];
     dims.extend(shape);
-    tensor::from_f64((0..n * per).map(|_| rng.uniform()).collect(), &dims, like.x.dtype(), like.x.device())
+    tensor::from_f64((0..n * per).map(|_| rng.uniform()).collect(), &dims, like.x.first().dtype(), like.x.first().device())
 }
 
 /// Top-class confidence of every row.

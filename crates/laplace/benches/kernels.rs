@@ -24,7 +24,7 @@ fn model(spec: &str, seed: u64) -> Sequential {
     let mut weights = HashMap::new();
     for (i, l) in spec.layers().expect("a Sequential spec").into_iter().enumerate() {
         match l {
-            laplace::spec::LayerSpec::Linear { in_features, out_features, bias } => {
+            laplace::spec::LayerSpec::Linear { in_features, out_features, bias, .. } => {
                 weights.insert(format!("{i}.weight"), randn(&[*out_features, *in_features], seed + i as u64));
                 if *bias {
                     weights.insert(format!("{i}.bias"), randn(&[*out_features], seed + 100 + i as u64));

@@ -1,55 +1,62 @@
-//! Data sets from files: `x` `(N, *input_shape)` and, for everything that
-//! needs a loss, `y` (int64 class indices `(N,)` or floats `(N, C)`).
+//! Data sets from files: inputs (`x` `(N, *input_shape)`, or one array per
+//! named model input) and, for everything that needs a loss, `y` (int64
+//! class indices `(N,)` or floats `(N, C)`).
 
 use std::path::Path;
 
 use crate::curvature::Batch;
 use crate::error::{bail, Result};
-use crate::tensor::{self, DType, Device, Tensor};
+use crate::inputs::Inputs;
+use crate::tensor::{DType, Device, Tensor};
 
 pub struct Dataset {
-    /// Inputs in the compute dtype.
-    pub x: Tensor,
+    /// Inputs in the compute dtype: `x`, or one array per named model input.
+    pub x: Inputs,
     /// Targets as stored (checked against the likelihood when used).
     pub y: Option<Tensor>,
 }
 
 impl Dataset {
-    /// Read `x` and `y` from a `.npz` or `.safetensors` file; `x` is
-    /// converted to `dtype`.
+    /// Read a `.npz` or `.safetensors` data file: targets under `"y"`, every
+    /// other array an input (`x`, or `input_ids`, `attention_mask`, ... by
+    /// the model's input names), converted to `dtype`.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_labels(path, "y", dtype, device)
+    }
+
+    /// [`Dataset::load`] with the targets under `label_key` (`labels`, as
+    /// HuggingFace batches name them).
+    pub fn load_with_labels(path: &Path, label_key: &str, dtype: DType, device: &Device) -> Result<Self> {
         let mut arrays = crate::io::read_tensors(path, device)?;
-        let Some(x) = arrays.remove("x") else {
-            let mut keys: Vec<_> = arrays.keys().cloned().collect();
-            keys.sort();
-            bail!(Data, "{}: no array named \"x\" (found {keys:?})", path.display());
+        let y = arrays.remove(label_key);
+        let mut keys: Vec<String> = arrays.keys().cloned().collect();
+        keys.sort();
+        if keys.is_empty() {
+            bail!(Data, "{}: no input arrays (only {label_key:?}); expected \"x\" or one array per model input", path.display());
+        }
+        let mut entries = Vec::with_capacity(keys.len());
+        for k in keys {
+            let t = arrays.remove(&k).expect("a listed key");
+            if t.rank() < 1 || t.dim(0)? == 0 {
+                bail!(Data, "{}: {k:?} has shape {:?}; expected (N, *shape) with N ≥ 1", path.display(), t.dims());
+            }
+            entries.push((k, t));
+        }
+        let in_file = |e: crate::Error| match e {
+            crate::Error::Data(m) => crate::Error::Data(format!("{}: {m}", path.display())),
+            other => other,
         };
-        if !tensor::is_compute_dtype(x.dtype()) {
-            bail!(Data, "{}: x must be float32 or float64, got {}", path.display(), tensor::dtype_name(x.dtype()));
-        }
-        if x.rank() < 2 || x.dim(0)? == 0 {
-            bail!(Data, "{}: x has shape {:?}; expected (N, *input_shape) with N ≥ 1", path.display(), x.dims());
-        }
-        let y = arrays.remove("y");
+        let x = Inputs::named(entries).and_then(|x| x.to_dtype(dtype)).map_err(in_file)?;
         if let Some(y) = &y {
-            if y.rank() == 0 || y.dim(0)? != x.dim(0)? {
-                bail!(
-                    Data,
-                    "{}: y has shape {:?} but x has {} points",
-                    path.display(),
-                    y.dims(),
-                    x.dim(0)?
-                );
+            if y.rank() == 0 || y.dim(0)? != x.len() {
+                bail!(Data, "{}: {label_key:?} has shape {:?} but the inputs have {} points", path.display(), y.dims(), x.len());
             }
         }
-        Ok(Dataset {
-            x: x.to_dtype(dtype)?,
-            y,
-        })
+        Ok(Dataset { x, y })
     }
 
     pub fn len(&self) -> usize {
-        self.x.dims()[0]
+        self.x.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -72,14 +79,14 @@ impl Dataset {
     }
 
     /// Inputs of points `offset..offset + len`.
-    pub fn inputs(&self, offset: usize, len: usize) -> Result<Tensor> {
-        Ok(self.x.narrow(0, offset, len)?)
+    pub fn inputs(&self, offset: usize, len: usize) -> Result<Inputs> {
+        self.x.narrow(offset, len)
     }
 
     /// Points `offset..offset + len` with their targets.
     pub fn batch(&self, offset: usize, len: usize) -> Result<Batch> {
         Ok(Batch {
-            x: self.x.narrow(0, offset, len)?,
+            x: self.x.narrow(offset, len)?,
             y: self.targets()?.narrow(0, offset, len)?,
             offset,
         })

@@ -19,6 +19,7 @@
 //! fans out and the walks reduce to the layer-by-layer loops.
 
 use crate::error::Result;
+use crate::inputs::Inputs;
 use crate::model::Model;
 use crate::nn::{AffineLayer, Saved};
 use crate::tensor::Tensor;
@@ -70,13 +71,14 @@ impl AffineView<'_> {
     }
 }
 
-/// Run the network on `x (M, *input_shape)`, saving state for the nodes
-/// marked in `active`.
-pub fn forward(model: &Model, x: &Tensor, active: &[bool]) -> Result<Tape> {
-    model.check_input(x)?;
+/// Run the network on the inputs `x` (each `(M, *shape)`), saving state for
+/// the nodes marked in `active`.
+pub fn forward(model: &Model, x: &Inputs, active: &[bool]) -> Result<Tape> {
     let n_in = model.n_inputs();
     let mut values: Vec<Option<Tensor>> = vec![None; n_in + model.nodes().len()];
-    values[0] = Some(x.clone());
+    for (v, t) in x.bind(model)?.into_iter().enumerate() {
+        values[v] = Some(t);
+    }
     let mut saved = Vec::with_capacity(model.nodes().len());
     for (i, node) in model.nodes().iter().enumerate() {
         let inputs: Vec<&Tensor> = node
@@ -137,7 +139,6 @@ pub fn backward_walk<S>(
 /// Pull `v (M, K, C)` back from the output through the active nodes,
 /// calling `visit` at every active node with parameters, in reverse order.
 pub fn backward(model: &Model, tape: &Tape, v: Tensor, mut visit: impl FnMut(AffineView<'_>) -> Result<()>) -> Result<()> {
-    let (m, k) = (v.dim(0)?, v.dim(1)?);
     backward_walk(
         model,
         tape,
@@ -147,8 +148,7 @@ pub fn backward(model: &Model, tape: &Tape, v: Tensor, mut visit: impl FnMut(Aff
             let node = &model.nodes()[i];
             let saved = tape.saved(i);
             if let Some(affine) = node.op.affine() {
-                let (o, _, r) = affine.affine_dims();
-                visit(AffineView { layer: i, affine, patches: affine.patches(saved)?, sensitivities: v.reshape((m, k, o, r))? })?;
+                visit(AffineView { layer: i, affine, patches: affine.patches(saved)?, sensitivities: crate::nn::to_patch_form(affine, &v)? })?;
             }
             let needs = tape.needs(model, i);
             if !needs.iter().any(|&n| n) {

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{bail, Result};
+use crate::inputs::Inputs;
 use crate::nn::{self, Op};
 use crate::spec::{Form, LayerSpec, ModelSpec, OpSpec};
 use crate::tensor::{self, DType, Device, Tensor};
@@ -335,37 +336,15 @@ impl Model {
         Ok(i)
     }
 
-    /// Check a batch of inputs: `(M, *input_shape)`, compute dtype, finite.
-    pub fn check_input(&self, x: &Tensor) -> Result<()> {
-        if self.n_inputs() != 1 {
-            bail!(Data, "the model has {} inputs ({}); pass them by name", self.n_inputs(), self.input_names().join(", "));
-        }
-        let shape = &self.shapes[0];
-        let d = x.dims();
-        if d.len() != shape.len() + 1 || d[1..] != shape[..] {
-            bail!(
-                Data,
-                "inputs have shape {d:?}, the model expects (N, {}) (input_shape {:?})",
-                shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
-                shape
-            );
-        }
-        if x.dtype() != self.dtype {
-            bail!(Data, "inputs have dtype {}, the model computes in {}", tensor::dtype_name(x.dtype()), tensor::dtype_name(self.dtype));
-        }
-        if let Some(pos) = tensor::first_non_finite(x)? {
-            bail!(Data, "inputs hold a non-finite value at index {:?}", tensor::unravel(pos, d));
-        }
-        Ok(())
-    }
-
-    fn input_names(&self) -> Vec<&str> {
-        self.spec.inputs.iter().map(|i| i.name.as_str()).collect()
+    /// Check a batch of inputs: each `(M, *shape)` in the compute dtype,
+    /// finite, integer where the input is (see [`Inputs::bind`]).
+    pub fn check_input(&self, x: &Inputs) -> Result<()> {
+        x.bind(self).map(|_| ())
     }
 
     /// The network output f(x) `(M, C)`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::engine::forward(self, x, &vec![false; self.nodes.len()])?.output)
+    pub fn forward(&self, x: impl Into<Inputs>) -> Result<Tensor> {
+        Ok(crate::engine::forward(self, &x.into(), &vec![false; self.nodes.len()])?.output)
     }
 }
 

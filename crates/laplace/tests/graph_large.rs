@@ -46,7 +46,7 @@ fn synthetic_weights(spec: &ModelSpec) -> HashMap<String, Tensor> {
     for node in &spec.nodes {
         let key = |role: &str| node.param_key(role).unwrap();
         match &node.op {
-            OpSpec::Module(LayerSpec::Linear { in_features, out_features, bias }) => {
+            OpSpec::Module(LayerSpec::Linear { in_features, out_features, bias, .. }) => {
                 put(key("weight"), vec![*out_features, *in_features]);
                 if *bias {
                     put(key("bias"), vec![*out_features]);

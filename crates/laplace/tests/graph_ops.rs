@@ -31,7 +31,7 @@ fn random_weights(spec: &ModelSpec, seed: u64) -> HashMap<String, Tensor> {
     for node in &spec.nodes {
         let key = |role: &str| node.param_key(role).unwrap();
         match &node.op {
-            OpSpec::Module(LayerSpec::Linear { in_features, out_features, bias }) => {
+            OpSpec::Module(LayerSpec::Linear { in_features, out_features, bias, .. }) => {
                 put(key("weight"), &[*out_features, *in_features], &mut rng, &|z| z / (*in_features as f64).sqrt());
                 if *bias {
                     put(key("bias"), &[*out_features], &mut rng, &|z| 0.1 * z);

@@ -86,7 +86,7 @@ fn kron_normalization_with_repeated_points() {
         let fx = Fixture::load(name);
         let b = whole(&fx);
         let rep = |t: &Tensor| Tensor::cat(&vec![t.clone(); 7], 0).unwrap();
-        let seven = Batch::new(rep(&b.x), rep(&b.y));
+        let seven = Batch::new(b.x.map(|t| Ok(rep(t))).unwrap(), rep(&b.y));
         for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
             let c = Curvature::new(&fx.model, fx.likelihood, CurvatureKind::Ggn, &Subset::All).unwrap();
             let (_, one) = c.kron(&b, 1, approx).unwrap();

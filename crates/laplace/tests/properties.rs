@@ -219,7 +219,7 @@ fn last_layer_ggn_has_the_kronecker_closed_form() {
         let (_, h) = c.full(&whole(&fx)).unwrap();
         // φ: the input of the final Linear layer.
         let last = fx.model.last_linear().unwrap();
-        let mut phi = fx.data.x.clone();
+        let mut phi = fx.data.x.first().clone();
         for n in &fx.model.nodes()[..last] {
             phi = n.op.forward_all(&[&phi], false).unwrap().0;
         }

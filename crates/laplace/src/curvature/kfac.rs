@@ -107,6 +107,18 @@ pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_
         }
         return Ok(blocks);
     }
+    if view.affine.diagonal_input_factor() {
+        // One-hot patches (Embedding): A = diag(a), a = (1/(N·R)) Σ_n Σ_r u ⊙ u,
+        // with B as for `expand`, whichever the approximation.
+        let (m, i, r) = view.patches.dims3()?;
+        let a = (view.patches.sqr()?.transpose(0, 1)?.contiguous()?.reshape((i, m * r))?.sum(1)? / (n_data * r) as f64)?;
+        let b = output_factor(&view.sensitivities, KfacApprox::Expand)?;
+        let mut blocks = vec![(false, vec![b.clone(), a])];
+        if has_bias {
+            blocks.push((true, vec![b]));
+        }
+        return Ok(blocks);
+    }
     let groups = view.groups();
     let patches = if groups > 1 {
         // ū = (1/G) Σ_g u_g: (M, G, I, R) averaged over G.

@@ -31,6 +31,7 @@ pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Su
 use std::str::FromStr;
 
 use crate::engine::{self, Tape};
+use crate::inputs::Inputs;
 use crate::kron::Kron;
 use crate::error::{bail, Error, Result};
 use crate::likelihood::Likelihood;
@@ -69,14 +70,14 @@ impl FromStr for CurvatureKind {
 /// do not depend on how the data set is batched).
 #[derive(Clone, Debug)]
 pub struct Batch {
-    pub x: Tensor,
+    pub x: Inputs,
     pub y: Tensor,
     pub offset: usize,
 }
 
 impl Batch {
-    pub fn new(x: Tensor, y: Tensor) -> Self {
-        Batch { x, y, offset: 0 }
+    pub fn new(x: impl Into<Inputs>, y: Tensor) -> Self {
+        Batch { x: x.into(), y, offset: 0 }
     }
 }
 
@@ -143,20 +144,21 @@ impl<'m> Curvature<'m> {
 
     /// Jacobians J `(M, C, P)` of the outputs with respect to the selected
     /// parameters, and the outputs f `(M, C)`.
-    pub fn jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        jacobians_for(self.model, &self.selection, x, self.chunk_elems)
+    pub fn jacobians(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
+        jacobians_for(self.model, &self.selection, &x.into(), self.chunk_elems)
     }
 
     /// Jacobians with respect to the final Linear layer only `(M, C, C·D [+ C])`,
     /// computed from its input features φ alone, and f.
-    pub fn last_layer_jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn last_layer_jacobians(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
         let sel = ParamSelection::new(self.model, &Subset::LastLayer)?;
-        jacobians_for(self.model, &sel, x, self.chunk_elems)
+        jacobians_for(self.model, &sel, &x.into(), self.chunk_elems)
     }
 
     /// Per-sample gradients G `(M, P)` of ℓ(f(x_n), y_n), and Σ_n ℓ_n `(1,)`.
-    pub fn gradients(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
-        let m = x.dim(0)?;
+    pub fn gradients(&self, x: impl Into<Inputs>, y: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = &x.into();
+        let m = x.len();
         let chunk = (self.chunk_elems / self.selection.len().max(1)).clamp(1, m.max(1));
         if chunk >= m {
             return self.gradients_chunk(x, y);
@@ -168,7 +170,7 @@ impl<'m> Curvature<'m> {
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let tape = engine::forward(self.model, &x.narrow(0, start, len)?, self.selection.active())?;
+            let tape = engine::forward(self.model, &x.narrow(start, len)?, self.selection.active())?;
             let yc = y.narrow(0, start, len)?;
             let l = self.likelihood.loss(&tape.output, &yc)?;
             let rows = self.likelihood.gradient(&tape.output, &yc)?.unsqueeze(1)?;
@@ -183,7 +185,7 @@ impl<'m> Curvature<'m> {
         Ok((check_finite(g, "gradients")?, loss.expect("at least one sample")))
     }
 
-    fn gradients_chunk(&self, x: &Tensor, y: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn gradients_chunk(&self, x: &Inputs, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = self.targets(y, x)?;
         let tape = engine::forward(self.model, x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
@@ -207,7 +209,7 @@ impl<'m> Curvature<'m> {
                 return Ok((loss, check_finite(h, "curvature")?));
             }
         }
-        let m = batch.x.dim(0)?;
+        let m = batch.x.len();
         let p = self.selection.len();
         let rows_per_point = self.rows_per_point();
         let chunk = (self.chunk_elems / (rows_per_point * p).max(1)).clamp(1, m.max(1));
@@ -217,7 +219,7 @@ impl<'m> Curvature<'m> {
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let (x, y) = (batch.x.narrow(0, start, len)?, targets.narrow(0, start, len)?);
+            let (x, y) = (batch.x.narrow(start, len)?, targets.narrow(0, start, len)?);
             let tape = engine::forward(self.model, &x, self.selection.active())?;
             loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
             let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
@@ -281,7 +283,12 @@ impl<'m> Curvature<'m> {
         let mut blocks = std::collections::HashMap::new();
         engine::backward(self.model, &tape, rows, |view| {
             if self.selection.layer(view.layer).is_some() {
-                for (is_bias, block) in kfac::layer_blocks(&view, n_data, approx, self.chunk_elems)? {
+                let transposed = view.affine.weight_layout() == crate::nn::WeightLayout::InOut;
+                for (is_bias, mut block) in kfac::layer_blocks(&view, n_data, approx, self.chunk_elems)? {
+                    // W stored (I, O): [B, A] on W (O, I) is [A, B] on the stored tensor.
+                    if transposed && !is_bias && block.len() == 2 {
+                        block.swap(0, 1);
+                    }
                     blocks.insert((view.layer, is_bias), block);
                 }
             }
@@ -343,9 +350,9 @@ impl<'m> Curvature<'m> {
     }
 
     /// Checked targets for the inputs `x`.
-    pub(crate) fn targets(&self, y: &Tensor, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn targets(&self, y: &Tensor, x: &Inputs) -> Result<Tensor> {
         self.model.check_input(x)?;
-        let m = x.dim(0)?;
+        let m = x.len();
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
     }
 }
@@ -353,8 +360,8 @@ impl<'m> Curvature<'m> {
 /// Jacobians over a selection: identity rows pushed back, a chunk of
 /// samples at a time written into the output, so that temporaries stay
 /// within `chunk_elems` beyond the `(M, C, P)` result itself.
-fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor, chunk_elems: usize) -> Result<(Tensor, Tensor)> {
-    let m = x.dim(0)?;
+fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Inputs, chunk_elems: usize) -> Result<(Tensor, Tensor)> {
+    let m = x.len();
     let c = model.n_outputs();
     let chunk = (chunk_elems / (c * sel.len()).max(1)).clamp(1, m.max(1));
     if chunk >= m {
@@ -366,7 +373,7 @@ fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Tensor, chunk_ele
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let tape = engine::forward(model, &x.narrow(0, start, len)?, sel.active())?;
+        let tape = engine::forward(model, &x.narrow(start, len)?, sel.active())?;
         let rows = identity_rows(len, c, model)?;
         batch_grads_into(model, sel, &tape, rows, &mut out, start * c)?;
         fs.push(tape.output);
@@ -384,7 +391,7 @@ fn identity_rows(m: usize, c: usize, model: &Sequential) -> Result<Tensor> {
         .contiguous()?)
 }
 
-fn jacobians_chunk(model: &Sequential, sel: &ParamSelection, x: &Tensor) -> Result<(Tensor, Tensor)> {
+fn jacobians_chunk(model: &Sequential, sel: &ParamSelection, x: &Inputs) -> Result<(Tensor, Tensor)> {
     let tape = engine::forward(model, x, sel.active())?;
     let (m, c) = tape.output.dims2()?;
     let j = batch_grads(model, sel, &tape, identity_rows(m, c, model)?)?;

@@ -80,14 +80,14 @@ pub(crate) fn matmat(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Ten
         .map(|i| model.value_shape(model.node_value(i)).iter().product::<usize>())
         .sum();
     let k = v.dim(0)?;
-    let m = batch.x.dim(0)?;
+    let m = batch.x.len();
     let chunk = (curv.chunk_elems() / (k * width).max(1)).clamp(1, m.max(1));
     let mut acc: Option<(Tensor, Tensor)> = None;
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
         let sub = Batch {
-            x: batch.x.narrow(0, start, len)?,
+            x: batch.x.narrow(start, len)?,
             y: batch.y.narrow(0, start, len)?,
             offset: batch.offset + start,
         };
@@ -185,7 +185,7 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
     let dirs = directions(curv, &sel.to_theta_order(v.clone(), 1)?)?;
     let y = curv.targets(&batch.y, &batch.x)?;
     let tape = engine::forward(model, &batch.x, sel.active())?;
-    let m = batch.x.dim(0)?;
+    let m = batch.x.len();
     let nodes = model.nodes();
 
     // Tangent forward pass.
@@ -195,9 +195,7 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
         };
         let u = aff.patches(tape.saved(i))?;
         let term = parameter_tangent(aff, &u, wd.as_ref(), bd.as_ref(), m, k)?;
-        let mut shape = vec![m, k];
-        shape.extend_from_slice(nodes[i].op.out_shape());
-        Ok(Some(term.reshape(shape)?))
+        Ok(Some(crate::nn::from_patch_form(aff, &term, nodes[i].op.out_shape())?))
     })?;
     // No tangent reaches the output when the selected parameters do not.
     let f_dot = match tangents[model.output_value()].clone() {
@@ -226,12 +224,12 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
             if let (Some(aff), Some(lsel)) = (node.op.affine(), sel.layer(i)) {
                 let (o, _, r) = aff.affine_dims();
                 let groups = aff.groups();
-                let gd = g_dot.reshape((m, k, o, r))?;
+                let gd = crate::nn::to_patch_form(aff, &g_dot)?;
                 let u = aff.patches(saved)?;
                 let mut w_grad = weight_product(&gd, &u, groups)?;
                 if let (Some(g), Some(td)) = (&g, x_dots[0]) {
                     // + Σ_n g_n U̇_{n,k}ᵀ.
-                    w_grad = (w_grad + mixed_product(&g.reshape((m, o * r))?, &aff.tangent_patches(td)?, o, groups)?)?;
+                    w_grad = (w_grad + mixed_product(&crate::nn::to_patch_form(aff, &g.unsqueeze(1)?)?.reshape((m, o * r))?, &aff.tangent_patches(saved, td)?, o, groups)?)?;
                 }
                 let ii = w_grad.dim(2)?;
                 if let Some(s) = &lsel.weight {
@@ -251,7 +249,7 @@ fn matmat_batch(curv: &Curvature, batch: &Batch, v: &Tensor) -> Result<(Tensor, 
                 return Ok(next.into_iter().map(|t| t.map(|t| (t, None))).collect());
             };
             if let (Some(aff), Some((Some(wd), _)), true) = (node.op.affine(), dirs.get(&i), needs[0]) {
-                next[0] = add_opt(next[0].take(), Some(aff.backward_with_weights(&gy, wd)?))?;
+                next[0] = add_opt(next[0].take(), Some(aff.backward_with_weights(saved, &gy, wd)?))?;
             }
             let second = node.op.second_order_all(saved, &gy, &x_dots, &needs)?;
             let grads = node.op.backward_all(saved, &gy.unsqueeze(1)?, &needs)?;
@@ -380,7 +378,6 @@ pub(crate) fn hessian_diag(curv: &Curvature, batch: &Batch) -> Result<(Tensor, T
     let tape = engine::forward(model, &batch.x, sel.active())?;
     let f = &tape.output;
     let loss = curv.likelihood().loss(f, &y)?;
-    let m = f.dim(0)?;
     let g = curv.likelihood().gradient(f, &y)?; // ∂L/∂z, (M, *out)
     let seed = curv.likelihood().sqrt_hessian(f)?; // rows with G = Σ p pᵀ − Σ q qᵀ
     let pos = Rows { segs: vec![(0, seed.dim(1)?)], rows: seed };
@@ -401,11 +398,9 @@ pub(crate) fn hessian_diag(curv: &Curvature, batch: &Batch) -> Result<(Tensor, T
             let node = &model.nodes()[i];
             let saved = tape.saved(i);
             if let (Some(aff), Some(lsel)) = (node.op.affine(), sel.layer(i)) {
-                let (o, _, r) = aff.affine_dims();
                 let u = aff.patches(saved)?;
                 let signed = |rows: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>)> {
-                    let kk = rows.dim(1)?;
-                    let view = AffineView { layer: i, affine: aff, patches: u.clone(), sensitivities: rows.reshape((m, kk, o, r))? };
+                    let view = AffineView { layer: i, affine: aff, patches: u.clone(), sensitivities: crate::nn::to_patch_form(aff, rows)? };
                     diag_gram(&view, lsel, chunk)
                 };
                 let (mut w, mut b) = signed(&st.pos.rows)?;

@@ -13,7 +13,25 @@ use std::collections::BTreeMap;
 
 use crate::error::{bail, Result};
 use crate::model::Model;
+use crate::nn::WeightLayout;
 use crate::tensor::{self, Tensor};
+
+/// Where θ-local coordinate `local` of parameter `p` sits in the computed
+/// layout: the patch form's W `(O, I)` row-major. A weight stored `(I, O)`
+/// (HuggingFace `Conv1D`, `nn.Embedding`) is the transpose.
+fn computed_local(model: &Model, p: &crate::model::ParamInfo, local: usize) -> usize {
+    if !stored_transposed(model, p) {
+        return local;
+    }
+    let (o, i, _) = model.nodes()[p.layer].op.affine().expect("a weight").affine_dims();
+    // θ: (i', o') at i'·O + o'; computed: o'·I + i'.
+    (local % o) * i + local / o
+}
+
+/// Is `p` a weight stored `(I, O)`?
+pub(crate) fn stored_transposed(model: &Model, p: &crate::model::ParamInfo) -> bool {
+    !p.is_bias() && model.nodes()[p.layer].op.affine().is_some_and(|a| a.weight_layout() == WeightLayout::InOut)
+}
 
 /// The parameters a curvature object works on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,8 +86,12 @@ pub struct LayerSelection {
 pub struct ParamSelection {
     layers: BTreeMap<usize, LayerSelection>,
     /// Output position j holds computed column `order[j]` (subnetworks in
-    /// user order); `None` when the computed order is the output order.
+    /// user order, weights stored `(I, O)`); `None` when the computed order
+    /// is the output order.
     order: Option<Vec<usize>>,
+    /// Is the output order a user's order (a subnetwork's index list) rather
+    /// than θ order?
+    user_order: bool,
     len: usize,
     /// Nodes downstream of a selected parameter: where the engine saves
     /// state and pulls sensitivities back.
@@ -130,24 +152,19 @@ impl ParamSelection {
                 let mut sorted: Vec<usize> = indices.iter().map(|&i| i as usize).collect();
                 sorted.sort_unstable();
                 for p in params {
-                    let local: Vec<usize> = sorted
+                    let mut local: Vec<usize> = sorted
                         .iter()
                         .filter(|&&i| i >= p.offset && i < p.offset + p.numel)
-                        .map(|&i| i - p.offset)
+                        .map(|&i| computed_local(model, p, i - p.offset))
                         .collect();
+                    local.sort_unstable();
                     if local.len() == p.numel {
                         put(p.layer, p, Selected::All);
                     } else if !local.is_empty() {
                         put(p.layer, p, Selected::Some(local));
                     }
                 }
-                // Rank of each requested index in θ order.
-                let rank_of: std::collections::HashMap<usize, usize> =
-                    sorted.iter().enumerate().map(|(r, &i)| (i, r)).collect();
-                let ord: Vec<usize> = indices.iter().map(|&i| rank_of[&(i as usize)]).collect();
-                if ord.iter().enumerate().any(|(j, &r)| j != r) {
-                    order = Some(ord);
-                }
+                order = Some(indices.iter().map(|&i| i as usize).collect::<Vec<_>>());
             }
         }
         let len = params
@@ -165,22 +182,68 @@ impl ParamSelection {
             .sum();
         let sources: Vec<usize> = layers.keys().copied().collect();
         let active = model.downstream_of(&sources);
-        Ok(ParamSelection {
-            layers,
-            order,
-            len,
-            active,
-        })
+        // A subnetwork listed in θ order is computed in that order.
+        let user_order = order.as_ref().is_some_and(|o: &Vec<usize>| o.windows(2).any(|w| w[0] > w[1]));
+        let mut sel = ParamSelection { layers, order: None, user_order, len, active };
+        // The computed column of every output coordinate, where the two orders differ.
+        let permuted = params.iter().any(|p| sel.selected_of(p).is_some() && stored_transposed(model, p));
+        if user_order || permuted {
+            let outputs: Vec<usize> = match order {
+                Some(o) => o,
+                None => params
+                    .iter()
+                    .filter(|p| sel.selected_of(p).is_some())
+                    .flat_map(|p| p.offset..p.offset + p.numel)
+                    .collect(),
+            };
+            let ord = sel.computed_columns(model, &outputs);
+            if ord.iter().enumerate().any(|(j, &c)| j != c) {
+                sel.order = Some(ord);
+            }
+        }
+        Ok(sel)
     }
 
     /// Does the selection consist of whole parameter tensors (all of θ or
     /// the last layer), as Kronecker factorizations need?
     pub fn whole_tensors(&self) -> bool {
-        self.order.is_none()
+        !self.user_order
             && self
                 .layers
                 .values()
                 .all(|l| [&l.weight, &l.bias].iter().all(|s| !matches!(s, Some(Selected::Some(_)))))
+    }
+
+    /// What is selected of parameter `p`.
+    fn selected_of(&self, p: &crate::model::ParamInfo) -> Option<&Selected> {
+        let l = self.layers.get(&p.layer)?;
+        if p.is_bias() {
+            l.bias.as_ref()
+        } else {
+            l.weight.as_ref()
+        }
+    }
+
+    /// The computed column of each θ index in `theta` (all selected).
+    fn computed_columns(&self, model: &Model, theta: &[usize]) -> Vec<usize> {
+        let tensors = self.tensors(model);
+        let params = model.params();
+        // Parameters by offset, for finding the tensor of a θ index.
+        let starts: Vec<usize> = params.iter().map(|p| p.offset).collect();
+        theta
+            .iter()
+            .map(|&s| {
+                let pi = starts.partition_point(|&o| o <= s) - 1;
+                let p = &params[pi];
+                let t = tensors.iter().find(|t| t.layer == p.layer && t.is_bias == p.is_bias()).expect("a selected index");
+                let local = computed_local(model, p, s - p.offset);
+                t.column
+                    + match &t.selected {
+                        Selected::All => local,
+                        Selected::Some(ids) => ids.binary_search(&local).expect("a selected coordinate"),
+                    }
+            })
+            .collect()
     }
 
     /// Number of selected coordinates.

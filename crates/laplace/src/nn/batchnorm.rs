@@ -181,14 +181,14 @@ impl AffineLayer for BatchNorm {
         Ok(saved.get::<BatchNormSaved>().x_hat.clone())
     }
 
-    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
+    fn tangent_patches(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         // x̂̇ = s ⊙ ẋ, as (M, K, C, R).
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let t = scale_channels(x_dot, &self.inv_std, &self.shape)?;
         Ok(t.reshape((m, k, self.shape[0], self.positions()))?)
     }
 
-    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn backward_with_weights(&self, _saved: &Saved, g: &Tensor, w: &Tensor) -> Result<Tensor> {
         // Column k: (γ̇_k s) ⊙ g; w (K, C, 1).
         let m = g.dim(0)?;
         let k = w.dim(0)?;

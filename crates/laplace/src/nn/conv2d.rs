@@ -241,7 +241,7 @@ impl AffineLayer for Conv2d {
         Ok(saved.get::<ConvSaved>().patches_imr.transpose(0, 1)?)
     }
 
-    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor> {
+    fn tangent_patches(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
         let (_, i) = self.weight.dims2()?;
         let r = self.positions();
@@ -249,7 +249,7 @@ impl AffineLayer for Conv2d {
         Ok(u.transpose(0, 1)?.contiguous()?.reshape((m, k, i * self.groups, r))?)
     }
 
-    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor> {
+    fn backward_with_weights(&self, _saved: &Saved, g: &Tensor, w: &Tensor) -> Result<Tensor> {
         // Column k: col2im(W_kᵀ g); (K, I, O) @ (O, M·R) → (K, I, M, R).
         let m = g.dim(0)?;
         let k = w.dim(0)?;

@@ -21,10 +21,12 @@ mod activation;
 mod adaptive_pool;
 mod batchnorm;
 mod conv2d;
+mod embedding;
 mod flatten;
 mod graph_ops;
 mod identity;
 mod linear;
+mod norm;
 mod patches;
 mod pool;
 
@@ -37,6 +39,8 @@ use crate::tensor::{DType, Device, Tensor};
 
 pub use activation::Elementwise;
 pub use conv2d::Conv2d;
+pub use embedding::Embedding;
+pub use norm::Norm;
 pub use flatten::Flatten;
 pub use identity::Identity;
 pub use linear::Linear;
@@ -291,18 +295,65 @@ pub trait AffineLayer {
 
     fn has_bias(&self) -> bool;
 
+    /// Are the patches one-hot (Embedding), so that KFAC's input factor is
+    /// diagonal and kept as a 1-D factor?
+    fn diagonal_input_factor(&self) -> bool {
+        false
+    }
+
+    /// Where the output `(M, *out)` keeps the patch form's O axis.
+    fn output_layout(&self) -> OutputLayout {
+        OutputLayout::ChannelsFirst
+    }
+
+    /// How the weight tensor (and θ) stores W `(O, I)`.
+    fn weight_layout(&self) -> WeightLayout {
+        WeightLayout::OutIn
+    }
+
     /// The patches U `(M, G·I, R)` of the batch this `saved` came from.
     fn patches(&self, saved: &Saved) -> Result<Tensor>;
 
     /// The patches of input tangents `x_dot (M, K, *in)`: `(M, K, G·I, R)`.
-    fn tangent_patches(&self, x_dot: &Tensor) -> Result<Tensor>;
+    fn tangent_patches(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor>;
 
     /// The output gradient `g (M, *out)` pulled back to `(M, K, *in)`
     /// through the layer with weight `w[k]` `(K, O, I)` in place of its own
     /// (and no bias),
     /// one column per k (the mixed parameter-input term V_Wᵀ g of
     /// Hessian-vector products).
-    fn backward_with_weights(&self, g: &Tensor, w: &Tensor) -> Result<Tensor>;
+    fn backward_with_weights(&self, _saved: &Saved, g: &Tensor, w: &Tensor) -> Result<Tensor>;
+}
+
+/// Where an affine layer's output keeps the O axis of its patch form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputLayout {
+    /// `(O, *positions)`: Conv2d, BatchNorm, Linear on a vector (R = 1).
+    ChannelsFirst,
+    /// `(*positions, O)`: Linear over a sequence `(T, D)`, LayerNorm, Embedding.
+    ChannelsLast,
+}
+
+pub use crate::spec::WeightLayout;
+
+/// Output sensitivities `(M, K, *out)` in patch form `(M, K, O, R)`.
+pub(crate) fn to_patch_form(aff: &dyn AffineLayer, v: &Tensor) -> Result<Tensor> {
+    let (o, _, r) = aff.affine_dims();
+    let (m, k) = (v.dim(0)?, v.dim(1)?);
+    Ok(match aff.output_layout() {
+        OutputLayout::ChannelsFirst => v.reshape((m, k, o, r))?,
+        OutputLayout::ChannelsLast => v.reshape((m, k, r, o))?.transpose(2, 3)?.contiguous()?,
+    })
+}
+
+/// The inverse of [`to_patch_form`]: `(M, K, O, R)` as `(M, K, *out)`.
+pub(crate) fn from_patch_form(aff: &dyn AffineLayer, t: &Tensor, out_shape: &[usize]) -> Result<Tensor> {
+    let (m, k) = (t.dim(0)?, t.dim(1)?);
+    let shape = [&[m, k][..], out_shape].concat();
+    Ok(match aff.output_layout() {
+        OutputLayout::ChannelsFirst => t.reshape(shape)?,
+        OutputLayout::ChannelsLast => t.transpose(2, 3)?.contiguous()?.reshape(shape)?,
+    })
 }
 
 /// Builds the op of `node` for the per-sample shapes of its inputs, taking
@@ -330,6 +381,8 @@ pub(crate) fn build(
         LayerSpec::Linear { .. } => Box::new(Linear::build(&ctx, in_shape, weights, dtype)?),
         LayerSpec::Conv2d { .. } => Box::new(Conv2d::build(&ctx, in_shape, weights, dtype)?),
         LayerSpec::BatchNorm { .. } => Box::new(BatchNorm::build(&ctx, in_shape, weights, dtype)?),
+        LayerSpec::Embedding { .. } => Box::new(Embedding::build(&ctx, in_shape, weights, dtype)?),
+        LayerSpec::Norm { .. } => Box::new(Norm::build(&ctx, in_shape, weights, dtype)?),
         LayerSpec::Flatten { .. } => Box::new(Flatten::build(&ctx, in_shape)?),
         LayerSpec::Identity => Box::new(Identity::new(in_shape)),
         LayerSpec::Activation(a) => Box::new(Elementwise::new(*a, in_shape)),

@@ -19,6 +19,7 @@ use faer::Mat;
 use super::{Fitted, Posterior};
 use crate::curvature::{Curvature, CurvatureKind, Subset};
 use crate::error::{bail, Error, Result};
+use crate::inputs::Inputs;
 use crate::likelihood::{softmax, Likelihood};
 use crate::linalg::Cholesky;
 use crate::rng::Rng;
@@ -57,11 +58,12 @@ fn rows3(t: &Tensor) -> Result<(usize, usize, usize, Vec<f64>)> {
 
 impl Posterior {
     /// Jacobians of the subset `(N, C, P)` (in f64) and f_μ `(N, C)`.
-    pub fn jacobians(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn jacobians(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
+        let x = x.into();
         let curv = Curvature::new(&self.model, self.likelihood, CurvatureKind::Ggn, &self.subset)?;
         let (j, f) = match self.subset {
-            Subset::LastLayer => curv.last_layer_jacobians(x)?,
-            _ => curv.jacobians(x)?,
+            Subset::LastLayer => curv.last_layer_jacobians(&x)?,
+            _ => curv.jacobians(&x)?,
         };
         Ok((j.to_dtype(DType::F64)?, f))
     }
@@ -141,15 +143,16 @@ impl Posterior {
     /// GLM predictive: f_μ `(N, C)` and J P⁻¹ Jᵀ `(N, C, C)` (f64), a chunk
     /// of points at a time so that their Jacobians `(chunk, C, P)` stay
     /// within [`GLM_CHUNK_ELEMS`] (one point at a time for large networks).
-    pub fn glm_predictive(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let m = x.dim(0)?;
+    pub fn glm_predictive(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
+        let x = x.into();
+        let m = x.len();
         let per_point = (self.n_outputs * self.n_params()).max(1);
         let chunk = (GLM_CHUNK_ELEMS / per_point).clamp(1, m.max(1));
         let (mut fs, mut vars) = (Vec::new(), Vec::new());
         let mut start = 0;
         while start < m {
             let len = chunk.min(m - start);
-            let (j, f) = self.jacobians(&x.narrow(0, start, len)?)?;
+            let (j, f) = self.jacobians(&x.narrow(start, len)?)?;
             fs.push(f.to_dtype(DType::F64)?);
             vars.push(self.functional_variance(&j)?);
             start += len;
@@ -158,7 +161,7 @@ impl Posterior {
     }
 
     /// The joint functional covariance over a batch `(N·C, N·C)` (regression GP view).
-    pub fn functional_covariance(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn functional_covariance(&self, x: impl Into<Inputs>) -> Result<Tensor> {
         let (j, _) = self.jacobians(x)?;
         let (n, c, p) = j.dims3()?;
         let flat = j.reshape((1, n * c, p))?;
@@ -166,7 +169,7 @@ impl Posterior {
     }
 
     /// Class probabilities `(N, C)` of the GLM predictive under `link`.
-    pub fn predict_probs(&self, x: &Tensor, link: Link) -> Result<Tensor> {
+    pub fn predict_probs(&self, x: impl Into<Inputs>, link: Link) -> Result<Tensor> {
         if self.likelihood != Likelihood::Classification {
             bail!(Invalid, "class probabilities need a classification posterior");
         }
@@ -175,7 +178,7 @@ impl Posterior {
     }
 
     /// Regression: mean `(N, C)` and functional variance `(N, C)` (without σ²).
-    pub fn predict_regression(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn predict_regression(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
         if self.likelihood != Likelihood::Regression {
             bail!(Invalid, "mean and variance need a regression posterior");
         }
@@ -271,16 +274,17 @@ impl Posterior {
     /// Sampling predictive: `samples` networks θ ~ N(θ*, P⁻¹). Returns class
     /// probabilities `(N, C)` averaged over samples (classification), or the
     /// mean and variance of f over samples `(N, C)` each (regression).
-    pub fn nn_predictive(&self, x: &Tensor, samples: usize, seed: u64) -> Result<(Tensor, Option<Tensor>)> {
+    pub fn nn_predictive(&self, x: impl Into<Inputs>, samples: usize, seed: u64) -> Result<(Tensor, Option<Tensor>)> {
         if samples == 0 {
             bail!(Invalid, "the sampling predictive needs at least one sample");
         }
+        let x = x.into();
         let thetas = tensor::to_vec_f64(&self.sample(samples, seed)?)?;
         let p = self.n_params();
         let (mut sum, mut sum2): (Option<Tensor>, Option<Tensor>) = (None, None);
         for s in 0..samples {
             let m = self.model_with(&thetas[s * p..(s + 1) * p])?;
-            let f = m.forward(x)?.to_dtype(DType::F64)?;
+            let f = m.forward(&x)?.to_dtype(DType::F64)?;
             let v = if self.likelihood == Likelihood::Classification { softmax(&f)? } else { f };
             sum2 = Some(match sum2 {
                 None => v.sqr()?,

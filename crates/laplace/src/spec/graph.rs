@@ -34,6 +34,25 @@ pub struct InputSpec {
     pub name: String,
     /// Per-sample shape.
     pub shape: Vec<usize>,
+    pub dtype: InputDType,
+}
+
+/// What a graph input holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputDType {
+    /// Real numbers (images, features).
+    Float,
+    /// Integers (token ids, masks): never differentiated.
+    Int,
+}
+
+impl InputDType {
+    pub fn name(self) -> &'static str {
+        match self {
+            InputDType::Float => "float",
+            InputDType::Int => "int",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -199,7 +218,7 @@ impl ModelSpec {
             .collect::<Vec<_>>();
         let output = nodes.last().map_or_else(|| "x".to_string(), |n| n.name.clone());
         ModelSpec {
-            inputs: vec![InputSpec { name: "x".into(), shape: input_shape }],
+            inputs: vec![InputSpec { name: "x".into(), shape: input_shape, dtype: InputDType::Float }],
             parameters,
             nodes,
             output,
@@ -241,7 +260,7 @@ impl ModelSpec {
             })
             .collect();
         let inputs: Vec<Value> =
-            self.inputs.iter().map(|i| json!({"name": i.name, "shape": i.shape, "dtype": "float"})).collect();
+            self.inputs.iter().map(|i| json!({"name": i.name, "shape": i.shape, "dtype": i.dtype.name()})).collect();
         json!({"format": FORMAT, "version": VERSION, "inputs": inputs, "parameters": self.parameters,
                "nodes": nodes, "output": self.output})
         .to_string()
@@ -286,14 +305,15 @@ fn parse_graph(root: &Map<String, Value>) -> Result<ModelSpec> {
                 .and_then(usize_list)
                 .filter(|s| !s.contains(&0))
                 .ok_or_else(|| spec_err(format!("input {name:?}: \"shape\" must be a list of positive sizes")))?;
-            match o.get("dtype").and_then(Value::as_str) {
-                None | Some("float") => {}
-                Some(other) => bail!(Spec, "input {name:?}: dtype {other:?} is not supported (only \"float\")"),
-            }
+            let dtype = match o.get("dtype").and_then(Value::as_str) {
+                None | Some("float") => InputDType::Float,
+                Some("int") => InputDType::Int,
+                Some(other) => bail!(Spec, "input {name:?}: dtype {other:?} is not supported (\"float\" or \"int\")"),
+            };
             if !values.insert(name.clone()) {
                 bail!(Spec, "input name {name:?} appears twice");
             }
-            Ok(InputSpec { name, shape })
+            Ok(InputSpec { name, shape, dtype })
         })
         .collect::<Result<Vec<_>>>()?;
     let parameters: Vec<String> = match root.get("parameters") {

@@ -22,7 +22,7 @@ use crate::error::{bail, Result};
 
 mod graph;
 
-pub use graph::{BinaryOp, Form, InputSpec, ModelSpec, NodeSpec, OpSpec, ReduceOp};
+pub use graph::{BinaryOp, Form, InputDType, InputSpec, ModelSpec, NodeSpec, OpSpec, ReduceOp};
 
 /// Conv2d `padding`: explicit amounts, or torch's `"valid"` / `"same"`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,6 +38,24 @@ pub enum LayerSpec {
     Linear {
         in_features: usize,
         out_features: usize,
+        bias: bool,
+        weight_layout: WeightLayout,
+    },
+    /// A lookup table `(num_embeddings, embedding_dim)` read with integer indices.
+    Embedding {
+        num_embeddings: usize,
+        embedding_dim: usize,
+        /// The row that gets no gradient (torch's `padding_idx`).
+        padding_idx: Option<usize>,
+    },
+    /// `LayerNorm` / `RMSNorm` over the trailing `normalized_shape` axes.
+    Norm {
+        kind: NormKind,
+        normalized_shape: Vec<usize>,
+        /// `None`: the compute dtype's machine epsilon (torch's RMSNorm default).
+        eps: Option<f64>,
+        elementwise_affine: bool,
+        /// LayerNorm's bias (with `elementwise_affine`).
         bias: bool,
     },
     Conv2d {
@@ -85,6 +103,25 @@ pub enum LayerSpec {
     },
 }
 
+/// How a weight tensor stores the affine map's W `(out, in)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `(out, in)` row-major: `nn.Linear`, `nn.Conv2d`.
+    OutIn,
+    /// `(in, out)` row-major: HuggingFace `Conv1D`, `nn.Embedding` (a
+    /// Linear over one-hot inputs whose table is `(vocab, dim)`).
+    InOut,
+}
+
+/// Which normalization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// (x − mean) / √(var + ε) · w + b.
+    LayerNorm,
+    /// x / √(mean(x²) + ε) · w.
+    RmsNorm,
+}
+
 /// Elementwise activations with their parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
@@ -109,6 +146,9 @@ impl LayerSpec {
     pub fn type_name(&self) -> &'static str {
         match self {
             LayerSpec::Linear { .. } => "Linear",
+            LayerSpec::Embedding { .. } => "Embedding",
+            LayerSpec::Norm { kind: NormKind::LayerNorm, .. } => "LayerNorm",
+            LayerSpec::Norm { kind: NormKind::RmsNorm, .. } => "RMSNorm",
             LayerSpec::Conv2d { .. } => "Conv2d",
             LayerSpec::Flatten { .. } => "Flatten",
             LayerSpec::Identity => "Identity",
@@ -173,8 +213,23 @@ impl LayerSpec {
         use serde_json::json;
         let l = self;
         match l {
-                LayerSpec::Linear { in_features, out_features, bias } => {
-                    json!({"type": "Linear", "in_features": in_features, "out_features": out_features, "bias": bias})
+                LayerSpec::Linear { in_features, out_features, bias, weight_layout } => {
+                    let mut v = json!({"type": "Linear", "in_features": in_features, "out_features": out_features, "bias": bias});
+                    if *weight_layout == WeightLayout::InOut {
+                        v["weight_layout"] = json!("in_out");
+                    }
+                    v
+                }
+                LayerSpec::Embedding { num_embeddings, embedding_dim, padding_idx } => json!({
+                    "type": "Embedding", "num_embeddings": num_embeddings, "embedding_dim": embedding_dim,
+                    "padding_idx": padding_idx}),
+                LayerSpec::Norm { kind, normalized_shape, eps, elementwise_affine, bias } => {
+                    let mut v = json!({"type": l.type_name(), "normalized_shape": normalized_shape, "eps": eps,
+                                       "elementwise_affine": elementwise_affine});
+                    if *kind == NormKind::LayerNorm {
+                        v["bias"] = json!(bias);
+                    }
+                    v
                 }
                 LayerSpec::Conv2d { in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias } => {
                     let padding = match padding {
@@ -216,6 +271,8 @@ impl LayerSpec {
     pub fn param_roles(&self) -> Vec<&'static str> {
         let (weight, bias) = match *self {
             LayerSpec::Linear { bias, .. } | LayerSpec::Conv2d { bias, .. } => (true, bias),
+            LayerSpec::Embedding { .. } => (true, false),
+            LayerSpec::Norm { elementwise_affine, bias, .. } => (elementwise_affine, elementwise_affine && bias),
             LayerSpec::BatchNorm { affine, .. } => (affine, affine),
             _ => (false, false),
         };
@@ -360,7 +417,7 @@ fn parse_layer(index: usize, v: &Value) -> Result<LayerSpec> {
 pub const MODULE_OPS: &[&str] = &[
     "Linear", "Conv2d", "BatchNorm1d", "BatchNorm2d", "Flatten", "ReLU", "ReLU6", "Tanh", "Sigmoid", "Softplus",
     "ELU", "LeakyReLU", "GELU", "SiLU", "Hardswish", "Hardsigmoid", "Identity", "Dropout", "MaxPool2d", "AvgPool2d",
-    "AdaptiveAvgPool2d",
+    "AdaptiveAvgPool2d", "Embedding", "LayerNorm", "RMSNorm",
 ];
 
 /// A module op `ty` with constructor arguments `map`, or `None` when `ty`
@@ -377,11 +434,66 @@ pub(crate) fn parse_module(label: &str, ty: &str, map: Map<String, Value>) -> Re
             let out_features = a.usize_req("out_features")?;
             let out_features = positive(&a, "out_features", out_features)?;
             let bias = a.bool_or("bias", true)?;
+            let weight_layout = match a.take("weight_layout") {
+                None => WeightLayout::OutIn,
+                Some(Value::String(s)) if s == "out_in" => WeightLayout::OutIn,
+                Some(Value::String(s)) if s == "in_out" => WeightLayout::InOut,
+                Some(v) => return Err(a.err(format!("\"weight_layout\" must be \"out_in\" or \"in_out\", got {v}"))),
+            };
             LayerSpec::Linear {
                 in_features,
                 out_features,
                 bias,
+                weight_layout,
             }
+        }
+        "Embedding" => {
+            let num_embeddings = a.usize_req("num_embeddings")?;
+            let num_embeddings = positive(&a, "num_embeddings", num_embeddings)?;
+            let embedding_dim = a.usize_req("embedding_dim")?;
+            let embedding_dim = positive(&a, "embedding_dim", embedding_dim)?;
+            let padding_idx = match a.take("padding_idx") {
+                None | Some(Value::Null) => None,
+                Some(v) => {
+                    let i = v.as_i64().ok_or_else(|| a.err(format!("\"padding_idx\" must be an integer or null, got {v}")))?;
+                    let n = num_embeddings as i64;
+                    let i = if i < 0 { i + n } else { i };
+                    if !(0..n).contains(&i) {
+                        return Err(a.err(format!("\"padding_idx\" {v} is out of range for {num_embeddings} embeddings")));
+                    }
+                    Some(i as usize)
+                }
+            };
+            for unsupported in ["max_norm"] {
+                if a.take(unsupported).is_some_and(|v| !v.is_null()) {
+                    return Err(a.err(format!("{unsupported:?} is not supported (it changes the table during the forward pass)")));
+                }
+            }
+            a.ignore("norm_type");
+            a.ignore("scale_grad_by_freq");
+            a.ignore("sparse");
+            LayerSpec::Embedding { num_embeddings, embedding_dim, padding_idx }
+        }
+        "LayerNorm" | "RMSNorm" => {
+            let normalized_shape = match a.take("normalized_shape") {
+                Some(Value::Number(n)) => n.as_u64().map(|d| vec![d as usize]),
+                Some(v) => usize_list(&v),
+                None => None,
+            }
+            .filter(|s| !s.is_empty() && !s.contains(&0))
+            .ok_or_else(|| a.err("\"normalized_shape\" must be a positive size or a list of them".into()))?;
+            let kind = if ty == "LayerNorm" { NormKind::LayerNorm } else { NormKind::RmsNorm };
+            let eps = match a.take("eps") {
+                None if kind == NormKind::LayerNorm => Some(1e-5),
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_f64().filter(|e| *e >= 0.0).ok_or_else(|| a.err(format!("\"eps\" must be a non-negative number, got {v}")))?),
+            };
+            if kind == NormKind::LayerNorm && eps.is_none() {
+                return Err(a.err("LayerNorm needs a number \"eps\"".into()));
+            }
+            let elementwise_affine = a.bool_or("elementwise_affine", true)?;
+            let bias = if kind == NormKind::LayerNorm { a.bool_or("bias", true)? } else { false };
+            LayerSpec::Norm { kind, normalized_shape, eps, elementwise_affine, bias }
         }
         "Conv2d" => {
             let in_channels = a.usize_req("in_channels")?;

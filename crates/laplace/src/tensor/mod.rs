@@ -169,6 +169,23 @@ pub fn first_non_finite(t: &Tensor) -> Result<Option<usize>> {
     Ok(to_vec_f64(t)?.iter().position(|v| !v.is_finite()))
 }
 
+/// The flat index of the first element of `t` that is not an integer.
+pub fn first_non_integer(t: &Tensor) -> Result<Option<usize>> {
+    if !is_compute_dtype(t.dtype()) {
+        return Ok(None);
+    }
+    Ok(with_host_slice::<f64, _>(&t.to_dtype(DType::F64)?, |v| v.iter().position(|x| x.fract() != 0.0))?)
+}
+
+/// max |t| as f64 (`None` for an empty tensor), for any element type.
+pub fn max_abs_as_f64(t: &Tensor) -> Result<Option<f64>> {
+    if t.elem_count() == 0 {
+        return Ok(None);
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F64)?.abs()?.max(0)?;
+    Ok(Some(scalar_f64(&v)?))
+}
+
 /// `f` applied to the data of `t` as a host slice, in place when `t` is a
 /// contiguous CPU tensor of element type `T` (no copy), else on a copy
 /// converted to `T`. For handing tensors to faer kernels.

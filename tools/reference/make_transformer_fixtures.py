@@ -1,0 +1,1284 @@
+#!/usr/bin/env python
+"""Reference fixtures of laplace-rs for TRANSFORMER graph models with dict (integer) inputs.
+
+    venv/bin/python tools/reference/make_transformer_fixtures.py             # all cases
+    venv/bin/python tools/reference/make_transformer_fixtures.py hf_bert     # some cases
+    venv/bin/python tools/reference/make_transformer_fixtures.py --export-only [cases]
+
+Cases (float64, seeded from the case name, eval mode, classification C=3), written to
+``crates/laplace/tests/fixtures/transformer/<case>/``:
+
+* ``encoder_mha``  nn.Embedding(11,4,padding_idx=0) + learned position nn.Embedding(8,4)
+                   (indexed by arange(T)), pre-LN nn.LayerNorm, nn.MultiheadAttention(4, 2,
+                   batch_first=True, key_padding_mask = attention_mask == 0), residual,
+                   LayerNorm + Linear(4,8)-GELU-Linear(8,4) residual, masked mean pooling,
+                   Linear head ``classifier``; N=6, T=6, rows padded; one real token is the
+                   padding_idx 0 (its row gets no gradient, as in torch);
+* ``decoder_sdpa`` Embedding(11,4) + position Embedding(6,4), nn.RMSNorm, q/k/v nn.Linear
+                   (k without bias), F.scaled_dot_product_attention(is_causal=True), o proj,
+                   RMSNorm + Linear-GELU(tanh)-Linear, final RMSNorm, Linear ``head`` on the
+                   last token; input_ids only (no padding); N=6, T=5;
+* ``hf_bert``      transformers.BertForSequenceClassification (hidden 4, 2 heads, 1 layer,
+                   intermediate 8, vocab 13, max_position 8, type_vocab 1, eager attention,
+                   random init, no download), forward(batch) -> .logits; {input_ids,
+                   attention_mask}, rows padded with id 0; N=5, T=6;
+* ``hf_gpt2``      transformers.GPT2ForSequenceClassification (n_embd 4, 2 heads, 1 layer,
+                   n_inner 8, vocab 13, n_positions 8, pad_token_id 0, eager attention),
+                   forward(batch) -> .logits; rows padded at the end; N=5, T=6.
+
+Every value of expected.safetensors comes from a laplace-torch call with dict inputs
+(``dict_key_x="input_ids"``, ``dict_key_y="labels"``): GGNInterface / EFInterface (the
+torch.func backends), CurvlinopsEF / CurvlinopsHessian (curvlinops' autodiff operators);
+each is compared with this file's own torch.func definition (functional_call over a flat
+theta, jacrev over the dict batch) at rel 1e-10; the script exits 1 on any disagreement.
+KFAC factors (kron.safetensors) come from the hook-based definition below and are
+cross-checked with laplace-torch CurvlinopsGGN/CurvlinopsEF.kron (curvlinops'
+KFACLinearOperator, kfac_approx 'expand' | 'reduce') on Linear-only copies of each model.
+laplace-torch findings (what fails on dict inputs and why): README_transformer.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import types
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.func import functional_call, jacrev
+
+warnings.filterwarnings("ignore")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+sys.path.insert(0, HERE)
+
+torch.set_default_dtype(torch.float64)
+# nn.MultiheadAttention's inference fast path (no grad) returns nested tensors / zeros at
+# padded positions; the slow path is what every transform (jacrev, vmap) runs anyway
+torch.backends.mha.set_fastpath_enabled(False)
+
+OUT_ROOT = os.path.join(REPO, "crates", "laplace", "tests", "fixtures", "transformer")
+RTOL = 1e-10
+CASES = ["encoder_mha", "decoder_sdpa", "hf_bert", "hf_gpt2"]
+LIK = "classification"
+DKX, DKY = "input_ids", "labels"
+
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# --------------------------------------------------------------------------
+# dict batches for laplace-torch
+# --------------------------------------------------------------------------
+
+class BatchDict(dict):
+    """A dict of batched tensors that laplace-torch 0.3's torch.func ``gradients`` accepts.
+
+    ``CurvatureInterface.gradients`` vmaps a per-sample loss over x and calls
+    ``x.unsqueeze(0)`` on the sample, which a plain dict does not have
+    (AttributeError). This dict has ``unsqueeze`` (applied to every value) and is a
+    registered pytree node, so vmap slices every value along dim 0.
+    """
+
+    def unsqueeze(self, dim):
+        return BatchDict({k: v.unsqueeze(dim) for k, v in self.items()})
+
+
+pytree.register_pytree_node(
+    BatchDict, lambda d: (list(d.values()), list(d.keys())),
+    lambda vals, keys: BatchDict(zip(keys, vals)),
+    serialized_type_name="make_transformer_fixtures.BatchDict")
+
+
+@contextlib.contextmanager
+def hf_vmap_safe():
+    """Always materialize HuggingFace attention masks while active.
+
+    transformers' mask construction asks ``padding_mask.all()`` (bidirectional) or
+    ``fast_all(padding_mask)`` (causal) to decide whether the mask can be skipped in
+    favour of SDPA's own ``is_causal``; under ``torch.func.vmap`` over the input that is
+    data-dependent control flow and raises. The skip is only a speed-up: with both
+    predicates returning False the mask is always built, with the same values.
+    """
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:
+        yield
+        return
+    saved = (mu._ignore_bidirectional_mask_sdpa, mu._ignore_causal_mask_sdpa)
+    mu._ignore_bidirectional_mask_sdpa = lambda *a, **k: False
+    mu._ignore_causal_mask_sdpa = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        mu._ignore_bidirectional_mask_sdpa, mu._ignore_causal_mask_sdpa = saved
+
+
+# --------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------
+
+def seed_of(name):
+    return int(hashlib.sha256(("transformer/" + name).encode()).hexdigest()[:8], 16) % (2**31)
+
+
+class EncoderMHA(nn.Module):
+    def __init__(self, vocab=11, d=4, heads=2, ff=8, max_pos=8, num_classes=3):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(max_pos, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, ff)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(ff, d)
+        self.classifier = nn.Linear(d, num_classes)
+
+    def forward(self, batch):
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        pos = torch.arange(ids.size(1), device=ids.device)
+        h = self.tok(ids) + self.pos(pos)
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, key_padding_mask=am == 0, need_weights=False)[0]
+        h = h + self.fc2(self.act(self.fc1(self.ln2(h))))
+        m = am.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)
+        return self.classifier(pooled)
+
+
+class DecoderSDPA(nn.Module):
+    def __init__(self, vocab=11, d=4, heads=2, ff=8, max_pos=5, num_classes=3):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_pos, d)
+        self.norm1 = nn.RMSNorm(d)                      # eps=None: machine epsilon
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.norm2 = nn.RMSNorm(d, eps=1e-6)
+        self.fc1 = nn.Linear(d, ff)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(ff, d)
+        self.norm_f = nn.RMSNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, num_classes)
+
+    def _split(self, t):
+        return t.reshape(t.size(0), t.size(1), self.heads, -1).transpose(1, 2)
+
+    def forward(self, batch):
+        ids = batch["input_ids"]
+        pos = torch.arange(ids.size(1), device=ids.device)
+        h = self.tok(ids) + self.pos(pos)
+        a = self.norm1(h)
+        att = F.scaled_dot_product_attention(self._split(self.q(a)), self._split(self.k(a)),
+                                             self._split(self.v(a)), is_causal=True)
+        att = att.transpose(1, 2).reshape(h.size(0), h.size(1), -1)
+        h = h + self.o(att)
+        h = h + self.fc2(self.act(self.fc1(self.norm2(h))))
+        h = self.norm_f(h)
+        return self.head(h[:, -1])
+
+
+def hf_classes():
+    _quiet_transformers()
+    from transformers import BertForSequenceClassification, GPT2ForSequenceClassification
+
+    class BertDictClassifier(BertForSequenceClassification):
+        """forward(batch dict) -> logits; parameter names as BertForSequenceClassification."""
+
+        def forward(self, batch):
+            return super().forward(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).logits
+
+    class GPT2DictClassifier(GPT2ForSequenceClassification):
+        """forward(batch dict) -> logits; parameter names as GPT2ForSequenceClassification."""
+
+        def forward(self, batch):
+            return super().forward(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).logits
+
+    return BertDictClassifier, GPT2DictClassifier
+
+
+def randomize_(model, w_scale=1.2):
+    """Non-trivial weights: norms' affine params away from 1 / 0, Linear ~ w_scale/sqrt(in)."""
+    with torch.no_grad():
+        for mn, m in model.named_modules():
+            for pn, p in m.named_parameters(recurse=False):
+                tn = type(m).__name__
+                if tn in ("LayerNorm", "RMSNorm"):
+                    p.copy_((1.0 + 0.3 * torch.randn_like(p)) if pn == "weight"
+                            else 0.2 * torch.randn_like(p))
+                elif tn == "Embedding":
+                    p.copy_(torch.randn_like(p))
+                elif pn.endswith("bias"):
+                    p.copy_(0.3 * torch.randn_like(p))
+                elif p.ndim == 2:
+                    fan_in = p.shape[0] if tn == "Conv1D" else p.shape[1]
+                    p.copy_(w_scale * torch.randn_like(p) / math.sqrt(fan_in))
+                else:
+                    p.copy_(torch.randn_like(p))
+
+
+def pad_batch(M, T, vocab, lengths, gen_low=1):
+    ids = torch.randint(gen_low, vocab, (M, T))
+    am = torch.zeros(M, T, dtype=torch.long)
+    for n, L in enumerate(lengths):
+        am[n, :L] = 1
+    ids[am == 0] = 0
+    return ids, am
+
+
+def build_case(name):
+    seed = seed_of(name)
+    torch.manual_seed(seed)
+    glob = None
+    if name == "encoder_mha":
+        model = EncoderMHA()
+        randomize_(model)
+        with torch.no_grad():
+            model.classifier.weight.mul_(2.0)
+        M, T = 6, 6
+        ids, am = pad_batch(M, T, 11, [6, 4, 6, 3, 5, 6])
+        ids[2, 3] = 0          # a real (unmasked) token equal to padding_idx
+        x = {"input_ids": ids, "attention_mask": am}
+        ll = "classifier"
+        desc = ("encoder: nn.Embedding(11,4,padding_idx=0) + position nn.Embedding(8,4)"
+                "(arange(T)); pre-LN: nn.LayerNorm(4), nn.MultiheadAttention(4, 2 heads, "
+                "batch_first=True, key_padding_mask=attention_mask==0, need_weights=False), "
+                "residual; nn.LayerNorm(4), Linear(4,8), GELU, Linear(8,4), residual; masked "
+                "mean pooling over attention_mask; Linear(4,3) 'classifier'; rows 1,3,4 padded "
+                "(lengths 6,4,6,3,5,6, padded ids 0); input_ids[2,3] = 0 = padding_idx is a "
+                "real token (its row gets no gradient, as in torch)")
+    elif name == "decoder_sdpa":
+        model = DecoderSDPA()
+        randomize_(model)
+        with torch.no_grad():
+            model.head.weight.mul_(2.0)
+        M, T = 6, 5
+        x = {"input_ids": torch.randint(0, 11, (M, T))}
+        ll = "head"
+        desc = ("decoder: nn.Embedding(11,4) + position nn.Embedding(5,4)(arange(T)); "
+                "nn.RMSNorm(4, eps=None); q, k (no bias), v nn.Linear(4,4); 2 heads "
+                "(reshape, transpose); F.scaled_dot_product_attention(is_causal=True); "
+                "transpose, reshape; o nn.Linear(4,4); residual; nn.RMSNorm(4, eps=1e-6), "
+                "Linear(4,8), GELU(approximate='tanh'), Linear(8,4), residual; "
+                "nn.RMSNorm(4, eps=1e-6); last token h[:, -1]; Linear(4,3) 'head'; "
+                "input_ids only, no padding")
+    elif name == "hf_bert":
+        Bert, _ = hf_classes()
+        from transformers import BertConfig
+        cfg = BertConfig(vocab_size=13, hidden_size=4, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=8, max_position_embeddings=8,
+                         type_vocab_size=1, num_labels=3, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, pad_token_id=0,
+                         attn_implementation="eager")
+        model = Bert(cfg)
+        randomize_(model)
+        with torch.no_grad():
+            model.classifier.weight.mul_(2.0)
+        M, T = 5, 6
+        ids, am = pad_batch(M, T, 13, [6, 4, 6, 2, 5])
+        x = {"input_ids": ids, "attention_mask": am}
+        ll, glob = "classifier", "classifier.*"
+        desc = ("transformers.BertForSequenceClassification(BertConfig(vocab_size=13, "
+                "hidden_size=4, num_hidden_layers=1, num_attention_heads=2, "
+                "intermediate_size=8, max_position_embeddings=8, type_vocab_size=1, "
+                "num_labels=3, dropout 0, pad_token_id=0, attn_implementation='eager')), "
+                "random init, subclass with forward(batch) = super().forward(input_ids, "
+                "attention_mask).logits (absolute position ids, token_type_ids = zeros "
+                "buffer, GELU (erf), pooler tanh on token 0); rows 1,3,4 padded with id 0 "
+                f"(lengths 6,4,6,2,5); transformers {__import__('transformers').__version__}")
+    elif name == "hf_gpt2":
+        _, GPT2 = hf_classes()
+        from transformers import GPT2Config
+        cfg = GPT2Config(vocab_size=13, n_positions=8, n_embd=4, n_layer=1, n_head=2,
+                         n_inner=8, num_labels=3, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                         attn_implementation="eager")
+        model = GPT2(cfg)
+        randomize_(model)
+        with torch.no_grad():
+            model.score.weight.mul_(2.0)
+        M, T = 5, 6
+        ids, am = pad_batch(M, T, 13, [6, 3, 5, 6, 4])
+        x = {"input_ids": ids, "attention_mask": am}
+        ll, glob = "score", "score.*"
+        desc = ("transformers.GPT2ForSequenceClassification(GPT2Config(vocab_size=13, "
+                "n_positions=8, n_embd=4, n_layer=1, n_head=2, n_inner=8, num_labels=3, "
+                "pad_token_id=0, dropout 0, attn_implementation='eager')), random init, "
+                "subclass with forward(batch) = super().forward(input_ids, attention_mask)"
+                ".logits (Conv1D projections, gelu_new, causal mask + padding mask; 'score' "
+                "Linear(4,3,bias=False) on every position, then the last non-pad token "
+                "(input_ids != pad_token_id) is gathered); rows 1,2,4 padded at the end with "
+                f"id 0 (lengths 6,3,5,6,4); transformers {__import__('transformers').__version__}")
+    else:
+        raise KeyError(name)
+    model = model.to(torch.float64).eval()
+    y = torch.randint(0, 3, (M,))
+    return dict(name=name, model=model, x=x, y=y, C=3, likelihood=LIK, description=desc,
+                seed=seed, ll=ll, glob=glob, M=M, T=T)
+
+
+# --------------------------------------------------------------------------
+# definition (torch.func over a flat theta, the whole dict batch at once)
+# --------------------------------------------------------------------------
+
+def layout(model):
+    out, off = [], 0
+    for n, p in model.named_parameters():
+        out.append((n, off, p.numel(), tuple(p.shape)))
+        off += p.numel()
+    return out, off
+
+
+def nll_vec(f, y):
+    return -torch.log_softmax(f, -1).gather(-1, y.reshape(-1, 1)).squeeze(-1)
+
+
+def lambda_of(f):
+    p = torch.softmax(f, -1)
+    return torch.diag_embed(p) - torch.einsum("nc,nk->nck", p, p)
+
+
+def fnmatch_names(model, glob):
+    import fnmatch
+    return [n for n, _ in model.named_parameters() if fnmatch.fnmatchcase(n, glob)]
+
+
+def index_of(lay, names):
+    return torch.cat([torch.arange(o, o + k) for n, o, k, s in lay if n in names])
+
+
+def definition(case, x=None, what=None):
+    model, y = case["model"], case["y"]
+    x = case["x"] if x is None else x
+    lay, P = layout(model)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(t):
+        return {n: t[o:o + k].reshape(s) for n, o, k, s in lay}
+
+    def fwd(t):
+        return functional_call(model, unflat(t), (x,))
+
+    def losses(t):
+        return nll_vec(fwd(t), y)
+
+    with torch.no_grad():
+        f = fwd(theta)
+    Lam = lambda_of(f)
+
+    def quantities(u0, to_theta, hess=True):
+        J = jacrev(lambda u: fwd(to_theta(u)))(u0).detach()
+        ggn = torch.einsum("ncp,nck,nkq->pq", J, Lam, J)
+        if what == "ggn":
+            return J, None, ggn, None, None
+        G = jacrev(lambda u: losses(to_theta(u)))(u0).detach()
+        H = jacrev(jacrev(lambda u: losses(to_theta(u)).sum()))(u0).detach() if hess else None
+        return J, G, ggn, G.T @ G, H
+
+    d, info = {}, {"P": P, "layout": lay}
+    J, G, ggn, ef, H = quantities(theta, lambda t: t)
+    if what == "ggn":
+        return {"ggn.diag": ggn.diagonal().clone(), "jacobians.f": f}, info
+    loss = losses(theta).sum().detach().reshape(1)
+    d.update({"loss": loss, "jacobians.J": J, "jacobians.f": f, "gradients.G": G,
+              "gradients.loss": loss.clone(), "ggn.full": ggn, "ggn.diag": ggn.diagonal().clone(),
+              "ef.full": ef, "ef.diag": ef.diagonal().clone(), "hessian.full": H,
+              "hessian.diag": H.diagonal().clone()})
+    # last layer = the final nn.Linear head
+    ll = case["ll"]
+    ll_names = [n for n, *_ in lay if n.rsplit(".", 1)[0] == ll]
+    ll_idx = index_of(lay, ll_names)
+    J, G, ggn, ef, H = quantities(theta[ll_idx].clone(), lambda u: theta.index_copy(0, ll_idx, u))
+    d.update({"last_layer_jacobians.J": J, "last_layer_jacobians.f": f,
+              "last_layer.ggn.full": ggn, "last_layer.ggn.diag": ggn.diagonal().clone(),
+              "last_layer.ef.full": ef, "last_layer.ef.diag": ef.diagonal().clone(),
+              "last_layer.hessian.full": H})
+    # subnetwork (w.r.t. the S coordinates only, in the given order)
+    idx = torch.as_tensor(case["subnet"])
+    J, G, ggn, ef, H = quantities(torch.zeros(len(idx)), lambda u: theta.index_add(0, idx, u))
+    d.update({"subnetwork.jacobians.J": J, "subnetwork.gradients.G": G,
+              "subnetwork.ggn.full": ggn, "subnetwork.ggn.diag": ggn.diagonal().clone(),
+              "subnetwork.ef.full": ef, "subnetwork.ef.diag": ef.diagonal().clone(),
+              "subnetwork.hessian.full": H})
+    info.update(ll=ll, ll_names=ll_names, ll_idx=ll_idx, P_ll=len(ll_idx))
+    # name-selected subnetwork
+    if case["glob"] is not None:
+        g_names = fnmatch_names(model, case["glob"])
+        gidx = index_of(lay, g_names)
+        J, G, ggn, ef, H = quantities(torch.zeros(len(gidx)),
+                                      lambda u: theta.index_add(0, gidx, u))
+        d.update({"params_glob.jacobians.J": J, "params_glob.gradients.G": G,
+                  "params_glob.ggn.full": ggn, "params_glob.ggn.diag": ggn.diagonal().clone(),
+                  "params_glob.ef.full": ef, "params_glob.ef.diag": ef.diagonal().clone(),
+                  "params_glob.hessian.full": H})
+        info.update(glob_names=g_names, glob_idx=gidx)
+    return d, info
+
+
+def make_subnet(model, seed, n_target=40):
+    rng = np.random.default_rng(seed + 1)
+    lay, P = layout(model)
+    frac = n_target / P
+    picks = []
+    for n, off, k, s in lay:
+        m = min(k, max(1, int(round(frac * k))))
+        picks.append(off + rng.choice(k, size=m, replace=False))
+    idx = rng.permutation(np.concatenate(picks))
+    while np.all(np.diff(idx) > 0):
+        idx = rng.permutation(idx)
+    assert len(np.unique(idx)) == len(idx)
+    return idx.astype(np.int64)
+
+
+# --------------------------------------------------------------------------
+# laplace-torch
+# --------------------------------------------------------------------------
+
+def rel(a, b):
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    nb = torch.linalg.norm(b.reshape(-1))
+    diff = torch.linalg.norm((a - b).reshape(-1))
+    return float(diff / nb) if nb > 0 else float(diff)
+
+
+def fmt(e):
+    return f"{e:.1e}"
+
+
+def laplace_values(case, info):
+    """{key: [(label, value or error string, factor vs definition)], tried in order}."""
+    from laplace.curvature import CurvlinopsEF, CurvlinopsHessian, EFInterface, GGNInterface
+    from laplace.utils import FeatureExtractor
+    model, x, y, C = case["model"], case["x"], case["y"], case["C"]
+    hf = case["name"].startswith("hf_")
+    xb = BatchDict(x)
+    idx = torch.as_tensor(case["subnet"])
+    ll = info["ll"]
+    kw = dict(dict_key_x=DKX, dict_key_y=DKY)
+    gpt2 = case["name"] == "hf_gpt2"
+
+    def fresh(ll_mode=None):
+        m = copy.deepcopy(model)
+        m.output_size = C
+        if ll_mode is not None:
+            red = None if ll_mode == "plain" else ll_mode
+            m = FeatureExtractor(m, last_layer_name=ll, feature_reduction=red)
+            m.output_size = C
+        return m
+
+    def attempt(label, fn, fac=1.0, post=lambda r: r):
+        try:
+            with hf_vmap_safe() if label.startswith("[vmap-safe]") else contextlib.nullcontext():
+                v = post(fn())
+            v = v.detach().clone()
+        except Exception as e:  # noqa: BLE001
+            v = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return (label, v, fac)
+
+    # the dict variants laplace-torch's vmap-based gradients() is tried with
+    ef_inputs = [("x", x, ""), ("BatchDict(x)", xb, "")]
+    if hf:
+        ef_inputs.append(("BatchDict(x)", xb, "[vmap-safe] "))
+
+    def ef_cands(make, call, post=lambda r: r, what=""):
+        return [attempt(f"{pre}{what.format(xn=xn)}", lambda xv=xv: call(make(), xv), 1.0, post)
+                for xn, xv, pre in ef_inputs]
+
+    out = {}
+    lbl = "GGNInterface(model, 'classification', dict_key_x='input_ids', dict_key_y='labels')"
+    out["jacobians.J"] = [attempt(lbl + ".jacobians(x)[0]",
+                                  lambda: GGNInterface(fresh(), LIK, **kw).jacobians(x)[0])]
+    out["jacobians.f"] = [attempt(lbl + ".jacobians(x)[1]",
+                                  lambda: GGNInterface(fresh(), LIK, **kw).jacobians(x)[1])]
+    for shape in ("full", "diag"):
+        out[f"ggn.{shape}"] = [attempt(f"{lbl}.{shape}(x, y)[1]",
+                                       lambda s=shape: getattr(GGNInterface(fresh(), LIK, **kw), s)(x, y)[1])]
+        out[f"loss[ggn.{shape}]"] = [attempt(f"{lbl}.{shape}(x, y)[0]",
+                                             lambda s=shape: getattr(GGNInterface(fresh(), LIK, **kw), s)(x, y)[0].reshape(1))]
+    elbl = "EFInterface(model, 'classification', dict_key_x='input_ids', dict_key_y='labels')"
+    out["gradients.G"] = ef_cands(lambda: EFInterface(fresh(), LIK, **kw),
+                                  lambda b, xv: b.gradients(xv, y)[0], what=elbl + ".gradients({xn}, y)[0]")
+    out["gradients.loss"] = ef_cands(lambda: EFInterface(fresh(), LIK, **kw),
+                                     lambda b, xv: b.gradients(xv, y)[1].reshape(1),
+                                     what=elbl + ".gradients({xn}, y)[1]")
+    for shape in ("full", "diag"):
+        out[f"ef.{shape}"] = ef_cands(lambda: EFInterface(fresh(), LIK, **kw),
+                                      lambda b, xv, s=shape: getattr(b, s)(xv, y)[1],
+                                      what=elbl + f".{shape}({{xn}}, y)[1]")
+        out[f"loss[ef.{shape}]"] = ef_cands(lambda: EFInterface(fresh(), LIK, **kw),
+                                            lambda b, xv, s=shape: getattr(b, s)(xv, y)[0].reshape(1),
+                                            what=elbl + f".{shape}({{xn}}, y)[0]")
+    clef = "CurvlinopsEF(model, 'classification', dict_key_x='input_ids')"
+    out["ef.full"].append(attempt(clef + ".full(x, y)[1]",
+                                  lambda: CurvlinopsEF(fresh(), LIK, **kw).full(x, y)[1]))
+    out["ef.diag"].append(attempt("diagonal of " + clef + ".full(x, y)[1]",
+                                  lambda: CurvlinopsEF(fresh(), LIK, **kw).full(x, y)[1].diagonal()))
+
+    # ---- last layer
+    fe_modes = ["plain"] + (["pick_last"] if gpt2 else [])
+    out["last_layer_jacobians.J"], out["last_layer_jacobians.f"] = [], []
+    for kind, cls in (("ggn", GGNInterface), ("ef", EFInterface)):
+        for shape in ("full", "diag"):
+            out[f"last_layer.{kind}.{shape}"] = []
+    ll_idx = info["ll_idx"]
+    for mode in fe_modes:
+        fe = (f"FeatureExtractor(model, last_layer_name={ll!r}"
+              + (f", feature_reduction={mode!r}" if mode != "plain" else "") + ")")
+        lb = f"GGNInterface({fe}, last_layer=True, dict_key_x='input_ids')"
+        out["last_layer_jacobians.J"].append(attempt(
+            lb + ".last_layer_jacobians(x)[0]",
+            lambda m=mode: GGNInterface(fresh(m), LIK, last_layer=True, **kw).last_layer_jacobians(x)[0]))
+        out["last_layer_jacobians.f"].append(attempt(
+            lb + ".last_layer_jacobians(x)[1]",
+            lambda m=mode: GGNInterface(fresh(m), LIK, last_layer=True, **kw).last_layer_jacobians(x)[1]))
+        for shape in ("full", "diag"):
+            out[f"last_layer.ggn.{shape}"].append(attempt(
+                f"{lb}.{shape}(x, y)[1]",
+                lambda m=mode, s=shape: getattr(GGNInterface(fresh(m), LIK, last_layer=True, **kw), s)(x, y)[1]))
+            # laplace-torch 0.3's EFInterface with last_layer=True differentiates w.r.t.
+            # names that are not the model's ('weight', 'bias'): zeros. Other calls next.
+            for xn, xv, pre in ef_inputs:
+                out[f"last_layer.ef.{shape}"].append(attempt(
+                    f"{pre}EFInterface({fe}, last_layer=True, dict_key_x='input_ids').{shape}({xn}, y)[1]",
+                    lambda m=mode, s=shape, xv=xv: getattr(EFInterface(fresh(m), LIK, last_layer=True, **kw), s)(xv, y)[1]))
+    fe = f"FeatureExtractor(model, last_layer_name={ll!r})"
+    cl = f"CurvlinopsEF({fe}, last_layer=True, dict_key_x='input_ids').full(x, y)[1]"
+    out["last_layer.ef.full"].append(attempt(
+        cl, lambda: CurvlinopsEF(fresh("plain"), LIK, last_layer=True, **kw).full(x, y)[1]))
+    out["last_layer.ef.diag"].append(attempt(
+        "diagonal of " + cl,
+        lambda: CurvlinopsEF(fresh("plain"), LIK, last_layer=True, **kw).full(x, y)[1].diagonal()))
+    # the last layer as a subnetwork (its theta indices): correct whatever the head reads
+    sl = "(model, subnetwork_indices=<last-layer indices>, dict_key_x='input_ids')"
+    out["last_layer_jacobians.J"].append(attempt(
+        f"GGNInterface{sl}.jacobians(x)[0]",
+        lambda: GGNInterface(fresh(), LIK, subnetwork_indices=ll_idx, **kw).jacobians(x)[0]))
+    out["last_layer_jacobians.f"].append(attempt(
+        f"GGNInterface{sl}.jacobians(x)[1]",
+        lambda: GGNInterface(fresh(), LIK, subnetwork_indices=ll_idx, **kw).jacobians(x)[1]))
+    for shape in ("full", "diag"):
+        out[f"last_layer.ggn.{shape}"].append(attempt(
+            f"GGNInterface{sl}.{shape}(x, y)[1]",
+            lambda s=shape: getattr(GGNInterface(fresh(), LIK, subnetwork_indices=ll_idx, **kw), s)(x, y)[1]))
+        out[f"last_layer.ef.{shape}"] += ef_cands(
+            lambda: EFInterface(fresh(), LIK, subnetwork_indices=ll_idx, **kw),
+            lambda b, xv, s=shape: getattr(b, s)(xv, y)[1], what=f"EFInterface{sl}.{shape}({{xn}}, y)[1]")
+
+    # ---- subnetworks (random index set; name glob)
+    subsets = [("subnetwork", idx, "idx")]
+    if case["glob"] is not None:
+        subsets.append(("params_glob", info["glob_idx"], f"<indices of {case['glob']!r}>"))
+    for pre, sidx, sname in subsets:
+        sl = f"(model, subnetwork_indices={sname}, dict_key_x='input_ids')"
+        out[f"{pre}.jacobians.J"] = [attempt(
+            f"GGNInterface{sl}.jacobians(x)[0]",
+            lambda s=sidx: GGNInterface(fresh(), LIK, subnetwork_indices=s, **kw).jacobians(x)[0])]
+        out[f"{pre}.gradients.G"] = ef_cands(
+            lambda s=sidx: EFInterface(fresh(), LIK, subnetwork_indices=s, **kw),
+            lambda b, xv: b.gradients(xv, y)[0], what=f"EFInterface{sl}.gradients({{xn}}, y)[0]")
+        for shape in ("full", "diag"):
+            out[f"{pre}.ggn.{shape}"] = [attempt(
+                f"GGNInterface{sl}.{shape}(x, y)[1]",
+                lambda s=sidx, sh=shape: getattr(GGNInterface(fresh(), LIK, subnetwork_indices=s, **kw), sh)(x, y)[1])]
+            out[f"{pre}.ef.{shape}"] = ef_cands(
+                lambda s=sidx: EFInterface(fresh(), LIK, subnetwork_indices=s, **kw),
+                lambda b, xv, sh=shape: getattr(b, sh)(xv, y)[1],
+                what=f"EFInterface{sl}.{shape}({{xn}}, y)[1]")
+    out["loss"] = out.pop("loss[ggn.full]")
+
+    # ---- Hessian (curvlinops' HessianLinearOperator, autodiff; dict via batch_size_fn)
+    hl = "CurvlinopsHessian(model, 'classification', dict_key_x='input_ids').full(x, y)[1]"
+    Hres = attempt(hl, lambda: CurvlinopsHessian(fresh(), LIK, **kw).full(x, y)[1])
+    H = Hres[1]
+    ok = torch.is_tensor(H)
+    out["hessian.full"] = [Hres]
+    out["hessian.diag"] = [("diagonal of " + hl, H.diagonal().clone() if ok else H, 1.0)]
+    out["subnetwork.hessian.full"] = [
+        (hl + "[idx][:, idx] (laplace-torch has no subnetwork Hessian: CurvlinopsHessian with "
+         "subnetwork_indices falls back to CurvatureInterface.full, NotImplementedError)",
+         H[idx][:, idx] if ok else H, 1.0)]
+    if case["glob"] is not None:
+        gi = info["glob_idx"]
+        out["params_glob.hessian.full"] = [(hl + f"[<indices of {case['glob']!r}>] rows and "
+                                            "columns", H[gi][:, gi] if ok else H, 1.0)]
+    out["last_layer.hessian.full"] = [attempt(
+        f"CurvlinopsHessian(FeatureExtractor(model, last_layer_name={ll!r}), last_layer=True, "
+        "dict_key_x='input_ids').full(x, y)[1]",
+        lambda: CurvlinopsHessian(fresh("plain"), LIK, last_layer=True, **kw).full(x, y)[1])]
+    return out
+
+
+def expected_keys(case):
+    keys = [
+        "loss", "jacobians.J", "jacobians.f", "last_layer_jacobians.J", "last_layer_jacobians.f",
+        "gradients.G", "gradients.loss", "ggn.full", "ggn.diag", "ef.full", "ef.diag",
+        "last_layer.ggn.full", "last_layer.ggn.diag", "last_layer.ef.full", "last_layer.ef.diag",
+        "subnetwork.jacobians.J", "subnetwork.gradients.G", "subnetwork.ggn.full",
+        "subnetwork.ggn.diag", "subnetwork.ef.full", "subnetwork.ef.diag",
+        "hessian.full", "hessian.diag", "last_layer.hessian.full", "subnetwork.hessian.full",
+    ]
+    if case["glob"] is not None:
+        keys += ["params_glob.jacobians.J", "params_glob.gradients.G", "params_glob.ggn.full",
+                 "params_glob.ggn.diag", "params_glob.ef.full", "params_glob.ef.diag",
+                 "params_glob.hessian.full"]
+    return keys
+
+
+# --------------------------------------------------------------------------
+# KFAC definition (hooks + autograd), project convention
+# --------------------------------------------------------------------------
+
+def explicit_mha_forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                         attn_mask=None, average_attn_weights=True, is_causal=False):
+    """nn.MultiheadAttention (batch_first, self-attention, no attn_mask) with its two
+    projections called as nn.Linear modules: ``self.in_proj_lin`` (the fused
+    in_proj_weight / in_proj_bias) and ``self.out_proj``, so that forward hooks see them."""
+    assert self.batch_first and attn_mask is None and not is_causal
+    assert query is key and key is value
+    M, T, E = query.shape
+    H = self.num_heads
+    q, k, v = self.in_proj_lin(query).chunk(3, dim=-1)
+    q, k, v = (t.reshape(M, T, H, E // H).transpose(1, 2) for t in (q, k, v))
+    mask = None if key_padding_mask is None else (~key_padding_mask)[:, None, None, :]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.out_proj(o.transpose(1, 2).reshape(M, T, E)), None
+
+
+def kfac_replica(model):
+    """A copy whose nn.MultiheadAttention modules run explicit_mha_forward.
+
+    Returns (copy, {replica parameter name: original parameter name})."""
+    m = copy.deepcopy(model)
+    names = {n: n for n, _ in m.named_parameters()}
+    for mn, mod in list(m.named_modules()):
+        if isinstance(mod, nn.MultiheadAttention):
+            E = mod.embed_dim
+            lin = nn.Linear(E, 3 * E, bias=mod.in_proj_bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.in_proj_weight)
+                if lin.bias is not None:
+                    lin.bias.copy_(mod.in_proj_bias)
+            del mod.in_proj_weight, mod.in_proj_bias
+            mod.in_proj_weight = None
+            mod.in_proj_bias = None
+            mod.in_proj_lin = lin
+            mod.forward = types.MethodType(explicit_mha_forward, mod)
+            pre = f"{mn}." if mn else ""
+            names.pop(pre + "in_proj_weight", None)
+            names.pop(pre + "in_proj_bias", None)
+    names = {n: names.get(n, n.replace("in_proj_lin.weight", "in_proj_weight")
+                          .replace("in_proj_lin.bias", "in_proj_bias"))
+             for n, _ in m.named_parameters()}
+    return m, names
+
+
+def is_conv1d(m):
+    return type(m).__name__ == "Conv1D"
+
+
+def kfac_records(model, x, y, curv, ref_f):
+    """Per Linear / Conv1D module: inputs a (M, R, D) and output vectors g (K, M, R, O);
+    per Embedding: indices (M, R) and output vectors g (K, M, R, D)."""
+    recs, hooks = {}, []
+    M = y.shape[0]
+    for mn, m in model.named_modules():
+        if isinstance(m, nn.Linear) or is_conv1d(m):
+            def hook(mod, inp, out, mn=mn):
+                assert mn not in recs, f"{mn} called twice"
+                recs[mn] = dict(module=mod, inp=inp[0].detach(), out=out)
+            hooks.append(m.register_forward_hook(hook))
+        elif isinstance(m, nn.Embedding):
+            def ehook(mod, inp, out, mn=mn):
+                assert mn not in recs, f"{mn} called twice"
+                idx = inp[0]
+                if idx.dim() == 1:                      # an un-batched index (arange(T))
+                    idx, out = idx.unsqueeze(0), out.unsqueeze(0)
+                if idx.shape[0] != M:                   # (1, T) position ids: per sample
+                    assert idx.shape[0] == 1
+                    idx = idx.expand(M, *idx.shape[1:])
+                    out = out.expand(M, *out.shape[1:])
+                out = out.clone()                       # a per-sample node to differentiate at
+                recs[mn] = dict(module=mod, inp=idx.detach(), out=out)
+                return out
+            hooks.append(m.register_forward_hook(ehook))
+    f = model(x)
+    for h in hooks:
+        h.remove()
+    assert rel(f.detach(), ref_f) < 1e-13, f"KFAC replica output differs: {rel(f.detach(), ref_f)}"
+    C = f.shape[1]
+    fd = f.detach()
+    if curv == "ggn":
+        p = torch.softmax(fd, -1)
+        S = torch.diag_embed(p.sqrt()) - torch.einsum("nc,nk->nck", p, p.sqrt())
+        assert rel(S @ S.transpose(1, 2), lambda_of(fd)) < 1e-13
+        V = [S[:, :, k] for k in range(C)]
+    else:
+        V = [torch.softmax(fd, -1) - F.one_hot(y, C).to(fd)]
+    names = list(recs)
+    outs = [recs[n]["out"] for n in names]
+    gs = {n: [] for n in names}
+    for k, v in enumerate(V):
+        grads = torch.autograd.grad((f * v).sum(), outs, retain_graph=k < len(V) - 1,
+                                    allow_unused=True)
+        for n, g in zip(names, grads):
+            gs[n].append(torch.zeros_like(recs[n]["out"]) if g is None else g.detach())
+    res = {}
+    for n in names:
+        m, a_in = recs[n]["module"], recs[n]["inp"]
+        g = torch.stack(gs[n])
+        if isinstance(m, nn.Embedding):
+            a = a_in.reshape(M, -1)
+        else:
+            a = a_in.reshape(M, -1, a_in.shape[-1])
+        g = g.reshape(g.shape[0], M, -1, g.shape[-1])
+        assert a.shape[1] == g.shape[2]
+        res[n] = (m, a, g)
+    return res
+
+
+def linear_factors(a, g, approx, N):
+    R = a.shape[1]
+    if approx == "expand":
+        A = torch.einsum("nri,nrj->ij", a, a) / (N * R)
+        B = torch.einsum("knri,knrj->ij", g, g)
+    else:
+        am, gsum = a.mean(1), g.sum(2)
+        A = torch.einsum("ni,nj->ij", am, am) / N
+        B = torch.einsum("kni,knj->ij", gsum, gsum)
+    return A, B
+
+
+def embed_factors(m, idx, g, N):
+    """Embedding as a Linear over one-hot inputs, expand: a = counts / (N R), B = sum gg^T."""
+    R = idx.shape[1]
+    counts = torch.bincount(idx.reshape(-1), minlength=m.num_embeddings).to(g.dtype)
+    a = counts / (N * R)
+    if m.padding_idx is not None:
+        a[m.padding_idx] = 0.0          # torch gives the padding_idx row no gradient
+    B = torch.einsum("knri,knrj->ij", g, g)
+    return a, B, counts
+
+
+def dense(block):
+    mats = [torch.diag(t) if t.ndim == 1 else t for t in block]
+    out = mats[0]
+    for m in mats[1:]:
+        out = torch.kron(out, m)
+    return out
+
+
+def kfac_all(case, d):
+    """Blocks in theta order plus the extra (Linear-equivalent) blocks."""
+    model, x, y = case["model"], case["x"], case["y"]
+    N = y.shape[0]
+    rep, names = kfac_replica(model)
+    rep_owner = {}
+    for mn, m in rep.named_modules():
+        for pn, _ in m.named_parameters(recurse=False):
+            rep_owner[names[f"{mn}.{pn}" if mn else pn]] = (mn, m, pn)
+    lay, _ = layout(model)
+    tensors, meta, extra_meta = {}, [], []
+    with torch.no_grad():
+        ref_f = model(x)
+    for curv in ("ggn", "ef"):
+        recs = kfac_records(rep, x, y, curv, ref_f)
+        diag = d[f"{curv}.diag"]
+        for approx in ("expand", "reduce"):
+            meta = []
+            for b, (n, off, k, s) in enumerate(lay):
+                mn, m, pn = rep_owner[n]
+                omod = dict(model.named_modules()).get(n.rsplit(".", 1)[0] if "." in n else "")
+                layer = type(omod).__name__ if omod is not None else type(m).__name__
+                fused = isinstance(omod, nn.MultiheadAttention)
+                if mn in recs and not isinstance(m, nn.Embedding) and not fused:
+                    _, a, g = recs[mn]
+                    A, B = linear_factors(a, g, approx, N)
+                    if pn == "weight":
+                        if is_conv1d(m):
+                            blk, kind = [A, B], ("Conv1D weight (in, out): [A, B] = A (x) B on "
+                                                 "the (in, out) row-major layout")
+                        else:
+                            blk, kind = [B, A], "Linear weight: [B, A]"
+                        if B.numel() == 1 and A.numel() == 1:
+                            blk = [B * A]
+                    else:
+                        blk, kind = [B], f"{layer} bias: [B]"
+                    R = a.shape[1]
+                else:
+                    blk = [diag[off:off + k].clone()]
+                    kind = f"{layer} {pn}: exact {curv} diagonal"
+                    R = None
+                for fi, t in enumerate(blk):
+                    tensors[f"{curv}.{approx}.{b}.{fi}"] = t.contiguous()
+                tensors[f"{curv}.{approx}.{b}.product"] = dense(blk).clone()
+                meta.append(dict(index=b, param=n, shape=list(s), offset=off, numel=k,
+                                 module=n.rsplit(".", 1)[0] if "." in n else "", layer=layer,
+                                 block=kind, positions_R=R,
+                                 factor_shapes=[list(t.shape) for t in blk]))
+                # extra Linear-equivalent blocks: fused MHA in_proj (expand and reduce)
+                if fused and mn in recs:
+                    _, a, g = recs[mn]
+                    A, B = linear_factors(a, g, approx, N)
+                    xb = [B, A] if pn == "weight" else [B]
+                    for fi, t in enumerate(xb):
+                        tensors[f"{curv}.{approx}.linear.{b}.{fi}"] = t.contiguous()
+                    tensors[f"{curv}.{approx}.linear.{b}.product"] = dense(xb).clone()
+                    if curv == "ggn" and approx == "expand":
+                        extra_meta.append(dict(
+                            key=f"<ggn|ef>.<expand|reduce>.linear.{b}", param=n,
+                            block=("fused in_proj " + pn + " as the nn.Linear(E, 3E) it is: "
+                                   + ("[B (3E x 3E), A (E x E)]" if pn == "weight" else "[B]")),
+                            factor_shapes=[list(t.shape) for t in xb], positions_R=a.shape[1]))
+            # extra Embedding blocks (expand only): [a, B], a = one-hot A's diagonal
+        for b, (n, off, k, s) in enumerate(lay):
+            mn, m, pn = rep_owner[n]
+            if isinstance(m, nn.Embedding) and mn in recs:
+                _, idx, g = recs[mn]
+                a, B, counts = embed_factors(m, idx, g, N)
+                tensors[f"{curv}.embed.{b}.0"] = a.contiguous()
+                tensors[f"{curv}.embed.{b}.1"] = B.contiguous()
+                tensors[f"{curv}.embed.{b}.product"] = torch.kron(torch.diag(a), B)
+                if curv == "ggn":
+                    extra_meta.append(dict(
+                        key=f"<ggn|ef>.embed.{b}", param=n, block=(
+                            "Embedding (vocab, dim) as a Linear over one-hot inputs, expand: "
+                            "[a, B], product diag(a) (x) B on the (vocab, dim) row-major table; "
+                            f"a = counts / (N*R) with N={N}, R={idx.shape[1]}"
+                            + (f"; a[{m.padding_idx}] = 0 (padding_idx: torch gives that row "
+                               "no gradient)" if m.padding_idx is not None else "")),
+                        counts=[int(c) for c in counts.tolist()],
+                        factor_shapes=[[m.num_embeddings], list(B.shape)], positions_R=idx.shape[1]))
+    tensors["n_data"] = torch.tensor([float(N)])
+    return tensors, meta, extra_meta
+
+
+# ---- curvlinops cross-checks
+
+class OneHotLinear(nn.Module):
+    """An Embedding written as nn.Linear(vocab, dim, bias=False) over one-hot inputs."""
+
+    def __init__(self, emb, M):
+        super().__init__()
+        self.lin = nn.Linear(emb.num_embeddings, emb.embedding_dim, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(emb.weight.T)
+        self.vocab, self.M = emb.num_embeddings, M
+
+    def forward(self, idx):
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if idx.shape[0] != self.M:
+            idx = idx.expand(self.M, *idx.shape[1:])
+        return self.lin(F.one_hot(idx, self.vocab).to(self.lin.weight.dtype))
+
+
+class Conv1DAsLinear(nn.Linear):
+    pass
+
+
+def set_module(root, name, new):
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def curvlinops_kron(m, x, y, C, curv, approx, N):
+    from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+    m.output_size = C
+    kw = dict(dict_key_x=DKX, dict_key_y=DKY)
+    be = CurvlinopsGGN(m, LIK, stochastic=False, **kw) if curv == "ggn" else CurvlinopsEF(m, LIK, **kw)
+    _, kron = be.kron(x, y, N=N, kfac_approx=approx)
+    # laplace-torch's block order: named_modules() order, weight then bias
+    order = []
+    for mn, mod in m.named_modules():
+        if isinstance(mod, nn.Linear) and any(p.requires_grad for p in mod.parameters(recurse=False)):
+            order.append(f"{mn}.weight")
+            if mod.bias is not None:
+                order.append(f"{mn}.bias")
+    assert len(order) == len(kron.kfacs), (order, len(kron.kfacs))
+    return {n: [t.detach().clone() for t in blk] for n, blk in zip(order, kron.kfacs)}
+
+
+def kron_checks(case, tensors, meta):
+    from laplace.curvature import CurvlinopsGGN
+    model, x, y, C = case["model"], case["x"], case["y"], case["C"]
+    N = y.shape[0]
+    checks, problems = {}, []
+    try:
+        m = copy.deepcopy(model)
+        m.output_size = C
+        CurvlinopsGGN(m, LIK, stochastic=False, dict_key_x=DKX).kron(x, y, N=N)
+        checks["curvlinops_on_full_model"] = "accepted (unexpected)"
+    except Exception as e:  # noqa: BLE001
+        checks["curvlinops_on_full_model"] = f"refused: {type(e).__name__}: {str(e)[:150]}"
+
+    # (1) Linear-only copy: MHA explicit (out_proj / fused in_proj as nn.Linear), Conv1D ->
+    #     nn.Linear(in, out) with weight W^T, every non-Linear tensor frozen
+    rep, names = kfac_replica(model)
+    conv_names = []
+    for mn, mod in list(rep.named_modules()):
+        if is_conv1d(mod):
+            lin = Conv1DAsLinear(mod.weight.shape[0], mod.weight.shape[1], bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.weight.T)
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_module(rep, mn, lin)
+            conv_names.append(mn)
+    for mn, mod in rep.named_modules():
+        for pn, p in mod.named_parameters(recurse=False):
+            p.requires_grad_(isinstance(mod, nn.Linear))
+    with torch.no_grad():
+        assert rel(rep(x), model(x)) < 1e-13
+    by_param = {mb["param"]: mb for mb in meta}
+    res = {}
+    for curv in ("ggn", "ef"):
+        for approx in ("expand", "reduce"):
+            cl = curvlinops_kron(rep, x, y, C, curv, approx, N)
+            errs = {}
+            for rn, blk in cl.items():
+                mn = rn.rsplit(".", 1)[0]
+                pn = rn.rsplit(".", 1)[1]
+                orig = rn.replace("in_proj_lin.weight", "in_proj_weight").replace(
+                    "in_proj_lin.bias", "in_proj_bias")
+                b = by_param[orig]["index"]
+                if "in_proj_lin" in rn:
+                    mine = tensors[f"{curv}.{approx}.linear.{b}.product"]
+                    theirs = dense(blk)
+                    tag = orig + " (extra 'linear' block)"
+                elif mn in conv_names and pn == "weight":
+                    # curvlinops: B (x) A on the (out, in) layout; ours: A (x) B on (in, out)
+                    o, i = blk[0].shape[0], blk[1].shape[0]
+                    theirs = dense(blk).reshape(o, i, o, i).permute(1, 0, 3, 2).reshape(o * i, o * i)
+                    mine = tensors[f"{curv}.{approx}.{b}.product"]
+                    tag = orig + " (Conv1D, compared on the (in, out) layout)"
+                else:
+                    mine, theirs, tag = tensors[f"{curv}.{approx}.{b}.product"], dense(blk), orig
+                errs[tag] = rel(mine, theirs)
+            res[f"{curv}.{approx}"] = {"max_rel_err_product": max(errs.values()), "per_block": errs}
+            if max(errs.values()) > RTOL:
+                problems.append(f"curvlinops {curv}.{approx}: max rel err {max(errs.values()):.2e}")
+    checks["curvlinops_linear"] = {
+        "call": ("laplace-torch Curvlinops{GGN,EF}(copy, 'classification', dict_key_x="
+                 "'input_ids').kron(x, y, N=%d, kfac_approx='expand'|'reduce') on a copy in "
+                 "which every non-Linear tensor is frozen (requires_grad=False)" % N
+                 + ("; nn.MultiheadAttention run with its fused in_proj and out_proj as "
+                    "nn.Linear modules (F.multi_head_attention_forward reads out_proj.weight "
+                    "directly, so no hook sees it)" if any(isinstance(mm, nn.MultiheadAttention)
+                                                           for mm in model.modules()) else "")
+                 + ("; HF Conv1D replaced by nn.Linear(in, out) with weight W^T (curvlinops "
+                    "does not know Conv1D); the curvlinops B (x) A is permuted to the Conv1D "
+                    "(in, out) layout" if conv_names else "")),
+        "results": res}
+
+    # (2) Embeddings as one-hot Linears (expand): a vs curvlinops A's diagonal, B vs B
+    emb = copy.deepcopy(model)
+    M = y.shape[0]
+    enames = [mn for mn, mod in emb.named_modules() if isinstance(mod, nn.Embedding)]
+    pads = {}
+    for mn in enames:
+        e = emb.get_submodule(mn)
+        pads[mn] = e.padding_idx
+        set_module(emb, mn, OneHotLinear(e, M))
+    for mn, mod in emb.named_modules():
+        for pn, p in mod.named_parameters(recurse=False):
+            p.requires_grad_(isinstance(mod, nn.Linear) and mn.endswith(".lin")
+                             and mn[:-4] in enames)
+    with torch.no_grad():
+        assert rel(emb(x), model(x)) < 1e-13
+    eres = {}
+    for curv in ("ggn", "ef"):
+        cl = curvlinops_kron(emb, x, y, C, curv, "expand", N)
+        errs = {}
+        for rn, (Bc, Ac) in cl.items():
+            mn = rn[:-len(".lin.weight")]
+            b = by_param[f"{mn}.weight"]["index"]
+            a_mine, B_mine = tensors[f"{curv}.embed.{b}.0"], tensors[f"{curv}.embed.{b}.1"]
+            a_cl = Ac.diagonal().clone()
+            off = float((Ac - torch.diag(a_cl)).abs().max())
+            if pads[mn] is not None:
+                a_cl[pads[mn]] = 0.0
+            errs[f"{mn}.weight"] = {"a": rel(a_mine, a_cl), "B": rel(B_mine, Bc),
+                                    "A_offdiag_max": off}
+            if max(errs[f"{mn}.weight"].values()) > RTOL:
+                problems.append(f"curvlinops embed {curv} {mn}: {errs[f'{mn}.weight']}")
+        eres[f"{curv}.expand"] = errs
+    checks["curvlinops_embedding_one_hot"] = {
+        "call": ("laplace-torch Curvlinops{GGN,EF}(...).kron(x, y, N=%d, kfac_approx='expand') "
+                 "on a copy with every nn.Embedding replaced by nn.Linear(vocab, dim, "
+                 "bias=False)(one_hot(idx)) (weight = table^T; position ids broadcast to the "
+                 "batch), only those weights trainable; a compared with the diagonal of "
+                 "curvlinops' A (its padding_idx entry set to 0), B with B" % N),
+        "results": eres}
+    return checks, problems
+
+
+# --------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------
+
+def round3(o):
+    if isinstance(o, float):
+        return o if not math.isfinite(o) else float(f"{o:.3g}")
+    if isinstance(o, dict):
+        return {k: round3(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [round3(v) for v in o]
+    return o
+
+
+def write_json(path, o):
+    with open(path, "w") as fh:
+        json.dump(o, fh, indent=1)
+        fh.write("\n")
+
+
+def try_export(case, out):
+    """export + graph_interp check; returns (export_check string, ok)."""
+    import importlib
+    x, model = case["x"], case["model"]
+    try:
+        import laplace_export
+        import graph_interp
+        importlib.reload(laplace_export)
+        importlib.reload(graph_interp)
+        laplace_export.export(model, x, out)
+    except Exception as e:  # noqa: BLE001
+        for fn in ("model.json", "weights.safetensors"):
+            if os.path.exists(os.path.join(out, fn)):
+                os.remove(os.path.join(out, fn))
+        return f"EXPORT FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}", False
+    try:
+        g = graph_interp.GraphModel.load(out)
+        with torch.no_grad():
+            f_mod, f_int = model(x), g(dict(x))
+        e_int = rel(f_int, f_mod)
+    except Exception as e:  # noqa: BLE001
+        return (f"exported; graph_interp FAILED: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]}"), False
+    ok = e_int <= 1e-12
+    return (f"graph_interp(model.json, weights.safetensors) vs module output: rel {fmt(e_int)}"
+            + ("" if ok else " (> 1e-12: MISMATCH)")), ok
+
+
+def padding_invariance(case, d):
+    """Changing padded token ids must not change ggn.diag (encoder_mha, hf_bert)."""
+    x = case["x"]
+    am = x["attention_mask"]
+    ids2 = x["input_ids"].clone()
+    g = torch.Generator().manual_seed(case["seed"] + 7)
+    vocab = case["model"].get_input_embeddings().num_embeddings if hasattr(
+        case["model"], "get_input_embeddings") else case["model"].tok.num_embeddings
+    repl = torch.randint(1, vocab, ids2.shape, generator=g)
+    ids2[am == 0] = repl[am == 0]
+    assert (ids2 != x["input_ids"]).any()
+    d2, _ = definition(case, x={**x, "input_ids": ids2}, what="ggn")
+    e_f = rel(d2["jacobians.f"], d["jacobians.f"])
+    e = rel(d2["ggn.diag"], d["ggn.diag"])
+    assert e <= 1e-12 and e_f <= 1e-12, f"{case['name']}: padding changes ggn.diag: rel {e}"
+    return (f"padded input_ids replaced by random ids in [1, {vocab}) ({int((am == 0).sum())} "
+            f"positions): ggn.diag rel change {fmt(e)}, logits rel change {fmt(e_f)} (asserted "
+            "<= 1e-12)")
+
+
+def save_data(case, out):
+    arrs = {k: v.numpy().astype(np.int64) for k, v in case["x"].items()}
+    np.savez(os.path.join(out, "data.npz"), **arrs, y=case["y"].numpy().astype(np.int64))
+
+
+def process(name):
+    from safetensors.torch import save_file
+    case = build_case(name)
+    model, x, y = case["model"], case["x"], case["y"]
+    case["subnet"] = make_subnet(model, case["seed"])
+    out = os.path.join(OUT_ROOT, name)
+    os.makedirs(out, exist_ok=True)
+    export_check, export_ok = try_export(case, out)
+
+    d, info = definition(case)
+    lt = laplace_values(case, info)
+    problems, sources, expected, agree = [], {}, {}, {}
+    for key in expected_keys(case):
+        ref, bad, chosen = d[key], [], None
+        for label, val, fac in lt[key]:
+            if isinstance(val, str):
+                bad.append(f"{label} raised {val}")
+                continue
+            if tuple(val.shape) != tuple(ref.shape):
+                bad.append(f"{label}: shape {tuple(val.shape)} vs {tuple(ref.shape)}")
+                continue
+            e = rel(val, fac * ref)
+            if e > RTOL:
+                bad.append(f"{label}: rel {e:.1e} vs the definition")
+                continue
+            chosen = (label, val, fac, e)
+            break
+        if chosen is None:
+            problems.append(f"{key}: no laplace-torch call agrees: " + "; ".join(bad))
+            continue
+        label, val, fac, e = chosen
+        expected[key] = (val / fac).contiguous()
+        agree[key] = e
+        sources[key] = (f"laplace-torch {label}; agrees with the torch.func definition "
+                        f"(rel {fmt(e)})."
+                        + (" Disagreeing / failing calls tried first: " + "; ".join(bad) + "."
+                           if bad else ""))
+    for k in ("loss[ggn.diag]", "loss[ef.full]", "loss[ef.diag]"):
+        vals = [v for _, v, _ in lt[k] if torch.is_tensor(v)]
+        if not vals or rel(vals[0], d["loss"]) > RTOL:
+            problems.append(f"{k}: disagrees with the definition or failed")
+    touched = sorted({n for n, o, k, s in info["layout"]
+                      if np.any((case["subnet"] >= o) & (case["subnet"] < o + k))})
+    pad_check = padding_invariance(case, d) if name in ("encoder_mha", "hf_bert") else None
+
+    tensors, kmeta, extra_meta = kfac_all(case, d)
+    checks, kprob = kron_checks(case, tensors, kmeta)
+    problems += kprob
+
+    # ---- write
+    save_data(case, out)
+    np.save(os.path.join(out, "subnetwork.npy"), case["subnet"])
+    for k, v in expected.items():
+        assert v.dtype == torch.float64 and torch.isfinite(v).all(), k
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    save_file(tensors, os.path.join(out, "kron.safetensors"),
+              metadata={"kron_blocks": json.dumps([[mb["param"]] for mb in kmeta])})
+    inputs = {k: {"dtype": "int", "shape": list(v.shape[1:])} for k, v in x.items()}
+    meta = {
+        "likelihood": LIK, "n_outputs": case["C"], "n_params": info["P"],
+        "n_data": int(y.shape[0]), "inputs": inputs, "seq_len": case["T"],
+        "description": case["description"] + (
+            f"; last layer = module '{info['ll']}' ({info['P_ll']} params: "
+            f"{', '.join(info['ll_names'])}); subnetwork: {len(case['subnet'])} indices, "
+            f"unsorted, touching {len(touched)} of {len(info['layout'])} tensors; seed "
+            f"{case['seed']}"),
+        "parameters": [n for n, *_ in info["layout"]],
+        "export_check": export_check,
+        "sources": sources,
+    }
+    if case["glob"] is not None:
+        meta["params_glob"] = {
+            "glob": case["glob"], "matches": info["glob_names"],
+            "indices": [int(i) for i in info["glob_idx"]],
+            "keys": "params_glob.{jacobians.J, gradients.G, ggn.full, ggn.diag, ef.full, "
+                    "ef.diag, hessian.full}: w.r.t. the parameters whose names match the glob "
+                    "(fnmatch: '*' any run, '?' one), in theta order"}
+    if pad_check:
+        meta["padding_invariance"] = pad_check
+    write_json(os.path.join(out, "meta.json"), meta)
+    kmeta_out = {
+        "case": name, "likelihood": LIK, "n_data": int(y.shape[0]), "seq_len": case["T"],
+        "definition": (
+            "tools/reference/make_transformer_fixtures.py kfac_all: forward hooks on every "
+            "nn.Linear and HF Conv1D (nn.MultiheadAttention run with its fused in_proj and "
+            "out_proj called as nn.Linear modules; checked equal to the model), one autograd "
+            "backward per vector; GGN vectors = columns of S = diag(sqrt p) - p sqrt(p)^T; "
+            "EF vector = softmax(f) - onehot(y). A Linear over (M, T, D) is a convolution "
+            "with R = T positions (padded positions included; R = 1 for a Linear on pooled / "
+            "last-token features): expand A = sum_{n,t} a a^T / (N R), B = sum_{n,k,t} g g^T; "
+            "reduce A = sum_n abar abar^T / N (abar = mean over t), B = sum_{n,k} gsum gsum^T "
+            "(gsum = sum over t). Weight blocks: nn.Linear [B, A] on (out, in); HF Conv1D "
+            "[A, B] on its (in, out) weight (A (in x in) first); biases [B]. Every other "
+            "tensor (Embedding, LayerNorm / RMSNorm weight and bias, nn.MultiheadAttention "
+            "in_proj_weight / in_proj_bias) is [d], d = that tensor's exact ggn.diag / "
+            "ef.diag (expected.safetensors)."),
+        "keys": ("'<ggn|ef>.<expand|reduce>.<b>.<f>': factor f of block b; '<...>.<b>.product': "
+                 "dense first (x) second on the row-major flattened tensor (a 1-D factor is a "
+                 "diagonal); 'n_data' [1] = N; safetensors metadata 'kron_blocks' = JSON list "
+                 "of lists of parameter names per block. Extra keys (not blocks of the "
+                 "default layout): '<ggn|ef>.embed.<b>.0' = a (vocab,), '.1' = B (dim, dim), "
+                 "'.product' = diag(a) (x) B for Embedding tensor b (expand); "
+                 "'<ggn|ef>.<expand|reduce>.linear.<b>.<f>|product' = the nn.Linear block of "
+                 "a fused nn.MultiheadAttention in_proj tensor b (weight [B, A], bias [B])."),
+        "blocks": kmeta,
+        "extra_blocks": extra_meta,
+        "checks": round3(checks),
+        "problems": problems,
+    }
+    write_json(os.path.join(out, "kron_meta.json"), kmeta_out)
+    for fn in os.listdir(out):
+        os.chmod(os.path.join(out, fn), 0o644)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"{name}: P={info['P']} keys={len(expected)} kron keys={len(tensors)} size={size} "
+          f"problems={len(problems)}; {export_check}", flush=True)
+    print(f"  max rel err vs definition: {fmt(max(agree.values()) if agree else float('nan'))}; "
+          f"kron vs curvlinops: " + ", ".join(
+              f"{k} {fmt(v['max_rel_err_product'])}"
+              for k, v in checks["curvlinops_linear"]["results"].items()), flush=True)
+    if pad_check:
+        print("  " + pad_check, flush=True)
+    for p in problems:
+        print("  PROBLEM:", p, flush=True)
+    return not problems, export_ok
+
+
+def export_only(names):
+    ok = True
+    for name in names:
+        case = build_case(name)
+        out = os.path.join(OUT_ROOT, name)
+        mp = os.path.join(out, "meta.json")
+        if not os.path.exists(mp):
+            print(f"{name}: no meta.json (run the full script first)")
+            ok = False
+            continue
+        check, eok = try_export(case, out)
+        with open(mp) as fh:
+            meta = json.load(fh)
+        meta["export_check"] = check
+        write_json(mp, meta)
+        for fn in os.listdir(out):
+            os.chmod(os.path.join(out, fn), 0o644)
+        print(f"{name}: {check}", flush=True)
+        ok &= eok
+    return ok
+
+
+def main(argv):
+    if argv and argv[0] == "--export-only":
+        sys.exit(0 if export_only(argv[1:] or CASES) else 2)
+    names = argv or CASES
+    ok, exp_ok = True, True
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for n in names:
+        # the math SDPA backend is twice differentiable; CPU flash attention's backward
+        # ('_scaled_dot_product_flash_attention_for_cpu_backward') has no derivative, so
+        # no Hessian (torch.func or curvlinops) runs through it
+        with sdpa_kernel(SDPBackend.MATH):
+            a, b = process(n)
+        ok &= a
+        exp_ok &= b
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(OUT_ROOT) for f in fs)
+    print(f"total size of {OUT_ROOT}: {total} bytes")
+    if not ok:
+        print("SOME CHECKS FAILED", file=sys.stderr)
+        sys.exit(1)
+    if not exp_ok:
+        print("EXPORT FAILED for some cases (everything else written); rerun with "
+              "--export-only later", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
