@@ -9,16 +9,46 @@
 //! backward pass is its adjoint and it has no second-order term.
 
 use super::flatten::with_leading;
-use super::{Layer, Op, Residual, Saved};
+use super::attention::{Attention, Matmul};
+use super::discrete::{Discrete, DiscreteKind};
+use super::gather::FlatGather;
+use super::masking::Where;
+use super::pointwise::{Cumsum, PointKind, Pointwise, Softmax};
+use super::{Identity, Layer, Op, Residual, Saved};
 use crate::error::{bail, Result};
-use crate::spec::{BinaryOp, OpSpec, ReduceOp};
-use crate::tensor::{self, Device, Tensor};
+use crate::spec::{BinaryOp, CastKind, OpSpec, ReduceOp};
+use crate::tensor::{self, DType, Device, Tensor};
 
 /// Build the op of a functional node for its inputs' per-sample shapes.
-pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &Device) -> Result<Box<dyn Op>> {
+pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], dtype: DType, device: &Device) -> Result<Box<dyn Op>> {
     let x = in_shapes[0];
     let err = |msg: String| crate::Error::Spec(format!("{label}: {msg}"));
     Ok(match *op {
+        OpSpec::Matmul => Box::new(Matmul::build(in_shapes[0], in_shapes[1]).map_err(err)?),
+        OpSpec::Softmax { dim, log } => Box::new(Softmax::build(dim, log, x).map_err(err)?),
+        OpSpec::MaskedFill { value } => Box::new(Where::new_masked_fill(value, in_shapes).map_err(err)?),
+        OpSpec::Where { a, b } => Box::new(Where::new_where(a, b, in_shapes).map_err(err)?),
+        OpSpec::Compare { op, scalar, reverse } => {
+            Box::new(Discrete::build(DiscreteKind::Compare { op, scalar, reverse }, in_shapes, dtype, device).map_err(err)?)
+        }
+        OpSpec::Logical(op) => Box::new(Discrete::build(DiscreteKind::Logical(op), in_shapes, dtype, device).map_err(err)?),
+        OpSpec::Cast(CastKind::Float) => Box::new(Identity::new(x)),
+        OpSpec::Cast(kind) => Box::new(Discrete::build(DiscreteKind::Cast(kind), in_shapes, dtype, device).map_err(err)?),
+        OpSpec::Argmax { dim, keepdim } => {
+            let axis = per_sample_axis(dim, x.len()).map_err(err)?;
+            Box::new(Discrete::build(DiscreteKind::Argmax { axis, keepdim }, in_shapes, dtype, device).map_err(err)?)
+        }
+        OpSpec::Constant { ref shape, ref data } => {
+            Box::new(Discrete::build(Discrete::constant(shape, data, dtype, device)?, in_shapes, dtype, device).map_err(err)?)
+        }
+        OpSpec::Pow { exponent } => Box::new(Pointwise::new(PointKind::Pow(exponent), x, label)),
+        OpSpec::Math(m) => Box::new(Pointwise::new(PointKind::Math(m), x, label)),
+        OpSpec::Cumsum { dim } => Box::new(Cumsum::build(dim, x).map_err(err)?),
+        OpSpec::Attention { is_causal, scale, mask } => Box::new(Attention::build(in_shapes, is_causal, scale, mask, label).map_err(err)?),
+        OpSpec::Index { dim } => Box::new(FlatGather::index(x, in_shapes[1], dim, label).map_err(err)?),
+        OpSpec::Gather { dim } => Box::new(FlatGather::gather(x, in_shapes[1], dim, label).map_err(err)?),
+        OpSpec::Expand { ref shape } => Box::new(FlatGather::expand(x, shape, label, device).map_err(err)?),
+        OpSpec::Repeat { ref repeats } => Box::new(FlatGather::repeat(x, repeats, label, device).map_err(err)?),
         OpSpec::Module(_) => unreachable!("module ops are built by nn::build"),
         OpSpec::Binary(bop) => {
             let (a, b) = (in_shapes[0], in_shapes[1]);
@@ -40,7 +70,11 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &D
             if op == BinaryOp::Div && !reverse && scalar == 0.0 {
                 return Err(err("division by the number 0".into()));
             }
-            Box::new(Scalar { op, s: scalar, reverse, shape: x.to_vec() })
+            // A number the compute dtype cannot hold (torch.finfo(float64).min in a
+            // float32 run) saturates to its largest finite value, as the mask
+            // arithmetic `(1 − mask) · min` expects.
+            let s = if dtype == DType::F32 { scalar.clamp(f32::MIN as f64, f32::MAX as f64) } else { scalar };
+            Box::new(Scalar { op, s, reverse, shape: x.to_vec() })
         }
         OpSpec::Neg => Box::new(Scalar { op: BinaryOp::Mul, s: -1.0, reverse: false, shape: x.to_vec() }),
         OpSpec::Cat { dim } => {
@@ -119,7 +153,7 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], device: &D
 }
 
 /// A torch axis of the batched tensor (negative from the end) as a per-sample axis.
-fn per_sample_axis(dim: i64, rank: usize) -> std::result::Result<usize, String> {
+pub(crate) fn per_sample_axis(dim: i64, rank: usize) -> std::result::Result<usize, String> {
     let batched = rank as i64 + 1;
     let d = if dim < 0 { dim + batched } else { dim };
     if d == 0 {

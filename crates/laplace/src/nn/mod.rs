@@ -19,15 +19,20 @@
 
 mod activation;
 mod adaptive_pool;
+mod attention;
 mod batchnorm;
 mod conv2d;
+mod discrete;
 mod embedding;
 mod flatten;
+mod gather;
 mod graph_ops;
 mod identity;
 mod linear;
+mod masking;
 mod norm;
 mod patches;
+mod pointwise;
 mod pool;
 
 use std::any::Any;
@@ -368,7 +373,7 @@ pub(crate) fn build(
 ) -> Result<Box<dyn Op>> {
     let spec = match &node.op {
         OpSpec::Module(l) => l,
-        other => return graph_ops::build(other, label, in_shapes, device),
+        other => return graph_ops::build(other, label, in_shapes, dtype, device),
     };
     let ctx = LayerCtx {
         label,

@@ -100,6 +100,87 @@ pub enum OpSpec {
     Reduce { op: ReduceOp, dims: Vec<i64>, keepdim: bool },
     Slice { dim: i64, start: i64, end: Option<i64>, step: usize },
     Select { dim: i64, index: i64 },
+    /// `torch.matmul` of two values.
+    Matmul,
+    /// softmax (or log-softmax with `log`) along `dim`.
+    Softmax { dim: i64, log: bool },
+    /// `x.masked_fill(mask, value)`.
+    MaskedFill { value: f64 },
+    /// `torch.where(cond, a, b)`; operands given as numbers are `Some`.
+    Where { a: Option<f64>, b: Option<f64> },
+    /// Elementwise comparison → 0 / 1 (with a number: `x ∘ s`, or `s ∘ x` when reversed).
+    Compare { op: CompareOp, scalar: Option<f64>, reverse: bool },
+    Logical(LogicalOp),
+    /// dtype conversion.
+    Cast(CastKind),
+    Pow { exponent: f64 },
+    Math(MathOp),
+    /// `F.scaled_dot_product_attention(q, k, v[, mask])`.
+    Attention { is_causal: bool, scale: Option<f64>, mask: Option<MaskKind> },
+    /// The same per-sample tensor for every sample (row-major data).
+    Constant { shape: Vec<usize>, data: Vec<f64> },
+    Cumsum { dim: i64 },
+    Argmax { dim: i64, keepdim: bool },
+    /// Per sample, `x` indexed along `dim` by an integer tensor.
+    Index { dim: i64 },
+    /// `torch.gather` per sample.
+    Gather { dim: i64 },
+    /// Per-sample target shape (-1 keeps a size).
+    Expand { shape: Vec<i64> },
+    Repeat { repeats: Vec<usize> },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogicalOp {
+    And,
+    Or,
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CastKind {
+    Float,
+    /// Truncation toward zero.
+    Int,
+    /// x ≠ 0.
+    Bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MathOp {
+    Sqrt,
+    Rsqrt,
+    Exp,
+    Log,
+    Abs,
+}
+
+/// How an attention mask is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// Nonzero = attend.
+    Bool,
+    /// Added to the scores.
+    Additive,
+}
+
+const COMPARE: [(&str, CompareOp); 6] =
+    [("eq", CompareOp::Eq), ("ne", CompareOp::Ne), ("lt", CompareOp::Lt), ("le", CompareOp::Le), ("gt", CompareOp::Gt), ("ge", CompareOp::Ge)];
+const MATH: [(&str, MathOp); 5] = [("sqrt", MathOp::Sqrt), ("rsqrt", MathOp::Rsqrt), ("exp", MathOp::Exp), ("log", MathOp::Log), ("abs", MathOp::Abs)];
+const LOGICAL: [(&str, LogicalOp); 3] = [("logical_and", LogicalOp::And), ("logical_or", LogicalOp::Or), ("logical_not", LogicalOp::Not)];
+
+fn name_of<T: PartialEq + Copy>(table: &[(&'static str, T)], v: T) -> &'static str {
+    table.iter().find(|(_, x)| *x == v).map(|(n, _)| *n).expect("every variant is in its table")
 }
 
 impl BinaryOp {
@@ -127,13 +208,35 @@ impl OpSpec {
             OpSpec::Reduce { op: ReduceOp::Sum, .. } => "sum",
             OpSpec::Slice { .. } => "slice",
             OpSpec::Select { .. } => "select",
+            OpSpec::Matmul => "matmul",
+            OpSpec::Softmax { log: false, .. } => "softmax",
+            OpSpec::Softmax { log: true, .. } => "log_softmax",
+            OpSpec::MaskedFill { .. } => "masked_fill",
+            OpSpec::Where { .. } => "where",
+            OpSpec::Compare { op, .. } => name_of(&COMPARE, *op),
+            OpSpec::Logical(op) => name_of(&LOGICAL, *op),
+            OpSpec::Cast(_) => "to",
+            OpSpec::Pow { .. } => "pow",
+            OpSpec::Math(op) => name_of(&MATH, *op),
+            OpSpec::Attention { .. } => "scaled_dot_product_attention",
+            OpSpec::Constant { .. } => "constant",
+            OpSpec::Cumsum { .. } => "cumsum",
+            OpSpec::Argmax { .. } => "argmax",
+            OpSpec::Index { .. } => "index",
+            OpSpec::Gather { .. } => "gather",
+            OpSpec::Expand { .. } => "expand",
+            OpSpec::Repeat { .. } => "repeat",
         }
     }
 
     /// How many inputs the op reads: exactly `n`, or at least 1 (`None`).
     fn arity(&self) -> Option<usize> {
         match self {
-            OpSpec::Binary(_) => Some(2),
+            OpSpec::Binary(_) | OpSpec::Matmul | OpSpec::MaskedFill { .. } | OpSpec::Index { .. } | OpSpec::Gather { .. } => Some(2),
+            OpSpec::Logical(LogicalOp::And | LogicalOp::Or) => Some(2),
+            OpSpec::Compare { scalar, .. } => Some(if scalar.is_some() { 1 } else { 2 }),
+            OpSpec::Where { a, b } => Some(3 - a.is_some() as usize - b.is_some() as usize),
+            OpSpec::Attention { mask, .. } => Some(if mask.is_some() { 4 } else { 3 }),
             OpSpec::Cat { .. } => None,
             _ => Some(1),
         }
@@ -154,6 +257,29 @@ impl OpSpec {
             OpSpec::Reduce { dims, keepdim, .. } => json!({"dim": dims, "keepdim": keepdim}),
             OpSpec::Slice { dim, start, end, step } => json!({"dim": dim, "start": start, "end": end, "step": step}),
             OpSpec::Select { dim, index } => json!({"dim": dim, "index": index}),
+            OpSpec::Matmul | OpSpec::Logical(_) | OpSpec::Math(_) => json!({}),
+            OpSpec::Softmax { dim, .. } | OpSpec::Cumsum { dim } | OpSpec::Index { dim } | OpSpec::Gather { dim } => json!({"dim": dim}),
+            OpSpec::MaskedFill { value } => json!({"value": value}),
+            OpSpec::Where { a, b } => {
+                let mut m = Map::new();
+                if let Some(a) = a {
+                    m.insert("a".into(), json!(a));
+                }
+                if let Some(b) = b {
+                    m.insert("b".into(), json!(b));
+                }
+                Value::Object(m)
+            }
+            OpSpec::Compare { scalar: Some(s), reverse, .. } => json!({"scalar": s, "reverse": reverse}),
+            OpSpec::Compare { scalar: None, .. } => json!({}),
+            OpSpec::Cast(k) => json!({"dtype": match k { CastKind::Float => "float", CastKind::Int => "int", CastKind::Bool => "bool" }}),
+            OpSpec::Pow { exponent } => json!({"exponent": exponent}),
+            OpSpec::Attention { is_causal, scale, mask } => json!({"is_causal": is_causal, "scale": scale,
+                "mask": mask.map(|m| match m { MaskKind::Bool => "bool", MaskKind::Additive => "additive" })}),
+            OpSpec::Constant { shape, data } => json!({"shape": shape, "data": data}),
+            OpSpec::Argmax { dim, keepdim } => json!({"dim": dim, "keepdim": keepdim}),
+            OpSpec::Expand { shape } => json!({"shape": shape}),
+            OpSpec::Repeat { repeats } => json!({"repeats": repeats}),
         }
     }
 }
@@ -368,7 +494,12 @@ fn str_field(o: &Map<String, Value>, key: &str) -> Option<String> {
     o.get(key).and_then(Value::as_str).map(str::to_string)
 }
 
-const FUNCTIONAL_OPS: &[&str] = &["add", "sub", "mul", "div", "neg", "cat", "reshape", "permute", "mean", "sum", "slice", "select"];
+const FUNCTIONAL_OPS: &[&str] = &[
+    "add", "sub", "mul", "div", "neg", "cat", "reshape", "permute", "mean", "sum", "slice", "select", "matmul", "softmax",
+    "log_softmax", "masked_fill", "where", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
+    "to", "pow", "sqrt", "rsqrt", "exp", "log", "abs", "scaled_dot_product_attention", "constant", "cumsum", "argmax",
+    "index", "gather", "expand", "repeat",
+];
 
 fn parse_node(i: usize, v: &Value) -> Result<NodeSpec> {
     let Some(o) = v.as_object() else {
@@ -476,6 +607,66 @@ fn parse_functional(label: &str, op: &str, attrs: Map<String, Value>, n_inputs: 
             OpSpec::Slice { dim, start, end, step: step as usize }
         }
         "select" => OpSpec::Select { dim: a.i64_or("dim", 0)?, index: a.i64_or("index", 0)? },
+        "matmul" => OpSpec::Matmul,
+        "softmax" | "log_softmax" => OpSpec::Softmax { dim: a.i64_req("dim")?, log: op == "log_softmax" },
+        "masked_fill" => OpSpec::MaskedFill { value: a.number_req("value")? },
+        "where" => {
+            let a_ = a.number_opt("a")?;
+            let b_ = a.number_opt("b")?;
+            OpSpec::Where { a: a_, b: b_ }
+        }
+        _ if COMPARE.iter().any(|(n, _)| *n == op) => {
+            let cop = COMPARE.iter().find(|(n, _)| *n == op).expect("checked").1;
+            let scalar = a.number_opt("scalar")?;
+            let reverse = a.bool_or("reverse", false)?;
+            if scalar.is_none() && n_inputs != 2 {
+                return Err(a.err("with one input, the number is given as \"scalar\"".into()));
+            }
+            OpSpec::Compare { op: cop, scalar, reverse }
+        }
+        _ if LOGICAL.iter().any(|(n, _)| *n == op) => OpSpec::Logical(LOGICAL.iter().find(|(n, _)| *n == op).expect("checked").1),
+        _ if MATH.iter().any(|(n, _)| *n == op) => OpSpec::Math(MATH.iter().find(|(n, _)| *n == op).expect("checked").1),
+        "to" => OpSpec::Cast(match a.take("dtype") {
+            Some(Value::String(s)) if s == "float" => CastKind::Float,
+            Some(Value::String(s)) if s == "int" => CastKind::Int,
+            Some(Value::String(s)) if s == "bool" => CastKind::Bool,
+            other => return Err(a.err(format!("\"dtype\" must be \"float\", \"int\" or \"bool\", got {other:?}"))),
+        }),
+        "pow" => OpSpec::Pow { exponent: a.number_req("exponent")? },
+        "scaled_dot_product_attention" => {
+            let is_causal = a.bool_or("is_causal", false)?;
+            let scale = a.number_opt("scale")?;
+            let mask = match a.take("mask") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) if s == "bool" => Some(MaskKind::Bool),
+                Some(Value::String(s)) if s == "additive" => Some(MaskKind::Additive),
+                Some(v) => return Err(a.err(format!("\"mask\" must be \"bool\", \"additive\" or null, got {v}"))),
+            };
+            if mask.is_some() != (n_inputs == 4) {
+                return Err(a.err(format!("takes q, k, v and a mask exactly when \"mask\" is given ({n_inputs} inputs)")));
+            }
+            OpSpec::Attention { is_causal, scale, mask }
+        }
+        "constant" => {
+            let shape = a.take("shape").and_then(|v| usize_list(&v)).ok_or_else(|| a.err("\"shape\" must be the per-sample shape, a list of sizes".into()))?;
+            let data = a
+                .take("data")
+                .and_then(|v| v.as_array().and_then(|l| l.iter().map(Value::as_f64).collect::<Option<Vec<_>>>()))
+                .ok_or_else(|| a.err("\"data\" must be a list of numbers".into()))?;
+            if data.len() != shape.iter().product::<usize>() {
+                return Err(a.err(format!("\"data\" has {} numbers, shape {shape:?} needs {}", data.len(), shape.iter().product::<usize>())));
+            }
+            OpSpec::Constant { shape, data }
+        }
+        "cumsum" => OpSpec::Cumsum { dim: a.i64_req("dim")? },
+        "argmax" => OpSpec::Argmax { dim: a.i64_req("dim")?, keepdim: a.bool_or("keepdim", false)? },
+        "index" => OpSpec::Index { dim: a.i64_req("dim")? },
+        "gather" => OpSpec::Gather { dim: a.i64_req("dim")? },
+        "expand" => OpSpec::Expand { shape: dims(&mut a, "shape")? },
+        "repeat" => {
+            let repeats = a.take("repeats").and_then(|v| usize_list(&v)).ok_or_else(|| a.err("\"repeats\" must be a list of counts".into()))?;
+            OpSpec::Repeat { repeats }
+        }
         other => bail!(
             Spec,
             "{label}: unknown op {other:?} (module ops: {}; functional ops: {})",

@@ -22,7 +22,7 @@ use crate::error::{bail, Result};
 
 mod graph;
 
-pub use graph::{BinaryOp, Form, InputDType, InputSpec, ModelSpec, NodeSpec, OpSpec, ReduceOp};
+pub use graph::{BinaryOp, CastKind, CompareOp, Form, InputDType, InputSpec, LogicalOp, MaskKind, MathOp, ModelSpec, NodeSpec, OpSpec, ReduceOp};
 
 /// Conv2d `padding`: explicit amounts, or torch's `"valid"` / `"same"`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -325,6 +325,28 @@ impl Args {
                 .as_i64()
                 .ok_or_else(|| self.err(format!("argument {key:?} must be an integer, got {v}"))),
         }
+    }
+
+    fn i64_req(&mut self, key: &str) -> Result<i64> {
+        match self.take(key) {
+            None => Err(self.err(format!("missing required argument {key:?}"))),
+            Some(v) => v.as_i64().ok_or_else(|| self.err(format!("argument {key:?} must be an integer, got {v}"))),
+        }
+    }
+
+    /// A finite number, if given.
+    fn number_opt(&mut self, key: &str) -> Result<Option<f64>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                _ => Err(self.err(format!("argument {key:?} must be a finite number, got {v}"))),
+            },
+        }
+    }
+
+    fn number_req(&mut self, key: &str) -> Result<f64> {
+        self.number_opt(key)?.ok_or_else(|| self.err(format!("missing required argument {key:?}")))
     }
 
     fn f64_or(&mut self, key: &str, default: f64) -> Result<f64> {
