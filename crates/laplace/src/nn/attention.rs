@@ -21,6 +21,25 @@ use crate::error::{bail, Result};
 use crate::spec::MaskKind;
 use crate::tensor::Tensor;
 
+/// Batched matrix products with the leading axes broadcast (both operands
+/// of the same rank), on contiguous copies as the GEMM kernels need.
+trait Bmm {
+    fn bmm(&self, rhs: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl Bmm for Tensor {
+    fn bmm(&self, rhs: &Tensor) -> candle_core::Result<Tensor> {
+        let r = self.rank();
+        let lead: Vec<usize> = self.dims()[..r - 2].iter().zip(&rhs.dims()[..r - 2]).map(|(a, b)| *a.max(b)).collect();
+        let (n, k, p) = (self.dim(r - 2)?, self.dim(r - 1)?, rhs.dim(r - 1)?);
+        let batch: usize = lead.iter().product();
+        // As 3-D products: candle's kernels take one batch axis.
+        let a = self.broadcast_as([&lead[..], &[n, k]].concat())?.contiguous()?.reshape((batch, n, k))?;
+        let b = rhs.broadcast_as([&lead[..], &[k, p]].concat())?.contiguous()?.reshape((batch, k, p))?;
+        a.matmul(&b)?.reshape([&lead[..], &[n, p]].concat())
+    }
+}
+
 /// The last two axes swapped.
 fn tr(t: &Tensor) -> candle_core::Result<Tensor> {
     let r = t.rank();
@@ -99,32 +118,32 @@ impl Op for Matmul {
     fn forward_all(&self, inputs: &[&Tensor], save: bool) -> Result<(Tensor, Option<Saved>)> {
         let a = Self::lift(inputs[0], 1, &self.pa)?;
         let b = Self::lift(inputs[1], 1, &self.pb)?;
-        let y = a.broadcast_matmul(&b)?;
+        let y = a.bmm(&b)?;
         Ok((y, save.then(|| Saved::new(MatmulSaved { a, b }))))
     }
 
     fn backward_all(&self, saved: &Saved, v: &Tensor, needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let s = saved.get::<MatmulSaved>();
-        let to_a = if needs[0] { Some(sum_to(&v.broadcast_matmul(&tr(&s.b.unsqueeze(1)?)?)?, &self.pa, &self.a)?) } else { None };
-        let to_b = if needs[1] { Some(sum_to(&tr(&s.a.unsqueeze(1)?)?.broadcast_matmul(v)?, &self.pb, &self.b)?) } else { None };
+        let to_a = if needs[0] { Some(sum_to(&v.bmm(&tr(&s.b.unsqueeze(1)?)?)?, &self.pa, &self.a)?) } else { None };
+        let to_b = if needs[1] { Some(sum_to(&tr(&s.a.unsqueeze(1)?)?.bmm(v)?, &self.pb, &self.b)?) } else { None };
         Ok(vec![to_a, to_b])
     }
 
     fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
         let s = saved.get::<MatmulSaved>();
-        let pa = x_dots[0].map(|t| Self::lift(t, 2, &self.pa)?.broadcast_matmul(&s.b.unsqueeze(1)?)).transpose()?;
-        let pb = x_dots[1].map(|t| s.a.unsqueeze(1)?.broadcast_matmul(&Self::lift(t, 2, &self.pb)?)).transpose()?;
+        let pa = x_dots[0].map(|t| Self::lift(t, 2, &self.pa)?.bmm(&s.b.unsqueeze(1)?)).transpose()?;
+        let pb = x_dots[1].map(|t| s.a.unsqueeze(1)?.bmm(&Self::lift(t, 2, &self.pb)?)).transpose()?;
         add_opt(pa, pb)
     }
 
     fn second_order_all(&self, _saved: &Saved, g: &Tensor, x_dots: &[Option<&Tensor>], needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let g = g.unsqueeze(1)?;
         let to_a = match (needs[0], x_dots[1]) {
-            (true, Some(bd)) => Some(sum_to(&g.broadcast_matmul(&tr(&Self::lift(bd, 2, &self.pb)?)?)?, &self.pa, &self.a)?),
+            (true, Some(bd)) => Some(sum_to(&g.bmm(&tr(&Self::lift(bd, 2, &self.pb)?)?)?, &self.pa, &self.a)?),
             _ => None,
         };
         let to_b = match (needs[1], x_dots[0]) {
-            (true, Some(ad)) => Some(sum_to(&tr(&Self::lift(ad, 2, &self.pa)?)?.broadcast_matmul(&g)?, &self.pb, &self.b)?),
+            (true, Some(ad)) => Some(sum_to(&tr(&Self::lift(ad, 2, &self.pa)?)?.bmm(&g)?, &self.pb, &self.b)?),
             _ => None,
         };
         Ok(vec![to_a, to_b])
@@ -200,8 +219,8 @@ impl Attention {
         let q = s.q.unsqueeze(1)?;
         let k = s.k.unsqueeze(1)?;
         let sd = add_opt(
-            qd.map(|t| t.broadcast_matmul(&tr(&k)?)).transpose()?,
-            kd.map(|t| q.broadcast_matmul(&tr(t)?)).transpose()?,
+            qd.map(|t| t.bmm(&tr(&k)?)).transpose()?,
+            kd.map(|t| q.bmm(&tr(t)?)).transpose()?,
         )?;
         let Some(sd) = sd else { return Ok(None) };
         let sd = (sd * self.scale)?;
@@ -222,7 +241,7 @@ impl Op for Attention {
     fn forward_all(&self, inputs: &[&Tensor], save: bool) -> Result<(Tensor, Option<Saved>)> {
         let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
         let m = q.dim(0)?;
-        let mut scores = (q.broadcast_matmul(&tr(k)?)? * self.scale)?;
+        let mut scores = (q.bmm(&tr(k)?)? * self.scale)?;
         let neg_inf = (scores.zeros_like()? + f64::NEG_INFINITY)?;
         if let (Some(kind), Some(mask)) = (self.mask, inputs.get(3)) {
             let mask = mask.reshape([&[m][..], &self.mask_padded].concat())?.broadcast_as(scores.dims())?;
@@ -242,7 +261,7 @@ impl Op for Attention {
         if let Some(pos) = crate::tensor::first_non_finite(&p)? {
             bail!(NonFinite, "{}: a query attends to no key (every score masked) at {:?}", self.label, crate::tensor::unravel(pos, p.dims()));
         }
-        let y = p.matmul(&v.contiguous()?)?;
+        let y = p.bmm(v)?;
         let saved = save.then(|| Saved::new(AttentionSaved { q: q.clone(), k: k.clone(), v: v.clone(), p }));
         Ok((y, saved))
     }
@@ -252,16 +271,16 @@ impl Op for Attention {
         let mut out = vec![None; needs.len()];
         let p = s.p.unsqueeze(1)?;
         if needs[2] {
-            out[2] = Some(tr(&p)?.broadcast_matmul(vo)?);
+            out[2] = Some(tr(&p)?.bmm(vo)?);
         }
         if needs[0] || needs[1] {
-            let dp = vo.broadcast_matmul(&tr(&s.v.unsqueeze(1)?)?)?;
+            let dp = vo.bmm(&tr(&s.v.unsqueeze(1)?)?)?;
             let ds = (p.broadcast_mul(&dp.broadcast_sub(&Self::rowsum(&dp.broadcast_mul(&p)?)?)?)? * self.scale)?;
             if needs[0] {
-                out[0] = Some(ds.broadcast_matmul(&s.k.unsqueeze(1)?)?);
+                out[0] = Some(ds.bmm(&s.k.unsqueeze(1)?)?);
             }
             if needs[1] {
-                out[1] = Some(tr(&ds)?.broadcast_matmul(&s.q.unsqueeze(1)?)?);
+                out[1] = Some(tr(&ds)?.bmm(&s.q.unsqueeze(1)?)?);
             }
         }
         Ok(out)
@@ -269,8 +288,8 @@ impl Op for Attention {
 
     fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
         let s = saved.get::<AttentionSaved>();
-        let from_p = self.p_dot(s, x_dots[0], x_dots[1])?.map(|pd| pd.broadcast_matmul(&s.v.unsqueeze(1)?)).transpose()?;
-        let from_v = x_dots[2].map(|vd| s.p.unsqueeze(1)?.broadcast_matmul(vd)).transpose()?;
+        let from_p = self.p_dot(s, x_dots[0], x_dots[1])?.map(|pd| pd.bmm(&s.v.unsqueeze(1)?)).transpose()?;
+        let from_v = x_dots[2].map(|vd| s.p.unsqueeze(1)?.bmm(vd)).transpose()?;
         add_opt(from_p, from_v)
     }
 
@@ -282,16 +301,16 @@ impl Op for Attention {
         let p_dot = self.p_dot(s, qd, kd)?;
         let mut out = vec![None; needs.len()];
         if needs[2] {
-            out[2] = p_dot.as_ref().map(|pd| tr(pd)?.broadcast_matmul(&g)).transpose()?;
+            out[2] = p_dot.as_ref().map(|pd| tr(pd)?.bmm(&g)).transpose()?;
         }
         if !(needs[0] || needs[1]) {
             return Ok(out);
         }
-        let dp = g.broadcast_matmul(&tr(&s.v.unsqueeze(1)?)?)?; // (M, 1, …, L, S)
+        let dp = g.bmm(&tr(&s.v.unsqueeze(1)?)?)?; // (M, 1, …, L, S)
         let rho = Self::rowsum(&dp.broadcast_mul(&p)?)?;
         let ds = (p.broadcast_mul(&dp.broadcast_sub(&rho)?)? * self.scale)?;
         // dṠ (without the scale).
-        let dp_dot = vd.map(|t| g.broadcast_matmul(&tr(t)?)).transpose()?;
+        let dp_dot = vd.map(|t| g.bmm(&tr(t)?)).transpose()?;
         let mut ds_dot: Option<Tensor> = None;
         if let Some(pd) = &p_dot {
             ds_dot = add_opt(ds_dot, Some(pd.broadcast_mul(&dp.broadcast_sub(&rho)?)?))?;
@@ -311,14 +330,14 @@ impl Op for Attention {
         let (q, k) = (s.q.unsqueeze(1)?, s.k.unsqueeze(1)?);
         if needs[0] {
             out[0] = add_opt(
-                ds_dot.as_ref().map(|t| t.broadcast_matmul(&k)).transpose()?,
-                kd.map(|t| ds.broadcast_matmul(t)).transpose()?,
+                ds_dot.as_ref().map(|t| t.bmm(&k)).transpose()?,
+                kd.map(|t| ds.bmm(t)).transpose()?,
             )?;
         }
         if needs[1] {
             out[1] = add_opt(
-                ds_dot.as_ref().map(|t| tr(t)?.broadcast_matmul(&q)).transpose()?,
-                qd.map(|t| tr(&ds)?.broadcast_matmul(t)).transpose()?,
+                ds_dot.as_ref().map(|t| tr(t)?.bmm(&q)).transpose()?,
+                qd.map(|t| tr(&ds)?.bmm(t)).transpose()?,
             )?;
         }
         Ok(out)

@@ -14,7 +14,9 @@
 //! and, for the R-operator, with h = w ⊙ g, ĥ = h − c·mean h,
 //! a = mean(h ⊙ x̂), ȧ = mean(h ⊙ x̂̇):
 //!
-//!   Σ_i g_i ∇²_x y_i · ẋ = (1/σ) (−β ĥ − a x̂̇ − x̂ ȧ + a β x̂).
+//!   Σ_i g_i ∇²_x y_i · ẋ = (1/σ) (−(β/σ) (ĥ − a x̂) − a x̂̇ − x̂ ȧ)
+//!
+//! (∇_x Σ h_i x̂_i = (ĥ − a x̂)/σ differentiated along ẋ, with σ̇ = β).
 //!
 //! That term couples the features of a position, so the Hessian's exact
 //! diagonal takes Hessian-vector products here ([`Residual::Coupled`]).
@@ -180,7 +182,7 @@ impl Op for Norm {
         let (Some(t), true) = (x_dots[0], needs[0]) else {
             return Ok(vec![None]);
         };
-        // (1/σ)(−β ĥ − a x̂̇ − x̂ ȧ + a β x̂), h = w ⊙ g.
+        // (1/σ)(−(β/σ)(ĥ − a x̂) − a x̂̇ − x̂ ȧ), h = w ⊙ g.
         let s: &NormSaved = saved.get();
         let mut h = self.split(g, 1)?.unsqueeze(1)?; // (M, 1, R, F)
         if let Some(w) = self.w4() {
@@ -191,13 +193,14 @@ impl Op for Norm {
         let h_c = if self.centers() { h.broadcast_sub(&Self::mean(&h)?)? } else { h.clone() };
         let a = Self::mean(&h.broadcast_mul(&x_hat)?)?; // (M, 1, R, 1)
         let a_dot = Self::mean(&h.broadcast_mul(&xd_hat)?)?; // (M, K, R, 1)
-        let r = h_c
-            .broadcast_mul(&beta)?
+        let inv_std = s.inv_std.unsqueeze(1)?;
+        let grad = h_c.broadcast_sub(&x_hat.broadcast_mul(&a)?)?; // σ ∇φ
+        let r = grad
+            .broadcast_mul(&beta.broadcast_mul(&inv_std)?)?
             .neg()?
             .broadcast_sub(&xd_hat.broadcast_mul(&a)?)?
             .broadcast_sub(&x_hat.broadcast_mul(&a_dot)?)?
-            .broadcast_add(&x_hat.broadcast_mul(&a.broadcast_mul(&beta)?)?)?
-            .broadcast_mul(&s.inv_std.unsqueeze(1)?)?;
+            .broadcast_mul(&inv_std)?;
         Ok(vec![Some(self.join(&r, 2)?)])
     }
 
