@@ -1,4 +1,10 @@
-"""Export a PyTorch ``nn.Sequential`` to the laplace-rs model format.
+"""Export a PyTorch model to the laplace-rs model format (docs/model-format.md).
+
+``export_sequential`` writes the Sequential form (below); ``export(model, example_input,
+out_dir)`` the graph form for any ``nn.Module`` (torch.fx, or torch.export for
+transformers and models with integer inputs: see ``export``).
+
+Sequential form:
 
 The format is two files:
 
@@ -221,10 +227,23 @@ def export(model: nn.Module, example_input, out_dir: str, output_key=None,
 
     ``example_input``: a batched Tensor (``model(x)``; graph input ``"x"``) or a dict
     of batched Tensors (``model(d)`` if ``forward`` takes one argument, else
-    ``model(**d)``; one graph input per key). Use a batch of at least 2 so that a
+    ``model(**d)``; one graph input per key; integer tensors — token ids, attention
+    masks — become ``"dtype": "int"`` inputs). Use a batch of at least 2 so that a
     reshape that would mix samples is detected. ``output_key`` picks the field of a
-    dict / tuple output. Writes ``model.json`` and ``weights.safetensors`` into
-    ``out_dir`` and returns the JSON dict.
+    dict / tuple / HF ``ModelOutput`` output. ``tracer``: ``"auto"`` (torch.export for
+    models with integer inputs, e.g. transformers; torch.fx otherwise, retried with
+    torch.export when torch.fx cannot trace the model or meets an op it lacks),
+    ``"fx"`` or ``"export"``; see ``graph_spec``. Writes ``model.json`` and
+    ``weights.safetensors`` into ``out_dir`` and returns the JSON dict.
+
+    Transformers (torch.export path): ``nn.Embedding``, ``nn.LayerNorm``, ``nn.RMSNorm``
+    (and HF LlamaRMSNorm-style modules), ``nn.Linear`` over sequences, HF ``Conv1D``
+    (``Linear`` with ``weight_layout: "in_out"``), ``nn.MultiheadAttention``
+    (batch_first self-attention, written as the ops it computes),
+    ``F.scaled_dot_product_attention``, HF BERT / GPT-2 / RoBERTa / DistilBERT / Llama
+    style models. Values that depend on no input and no trainable parameter (arange,
+    position ids, causal masks, ``finfo.min`` fills) are folded into ``constant``
+    nodes; dtype casts between floats, ``contiguous`` and eval-mode dropout vanish.
     """
     from safetensors.torch import save_file
 
@@ -899,6 +918,28 @@ def _gelu_tanh_forward(self, x):
     return F.gelu(x, approximate="tanh")
 
 
+def _rmsnorm_forward(self, x):
+    return F.rms_norm(x, tuple(self.weight.shape), self.weight, self.variance_epsilon)
+
+
+def _is_llama_rmsnorm(m):
+    """HF LlamaRMSNorm-style modules: weight * x / sqrt(mean(x^2) + variance_epsilon)
+    (Llama, Mistral, Qwen2, ...; not Gemma's (1 + weight))."""
+    w = getattr(m, "weight", None)
+    if not (isinstance(w, nn.Parameter) and w.dim() == 1 and
+            isinstance(getattr(m, "variance_epsilon", None), float)):
+        return False
+    import inspect
+    try:
+        src = inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return False
+    src = "".join(src.split())
+    return ("returnself.weight*hidden_states.to(input_dtype)" in src and
+            "hidden_states*torch.rsqrt(variance+self.variance_epsilon)" in src and
+            "pow(2).mean(-1,keepdim=True)" in src)
+
+
 def _replacement_forward(m):
     if isinstance(m, nn.MultiheadAttention):
         return _mha_forward
@@ -909,6 +950,8 @@ def _replacement_forward(m):
             return _conv1d_forward
         if cls.__name__ in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh"):
             return _gelu_tanh_forward
+        if cls.__name__.endswith("RMSNorm") and _is_llama_rmsnorm(m):
+            return _rmsnorm_forward
     return None
 
 
@@ -1207,7 +1250,13 @@ class _AtenExporter:
             dyn = {k: {0: bdim} for k in kwargs}
         else:
             dyn = torch.utils._pytree.tree_map(lambda t: {0: bdim}, args)
-        patched = []
+        patched, caches = [], []
+        for m in model.modules():
+            # HF models return their key/value cache (not a tensor output) unless told not to
+            cfg = getattr(m, "config", None)
+            if getattr(cfg, "use_cache", False) is True and all(c is not cfg for c in caches):
+                cfg.use_cache = False
+                caches.append(cfg)
         for path, m in model.named_modules():
             fwd = _replacement_forward(m)
             if fwd is not None:
@@ -1227,6 +1276,8 @@ class _AtenExporter:
             for m in patched:
                 del m.forward
                 del m._laplace_path
+            for cfg in caches:
+                cfg.use_cache = True
         return ep, flat, names
 
     # ---------------------------------------------------------------- main
@@ -1370,8 +1421,10 @@ class _AtenExporter:
         return v
 
     def fdtype(self):
-        dts = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
-        return dts.pop() if len(dts) == 1 else torch.get_default_dtype()
+        if getattr(self, "_fdtype", None) is None:
+            dts = {p.dtype for p in self.model.parameters() if p.is_floating_point()}
+            self._fdtype = dts.pop() if len(dts) == 1 else torch.get_default_dtype()
+        return self._fdtype
 
     def evaluate(self, node, args, kwargs):
         cargs = torch.fx.node.map_aggregate(args, lambda a: self.concrete(a, node))
@@ -1444,10 +1497,7 @@ class _AtenExporter:
                 self.fail(node, self.opname(node), "dropout with training=True")
             return self.evaluate(node, args, kwargs)
         if op in _META_ONLY:
-            if op.startswith("sym_") or op == "size":
-                return self.evaluate(node, args, kwargs)
-            if has_param:
-                self.fail(node, self.opname(node), "a parameter operand")
+            # depends on shapes / dtypes only (new_ones, zeros_like, sym_size, ...)
             return self.evaluate(node, args, kwargs)
         h = getattr(self, f"op_{op}", None)
         if h is not None:
@@ -1891,7 +1941,7 @@ class _AtenExporter:
         return _Multi([part(s, e) for s, e in bounds])
 
     def op_split(self, node, b):
-        x = b["self"]
+        x = self.operand(node, b["self"])
         d = int(b.get("dim", 0))
         n = x.shape[d]
         size = int(self.cz(b["split_size"]))
@@ -1899,7 +1949,7 @@ class _AtenExporter:
         return self.split_parts(node, x, bounds, d)
 
     def op_split_with_sizes(self, node, b):
-        x = b["self"]
+        x = self.operand(node, b["self"])
         d = int(b.get("dim", 0))
         bounds, s = [], 0
         for k in b["split_sizes"]:
@@ -1909,7 +1959,7 @@ class _AtenExporter:
         return self.split_parts(node, x, bounds, d)
 
     def op_chunk(self, node, b):
-        x = b["self"]
+        x = self.operand(node, b["self"])
         d = int(b.get("dim", 0))
         n = x.shape[d]
         c = int(b["chunks"])
@@ -1966,8 +2016,12 @@ class _AtenExporter:
                                                      v.t.dtype == torch.bool):
                 self.fail(node, self.opname(node), "boolean-mask indexing")
         if not x.bat:
-            self.fail(node, self.opname(node), "indexing a value that is the same for every "
-                      "sample")
+            # table[idx]: a constant (or parameter-only) table indexed by per-sample indices
+            if len(tens) != 1 or tens[0][0] != 0 or not getattr(tens[0][1], "bat", False):
+                self.fail(node, self.opname(node), "indexing a value that is the same for "
+                          "every sample other than table[per-sample idx]")
+            iv = self.operand(node, tens[0][1], "index")
+            return self.emit(node, "index", [self.use(x, node), self.use(iv, node)], {"dim": 1})
         if tens and tens[0][0] == 0:
             # x[arange(B)..., idx]: per-sample indexing along axis 1
             if not self.batch_index(tens[0][1]) or len(tens) != 2 or tens[1][0] != 1:

@@ -8,7 +8,18 @@ resnet18 / mobilenet_v3_small (weights=None, random BN statistics, eval mode, 3x
 the graph fixture models of make_graph_fixtures.py and small models exercising the
 functional ops; then the refusals (unsupported op / module named with its module path,
 training-mode BN / Dropout, a module called twice, training dropout) and the
-interpreter's strictness.
+interpreter's strictness. The same models through the torch.export path (tracer="export").
+
+Transformers (the torch.export path, docs/model-format.md "Transformer ops and integer
+inputs"), float64 round trips at rel <= 1e-12 with a padded batch {input_ids,
+attention_mask} (rows of lengths 9, 6, 3, 9), the float32 export, and padding invariance
+(changed padded token ids leave the rows' outputs unchanged, interpreter and module):
+(a) an encoder with nn.MultiheadAttention (mean pooling / CLS) and nn.TransformerEncoder,
+(b) a decoder block with nn.RMSNorm and causal F.scaled_dot_product_attention (mean pooling
+/ last non-padded token), (c) HF BertForSequenceClassification (eager, sdpa), (d) HF
+GPT2ForSequenceClassification (eager, sdpa; no padding invariance: GPT-2 finds the last
+token by pad_token_id); refusals of the torch.export path and the interpreter's
+strictness on the new ops.
 """
 
 from __future__ import annotations
@@ -39,9 +50,9 @@ def check(cond, msg):
         FAILS.append(msg)
 
 
-def roundtrip(name, model, x, output_key=None):
+def roundtrip(name, model, x, output_key=None, tracer="auto"):
     with tempfile.TemporaryDirectory() as d:
-        spec = export(model, x, d, output_key=output_key)
+        spec = export(model, x, d, output_key=output_key, tracer=tracer)
         g = graph_interp.GraphModel.load(d)
         with torch.no_grad():
             ref = model(x)
@@ -133,6 +144,384 @@ class FDropout(nn.Module):
         return self.fc(F.dropout(x, 0.3))
 
 
+# ------------------------------------------------------------------ transformer models
+VOCAB, T_MAX = 40, 16
+
+
+class EncBlock(nn.Module):
+    def __init__(self, D, H):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, H, dropout=0.1, batch_first=True)
+        self.ln2 = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, h, kpm):
+        x = self.ln1(h)
+        h = h + self.drop(self.attn(x, x, x, key_padding_mask=kpm)[0])
+        return h + self.fc2(F.gelu(self.fc1(self.ln2(h))))
+
+
+class EncoderClassifier(nn.Module):
+    """(a) token + learned position embedding (constant arange), pre-LN blocks with
+    nn.MultiheadAttention(batch_first=True, key_padding_mask from attention_mask), GELU MLP,
+    final LayerNorm, masked mean pooling or the CLS (first) token, Linear head."""
+
+    def __init__(self, D=16, H=2, C=3, L=2, pool="mean"):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.pos = nn.Embedding(T_MAX, D)
+        self.blocks = nn.ModuleList([EncBlock(D, H) for _ in range(L)])
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, C)
+        self.pool = pool
+
+    def forward(self, batch):
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        kpm = am == 0
+        for b in self.blocks:
+            h = b(h, kpm)
+        h = self.norm(h)
+        if self.pool == "mean":
+            m = am.unsqueeze(-1).to(h.dtype)
+            h = (h * m).sum(1) / m.sum(1)
+        else:
+            h = h[:, 0]
+        return self.head(h)
+
+
+class DecoderClassifier(nn.Module):
+    """(b) Embedding, RMSNorm, q/k/v Linears, heads, F.scaled_dot_product_attention(
+    is_causal=True), tanh-GELU MLP, masked mean pooling or the last non-padded token
+    (x[arange(B), lengths - 1]), Linear head."""
+
+    def __init__(self, D=16, H=2, C=3, pool="mean"):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.norm1 = nn.RMSNorm(D)
+        self.q, self.k, self.v = (nn.Linear(D, D, bias=False) for _ in range(3))
+        self.o = nn.Linear(D, D)
+        self.norm2 = nn.RMSNorm(D, eps=1e-6)
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, C)
+        self.H, self.pool = H, pool
+
+    def forward(self, batch):
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        B, T = ids.shape
+        h = self.emb(ids)
+        x = self.norm1(h)
+        q, k, v = (f(x).view(B, T, self.H, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.o(a.transpose(1, 2).reshape(B, T, -1))
+        h = h + self.fc2(F.gelu(self.fc1(self.norm2(h)), approximate="tanh"))
+        if self.pool == "mean":
+            m = am.unsqueeze(-1).to(h.dtype)
+            h = (h * m).sum(1) / m.sum(1)
+        else:
+            h = h[torch.arange(B), am.sum(1) - 1]
+        return self.head(h)
+
+
+class HFWrap(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, batch):
+        return self.m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def bert(impl):
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=T_MAX, num_labels=3,
+                     pad_token_id=0)
+    cfg._attn_implementation = impl
+    return HFWrap(BertForSequenceClassification(cfg)).eval()
+
+
+def gpt2(impl):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=T_MAX,
+                     num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = impl
+    return HFWrap(GPT2ForSequenceClassification(cfg)).eval()
+
+
+def token_batch(lengths=(9, 6, 3, 9), T=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (len(lengths), T), generator=g)
+    am = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        am[i, :n] = 1
+    ids[am == 0] = 0                                   # pad token 0, right padding
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def transformer_case(name, make, padinv=True, tol32=1e-5):
+    """Round trip in float64 (<= 1e-12) and float32, ops, padding invariance."""
+    from collections import Counter
+    torch.manual_seed(0)
+    model = make()
+    batch = token_batch()
+    with tempfile.TemporaryDirectory() as d:
+        spec = export(model, batch, d)
+        g = graph_interp.GraphModel.load(d)
+        with torch.no_grad():
+            ref, out = model(batch), g(batch)
+    ops = dict(sorted(Counter(n["op"] for n in spec["nodes"]).items()))
+    check(rel(out, ref) <= 1e-12, f"{name}: interpreter vs module rel {rel(out, ref):.1e} "
+          f"({len(spec['nodes'])} nodes, P={sum(p.numel() for p in model.parameters())})")
+    print(f"     {name} ops: {ops}")
+    check([(i["name"], i["dtype"]) for i in spec["inputs"]] ==
+          [("input_ids", "int"), ("attention_mask", "int")], f"{name}: integer inputs by name")
+    check(spec["parameters"] == [n for n, p in model.named_parameters() if p.requires_grad],
+          f"{name}: parameters list = named_parameters order")
+    if padinv:
+        b2 = {k: v.clone() for k, v in batch.items()}
+        pad = b2["attention_mask"] == 0
+        b2["input_ids"][pad] = torch.randint(3, VOCAB, (int(pad.sum()),),
+                                             generator=torch.Generator().manual_seed(7))
+        rows = pad.any(1)
+        with torch.no_grad():
+            out2, ref2 = g(b2), model(b2)
+        e_g, e_m = rel(out2[rows], out[rows]), rel(ref2[rows], ref[rows])
+        check(e_g <= 1e-12 and e_m <= 1e-12 and rel(out2, ref2) <= 1e-12,
+              f"{name}: padding invariance, changed padded tokens of rows "
+              f"{rows.nonzero().view(-1).tolist()}: graph rel {e_g:.1e}, module rel {e_m:.1e}")
+    # float32
+    torch.manual_seed(0)
+    m32 = make().float().eval()
+    with tempfile.TemporaryDirectory() as d:
+        export(m32, batch, d)
+        g32 = graph_interp.GraphModel.load(d)
+        with torch.no_grad():
+            r32, o32 = m32(batch), g32(batch)
+        w32 = {str(t.dtype) for t in g32.tensors.values()}
+    check(o32.dtype == torch.float32 and w32 == {"torch.float32"} and rel(o32, r32) <= tol32,
+          f"{name}: float32 export, interpreter vs module rel {rel(o32, r32):.1e}")
+    return spec
+
+
+class SortMix(nn.Module):
+    def forward(self, h):
+        return torch.sort(h, dim=-1).values
+
+
+class WithSort(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.mix = SortMix()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return self.fc(self.mix(self.emb(batch["input_ids"])).mean(1))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.out = nn.Linear(4, VOCAB, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, batch):
+        return self.out(self.emb(batch["input_ids"]).mean(1))
+
+
+class EmbTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        return self.fc((self.emb(batch["input_ids"]) + self.emb(batch["input_ids"] + 1)).mean(1))
+
+
+class FunctionalParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.W = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, batch):
+        return (self.emb(batch["input_ids"]) @ self.W).mean(1)
+
+
+class MergeBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.proj = nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        h = self.emb(batch["input_ids"])
+        B, T, D = h.shape
+        h = self.proj(h.reshape(B * T, D)).reshape(B, T, D)
+        return self.fc(h.mean(1))
+
+
+class CrossAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, batch):
+        h = self.emb(batch["input_ids"])
+        return self.fc(self.attn(h, h[:, :2], h[:, :2])[0].mean(1))
+
+
+def transformer_tests():
+    transformer_case("(a) encoder, nn.MultiheadAttention, mean pooling",
+                     lambda: EncoderClassifier(pool="mean").eval())
+    transformer_case("(a) encoder, nn.MultiheadAttention, CLS token",
+                     lambda: EncoderClassifier(pool="cls").eval())
+    transformer_case("(a') nn.TransformerEncoder(norm_first, src_key_padding_mask), CLS",
+                     lambda: TELClassifier().eval())
+    transformer_case("(b) decoder, RMSNorm, causal SDPA, mean pooling",
+                     lambda: DecoderClassifier(pool="mean").eval())
+    transformer_case("(b) decoder, RMSNorm, causal SDPA, last non-padded token",
+                     lambda: DecoderClassifier(pool="last").eval())
+    for impl in ("eager", "sdpa"):
+        transformer_case(f"(c) BertForSequenceClassification, {impl}", lambda: bert(impl))
+    for impl in ("eager", "sdpa"):
+        spec = transformer_case(f"(d) GPT2ForSequenceClassification, {impl}",
+                                lambda: gpt2(impl), padinv=False)
+        lin = [n for n in spec["nodes"] if n["op"] == "Linear"]
+        check(all(n["attrs"].get("weight_layout") == "in_out" for n in lin[:-1]) and
+              "weight_layout" not in lin[-1]["attrs"] and
+              any(n["op"] == "GELU" and n["attrs"]["approximate"] == "tanh"
+                  for n in spec["nodes"]) and spec["nodes"][-1]["op"] == "index",
+              f"(d) GPT2 {impl}: Conv1D -> Linear in_out, NewGELU -> GELU tanh, "
+              "last non-padded token -> index")
+
+    # HF model called as model(**batch) with a ModelOutput: output_key picks the logits
+    torch.manual_seed(0)
+    m = bert("sdpa").m
+    batch = token_batch()
+    with tempfile.TemporaryDirectory() as d:
+        export(m, batch, d, output_key="logits")
+        with torch.no_grad():
+            e = rel(graph_interp.GraphModel.load(d)(batch), m(**batch).logits)
+    check(e <= 1e-12, f"(c') BertForSequenceClassification(**batch), output_key='logits': "
+          f"rel {e:.1e}")
+    # Llama family: HF LlamaRMSNorm -> RMSNorm, rotary cos / sin folded, GQA via expand
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                      max_position_embeddings=T_MAX, num_labels=3, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    m = HFWrap(LlamaForSequenceClassification(cfg)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        spec = export(m, batch, d)
+        g = graph_interp.GraphModel.load(d)
+        with torch.no_grad():
+            out, ref = g(batch), m(batch)
+    check(rel(out, ref) <= 1e-6 and sum(n["op"] == "RMSNorm" for n in spec["nodes"]) == 5,
+          f"(extra) LlamaForSequenceClassification sdpa: rel {rel(out, ref):.1e} (HF's "
+          "LlamaRMSNorm computes in float32 inside the float64 model; the graph in float64)")
+    # a float-input model that torch.fx cannot export (nn.LayerNorm): auto -> torch.export
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)).eval()
+    spec = roundtrip("auto: float-input LayerNorm MLP (torch.fx refuses, torch.export path)",
+                     mlp, torch.randn(3, 4))
+    check([n["op"] for n in spec["nodes"]] == ["Linear", "LayerNorm", "GELU", "Linear"],
+          "auto fallback: ops Linear, LayerNorm, GELU, Linear")
+
+    # ---------------------------------------------------------- refusals (torch.export path)
+    d = tempfile.mkdtemp()
+    batch = token_batch()
+    raises("export: unsupported op named with node and module path",
+           lambda: export(WithSort().eval(), batch, d), "aten.sort", "mix", "sort",
+           exc=ExportError)
+    raises("export: tied (shared) parameters", lambda: export(Tied().eval(), batch, d),
+           "same tensor", exc=ExportError)
+    raises("export: Embedding called twice", lambda: export(EmbTwice().eval(), batch, d),
+           "emb.weight", "two module ops", exc=ExportError)
+    raises("export: parameter used functionally",
+           lambda: export(FunctionalParam().eval(), batch, d), "'W'", "outside a module op",
+           exc=ExportError)
+    raises("export: reshape merging the batch axis",
+           lambda: export(MergeBatch().eval(), batch, d), "batch axis", exc=ExportError)
+    raises("export: MultiheadAttention cross-attention",
+           lambda: export(CrossAttn().eval(), batch, d), "self-attention", "attn",
+           exc=ExportError)
+    raises("export: training-mode Dropout", lambda: export(EncoderClassifier().train(), batch, d),
+           "model.eval()", exc=ValueError)
+
+    # ---------------------------------------------------------- interpreter strictness (new ops)
+    torch.manual_seed(0)
+    m = EncoderClassifier().eval()
+    spec = export(m, batch, d)
+    tensors = graph_interp.GraphModel.load(d).tensors
+    g = graph_interp.GraphModel(spec, tensors)
+    bad_ids = {k: v.clone() for k, v in batch.items()}
+    bad_ids["input_ids"][0, 0] = VOCAB
+    raises("interp: Embedding index out of range", lambda: g(bad_ids), "out of range")
+    raises("interp: missing named input", lambda: g({"input_ids": batch["input_ids"]}),
+           "attention_mask")
+    big = {k: v.clone() for k, v in batch.items()}
+    big["attention_mask"][0, 0] = 2 ** 24
+    g32 = graph_interp.GraphModel(spec, {k: v.float() for k, v in tensors.items()})
+    raises("interp: integer not exact in float32", lambda: g32(big), "not exact")
+    raises("interp: float array for an int input",
+           lambda: g({**batch, "input_ids": batch["input_ids"].double()}), "integer")
+    for op, key, val, needle in (("LayerNorm", "foo", 1, "foo"),
+                                 ("Embedding", "max_norm", 1.0, "max_norm"),
+                                 ("scaled_dot_product_attention", "dropout_p", 0.1, "dropout_p"),
+                                 ("constant", "data", [1.0], "numbers for shape")):
+        bad = json.loads(json.dumps(spec))
+        nd = next(n for n in bad["nodes"] if n["op"] == op)
+        nd["attrs"][key] = val
+        if op == "constant":
+            raises(f"interp: {op} with a wrong data length",
+                   lambda: graph_interp.GraphModel(bad, tensors)(batch), needle)
+        else:
+            raises(f"interp: unknown attr {key} of {op}",
+                   lambda: graph_interp.GraphModel(bad, tensors), needle)
+    bad = json.loads(json.dumps(spec))
+    nd = next(n for n in bad["nodes"] if n["op"] == "Embedding")
+    del nd["attrs"]["num_embeddings"]
+    raises("interp: missing attr", lambda: graph_interp.GraphModel(bad, tensors),
+           "num_embeddings")
+    bad = json.loads(json.dumps(spec))
+    bad["nodes"].insert(1, {"name": "w3", "op": "where", "inputs": [bad["nodes"][0]["name"]],
+                            "attrs": {"a": 1.0}})
+    raises("interp: where with two operands", lambda: graph_interp.GraphModel(bad, tensors),
+           "two operands")
+
+
+class TELClassifier(nn.Module):
+    def __init__(self, D=16, C=3):
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.enc = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(D, 2, 32, batch_first=True, norm_first=True), 2,
+            enable_nested_tensor=False)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, batch):
+        h = self.enc(self.tok(batch["input_ids"]),
+                     src_key_padding_mask=batch["attention_mask"] == 0)
+        return self.head(h[:, 0])
+
+
 def torchvision_models():
     import torchvision
     out = []
@@ -202,6 +591,18 @@ def main():
     bad["nodes"][0]["inputs"] = ["relu"]
     raises("interp: read before written", lambda: graph_interp.GraphModel(bad, tensors),
            "before it is written")
+
+    # ---------------------------------------------------------- the torch.export path
+    # on the models above (tracer="export"; "auto" keeps torch.fx for float inputs)
+    for name, m in torchvision_models()[:1]:
+        roundtrip(f"{name} (tracer=export)", m, x32, tracer="export")
+    for name in mg.CASES:
+        c = mg.build_case(name)
+        roundtrip(f"fixture {name} (tracer=export)", c["model"], c["x"], tracer="export")
+    roundtrip("functional ops, dict input, output_key (tracer=export)", ops_model, batch,
+              "logits", tracer="export")
+
+    transformer_tests()
 
     print(f"{len(FAILS)} failures")
     sys.exit(1 if FAILS else 0)

@@ -244,7 +244,7 @@ impl Op for Binary {
             // a / b: 1/b and −a/b².
             BinaryOp::Div => {
                 let inv = s.b.recip()?;
-                (Some(col(&inv)?), Some(col(&(s.a.neg()? * inv.sqr()?)?)?))
+                (Some(col(&inv)?), Some(col(&s.a.neg()?.broadcast_mul(&inv.sqr()?)?)?))
             }
         };
         let pull = |d: &Option<Tensor>, shape: &[usize]| -> Result<Tensor> {
@@ -279,7 +279,7 @@ impl Op for Binary {
                 BinaryOp::Add => self.widen(t)?,
                 BinaryOp::Sub => self.widen(&t.neg()?)?,
                 BinaryOp::Mul => t.broadcast_mul(&col(&s.a)?)?,
-                BinaryOp::Div => t.broadcast_mul(&col(&(s.a.neg()? / s.b.sqr()?)?)?)?,
+                BinaryOp::Div => t.broadcast_mul(&col(&s.a.neg()?.broadcast_div(&s.b.sqr()?)?)?)?,
             }),
         };
         Ok(match (part_a, part_b) {
@@ -304,7 +304,7 @@ impl Op for Binary {
             BinaryOp::Div => {
                 let inv = s.b.recip()?;
                 let cross = col(&inv.sqr()?.neg()?)?;
-                let bb = col(&((&s.a * 2.0)? * inv.powf(3.0)?)?)?;
+                let bb = col(&(&s.a * 2.0)?.broadcast_mul(&inv.powf(3.0)?)?)?;
                 let to_a = tb.map(|t| g.broadcast_mul(&cross)?.broadcast_mul(t)).transpose()?;
                 let from_a = ta.map(|t| g.broadcast_mul(&cross)?.broadcast_mul(t)).transpose()?;
                 let from_b = tb.map(|t| g.broadcast_mul(&bb)?.broadcast_mul(t)).transpose()?;
