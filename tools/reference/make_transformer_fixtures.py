@@ -669,7 +669,6 @@ def kfac_replica(model):
 
     Returns (copy, {replica parameter name: original parameter name})."""
     m = copy.deepcopy(model)
-    names = {n: n for n, _ in m.named_parameters()}
     for mn, mod in list(m.named_modules()):
         if isinstance(mod, nn.MultiheadAttention):
             E = mod.embed_dim
@@ -679,16 +678,11 @@ def kfac_replica(model):
                 if lin.bias is not None:
                     lin.bias.copy_(mod.in_proj_bias)
             del mod.in_proj_weight, mod.in_proj_bias
-            mod.in_proj_weight = None
-            mod.in_proj_bias = None
             mod.in_proj_lin = lin
             mod.forward = types.MethodType(explicit_mha_forward, mod)
-            pre = f"{mn}." if mn else ""
-            names.pop(pre + "in_proj_weight", None)
-            names.pop(pre + "in_proj_bias", None)
-    names = {n: names.get(n, n.replace("in_proj_lin.weight", "in_proj_weight")
-                          .replace("in_proj_lin.bias", "in_proj_bias"))
-             for n, _ in m.named_parameters()}
+    names = {n: n.replace("in_proj_lin.weight", "in_proj_weight")
+             .replace("in_proj_lin.bias", "in_proj_bias") for n, _ in m.named_parameters()}
+    assert sorted(names.values()) == sorted(n for n, _ in model.named_parameters())
     return m, names
 
 
@@ -822,11 +816,11 @@ def kfac_all(case, d):
                         if B.numel() == 1 and A.numel() == 1:
                             blk = [B * A]
                     else:
-                        blk, kind = [B], f"{layer} bias: [B]"
+                        blk, kind = [B], ("Conv1D" if is_conv1d(m) else "Linear") + " bias: [B]"
                     R = a.shape[1]
                 else:
                     blk = [diag[off:off + k].clone()]
-                    kind = f"{layer} {pn}: exact {curv} diagonal"
+                    kind = f"{layer} {pn}: [d], d = the exact diagonal (ggn.diag / ef.diag)"
                     R = None
                 for fi, t in enumerate(blk):
                     tensors[f"{curv}.{approx}.{b}.{fi}"] = t.contiguous()
@@ -1269,11 +1263,13 @@ def export_only(names):
 
 
 def main(argv):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     if argv and argv[0] == "--export-only":
-        sys.exit(0 if export_only(argv[1:] or CASES) else 2)
+        with sdpa_kernel(SDPBackend.MATH):
+            ok = export_only(argv[1:] or CASES)
+        sys.exit(0 if ok else 2)
     names = argv or CASES
     ok, exp_ok = True, True
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     for n in names:
         # the math SDPA backend is twice differentiable; CPU flash attention's backward
         # ('_scaled_dot_product_flash_attention_for_cpu_backward') has no derivative, so

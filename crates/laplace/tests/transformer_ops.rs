@@ -162,7 +162,8 @@ const DECODER: &str = r#"{"format": "laplace-graph", "version": 1,
   {"name": "pooled", "op": "index", "inputs": ["score", "last"], "attrs": {"dim": 1}}],
  "output": "pooled"}"#;
 
-/// where / masked_fill / logical ops / expand / repeat / gather / log_softmax.
+/// where / masked_fill / logical ops / expand / repeat / gather / log_softmax,
+/// and a product of values of different per-sample ranks ((3, 4) · (4,)).
 const MISC: &str = r#"{"format": "laplace-graph", "version": 1,
  "inputs": [{"name": "x", "shape": [3, 4], "dtype": "float"}],
  "parameters": ["fc.weight", "fc.bias", "out.weight", "out.bias"],
@@ -173,7 +174,9 @@ const MISC: &str = r#"{"format": "laplace-graph", "version": 1,
   {"name": "neg", "op": "logical_not", "inputs": ["pos"]},
   {"name": "none", "op": "logical_and", "inputs": ["pos", "neg"]},
   {"name": "any", "op": "logical_or", "inputs": ["pos", "none"]},
-  {"name": "w", "op": "where", "inputs": ["any", "sm", "fc"]},
+  {"name": "rv", "op": "mean", "inputs": ["fc"], "attrs": {"dim": [1], "keepdim": false}},
+  {"name": "fcb", "op": "mul", "inputs": ["fc", "rv"]},
+  {"name": "w", "op": "where", "inputs": ["any", "sm", "fcb"]},
   {"name": "w2", "op": "where", "inputs": ["neg", "w"], "attrs": {"b": 0.5}},
   {"name": "col", "op": "slice", "inputs": ["x"], "attrs": {"dim": 2, "start": 0, "end": 1, "step": 1}},
   {"name": "cm", "op": "lt", "inputs": ["col"], "attrs": {"scalar": 0.3}},

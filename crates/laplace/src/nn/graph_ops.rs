@@ -51,20 +51,17 @@ pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], dtype: DTy
         OpSpec::Repeat { ref repeats } => Box::new(FlatGather::repeat(x, repeats, label, device).map_err(err)?),
         OpSpec::Module(_) => unreachable!("module ops are built by nn::build"),
         OpSpec::Binary(bop) => {
-            let (a, b) = (in_shapes[0], in_shapes[1]);
-            if a.len() != b.len() {
-                return Err(err(format!(
-                    "inputs have per-sample shapes {a:?} and {b:?} of different rank (broadcasting would \
-                     mix the batch axis with a per-sample axis)"
-                )));
-            }
-            let out = a
-                .iter()
-                .zip(b)
-                .map(|(&p, &q)| if p == q || q == 1 { Ok(p) } else if p == 1 { Ok(q) } else { Err(()) })
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|_| err(format!("inputs of per-sample shapes {a:?} and {b:?} do not broadcast")))?;
-            Box::new(Binary { op: bop, a: a.to_vec(), b: b.to_vec(), out })
+            // Per-sample shapes broadcast right-aligned (numpy): a lower-rank
+            // operand (a mask (T,), a bias (D,)) gets leading axes of size 1.
+            let (padded, out) = super::discrete::broadcast_shapes(&in_shapes[..2])
+                .ok_or_else(|| err(format!("inputs of per-sample shapes {:?} and {:?} do not broadcast", in_shapes[0], in_shapes[1])))?;
+            Box::new(Binary {
+                op: bop,
+                a: padded[0].clone(),
+                b: padded[1].clone(),
+                orig: [in_shapes[0].to_vec(), in_shapes[1].to_vec()],
+                out,
+            })
         }
         OpSpec::Scalar { op, scalar, reverse } => {
             if op == BinaryOp::Div && !reverse && scalar == 0.0 {
@@ -184,8 +181,11 @@ fn col(t: &Tensor) -> Result<Tensor> {
 /// Elementwise `a ∘ b` of two values.
 struct Binary {
     op: BinaryOp,
+    /// The operands' per-sample shapes padded to the output's rank.
     a: Vec<usize>,
     b: Vec<usize>,
+    /// ... and as given.
+    orig: [Vec<usize>; 2],
     out: Vec<usize>,
 }
 
@@ -196,6 +196,17 @@ struct BinarySaved {
 }
 
 impl Binary {
+    /// Tangents of operand j `(M, K, *orig_j)` as `(M, K, *padded_j)`.
+    fn pad(&self, t: &Tensor, j: usize) -> Result<Tensor> {
+        let shape = if j == 0 { &self.a } else { &self.b };
+        Ok(t.reshape(with_leading(&t.dims()[..2], shape))?)
+    }
+
+    /// `(M, K, *padded_j)` back to operand j's `(M, K, *orig_j)`.
+    fn unpad(&self, t: Tensor, j: usize) -> Result<Tensor> {
+        Ok(t.reshape(with_leading(&t.dims()[..2], &self.orig[j]))?)
+    }
+
     /// `t (M, K, *a or *b)` broadcast to `(M, K, *out)`.
     fn widen(&self, t: &Tensor) -> Result<Tensor> {
         let mut shape = t.dims()[..2].to_vec();
@@ -219,7 +230,9 @@ impl Op for Binary {
     }
 
     fn forward_all(&self, inputs: &[&Tensor], save: bool) -> Result<(Tensor, Option<Saved>)> {
-        let (a, b) = (inputs[0], inputs[1]);
+        let m = inputs[0].dim(0)?;
+        let a = &inputs[0].reshape(with_leading(&[m], &self.a))?;
+        let b = &inputs[1].reshape(with_leading(&[m], &self.b))?;
         let y = match self.op {
             BinaryOp::Add => a.broadcast_add(b)?,
             BinaryOp::Sub => a.broadcast_sub(b)?,
@@ -259,12 +272,15 @@ impl Op for Binary {
             (BinaryOp::Sub, Some(t)) => Some(t.neg()?),
             (_, t) => t,
         };
-        Ok(vec![if needs[0] { Some(pull(&da, &self.a)?) } else { None }, to_b])
+        let to_a = if needs[0] { Some(self.unpad(pull(&da, &self.a)?, 0)?) } else { None };
+        Ok(vec![to_a, to_b.map(|t| self.unpad(t, 1)).transpose()?])
     }
 
     fn jvp_all(&self, saved: &Saved, x_dots: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
         let s = saved.get::<BinarySaved>();
-        let (ta, tb) = (x_dots[0], x_dots[1]);
+        let ta = x_dots[0].map(|t| self.pad(t, 0)).transpose()?;
+        let tb = x_dots[1].map(|t| self.pad(t, 1)).transpose()?;
+        let (ta, tb) = (ta.as_ref(), tb.as_ref());
         let part_a = match ta {
             None => None,
             Some(t) => Some(match self.op {
@@ -292,7 +308,9 @@ impl Op for Binary {
     fn second_order_all(&self, saved: &Saved, g: &Tensor, x_dots: &[Option<&Tensor>], needs: &[bool]) -> Result<Vec<Option<Tensor>>> {
         let s = saved.get::<BinarySaved>();
         let g = col(g)?;
-        let (ta, tb) = (x_dots[0], x_dots[1]);
+        let ta = x_dots[0].map(|t| self.pad(t, 0)).transpose()?;
+        let tb = x_dots[1].map(|t| self.pad(t, 1)).transpose()?;
+        let (ta, tb) = (ta.as_ref(), tb.as_ref());
         let (to_a, to_b) = match self.op {
             BinaryOp::Add | BinaryOp::Sub => (None, None),
             // ∂²y/∂a∂b = 1.
@@ -317,11 +335,11 @@ impl Op for Binary {
         };
         Ok(vec![
             match (needs[0], to_a) {
-                (true, Some(t)) => Some(unbroadcast(&self.widen(&t)?, &self.a)?),
+                (true, Some(t)) => Some(self.unpad(unbroadcast(&self.widen(&t)?, &self.a)?, 0)?),
                 _ => None,
             },
             match (needs[1], to_b) {
-                (true, Some(t)) => Some(unbroadcast(&self.widen(&t)?, &self.b)?),
+                (true, Some(t)) => Some(self.unpad(unbroadcast(&self.widen(&t)?, &self.b)?, 1)?),
                 _ => None,
             },
         ])
