@@ -15,9 +15,14 @@ pub struct Inputs {
     /// Weights: safetensors with the module's state_dict names ("0.weight", "layer1.0.bn1.bias").
     #[arg(long, value_name = "W.safetensors")]
     pub weights: PathBuf,
-    /// Data: .npz or .safetensors with x (N, *input_shape) and y.
+    /// Data: .npz or .safetensors with x (N, *input_shape) and y; for a model
+    /// with several inputs, one array per input under its name (input_ids,
+    /// attention_mask, ...: int64 / int32 / bool).
     #[arg(long, value_name = "D.npz")]
     pub data: PathBuf,
+    /// The data array holding the targets (HuggingFace batches call it "labels").
+    #[arg(long, value_name = "KEY", default_value = "y")]
+    pub label_key: String,
     /// Compute dtype (default: the dtype of the weights).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
@@ -71,7 +76,7 @@ impl Inputs {
             DTypeArg::F64 => DType::F64,
         });
         let model = Sequential::load(&self.model, &self.weights, dtype, &dev)?;
-        let data = Dataset::load(&self.data, model.dtype(), &dev)?;
+        let data = Dataset::load_with_labels(&self.data, &self.label_key, model.dtype(), &dev)?;
         Ok((model, data))
     }
 

@@ -54,9 +54,13 @@ pub struct FitArgs {
     pub model: PathBuf,
     #[arg(long, value_name = "W.safetensors")]
     pub weights: PathBuf,
-    /// Training data (.npz / .safetensors with x and y).
+    /// Training data (.npz / .safetensors with x, or one array per named
+    /// model input, and y).
     #[arg(long, value_name = "TRAIN.npz")]
     pub data: PathBuf,
+    /// The data array holding the targets (HuggingFace batches call it "labels").
+    #[arg(long, value_name = "KEY", default_value = "y")]
+    pub label_key: String,
     #[arg(long, value_enum)]
     pub likelihood: LikelihoodArg,
     #[arg(long, value_enum, default_value = "all")]
@@ -125,9 +129,13 @@ pub enum LinkArg {
 pub struct PredictArgs {
     #[arg(long, value_name = "POSTERIOR.safetensors")]
     pub posterior: PathBuf,
-    /// Inputs (.npz / .safetensors with x; y is not needed).
+    /// Inputs (.npz / .safetensors with x, or one array per named model input;
+    /// y is not needed).
     #[arg(long, value_name = "TEST.npz")]
     pub data: PathBuf,
+    /// The data array holding the targets (HuggingFace batches call it "labels").
+    #[arg(long, value_name = "KEY", default_value = "y")]
+    pub label_key: String,
     #[arg(long, value_enum, default_value = "glm")]
     pub pred_type: PredTypeArg,
     #[arg(long, value_enum, default_value = "probit")]
@@ -150,6 +158,9 @@ pub struct EvaluateArgs {
     pub posterior: PathBuf,
     #[arg(long, value_name = "TEST.npz")]
     pub data: PathBuf,
+    /// The data array holding the targets (HuggingFace batches call it "labels").
+    #[arg(long, value_name = "KEY", default_value = "y")]
+    pub label_key: String,
     #[arg(long, value_enum, default_value = "probit")]
     pub link: LinkArg,
     #[arg(long, default_value_t = 256)]
@@ -174,7 +185,7 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         DTypeArg::F64 => DType::F64,
     });
     let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
-    let data = Dataset::load(&a.data, model.dtype(), &dev)?;
+    let data = Dataset::load_with_labels(&a.data, &a.label_key, model.dtype(), &dev)?;
     let likelihood: Likelihood = a.likelihood.into();
     let subset = match (a.subset, &a.subnetwork, &a.params) {
         (SubsetArg::All, None, None) => Subset::All,
@@ -243,7 +254,7 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
             let Some(val) = &a.val else {
                 return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
             };
-            let val = Dataset::load(val, post.model().dtype(), &dev)?;
+            let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
             post.optimize_gridsearch(&val, None, a.batch_size)?;
         }
         None => {}
@@ -301,18 +312,19 @@ fn predictions(post: &Posterior, data: &Dataset, a: &PredictArgs) -> laplace::Re
 
 pub fn run_predict(a: &PredictArgs) -> laplace::Result<()> {
     let post = Posterior::load(&a.posterior)?;
-    let data = Dataset::load(&a.data, post.model().dtype(), &Device::Cpu)?;
+    let data = Dataset::load_with_labels(&a.data, &a.label_key, post.model().dtype(), &Device::Cpu)?;
     let out = predictions(&post, &data, a)?;
     laplace::io::write_safetensors(&a.out, &out)
 }
 
 pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
     let post = Posterior::load(&a.posterior)?;
-    let data = Dataset::load(&a.data, post.model().dtype(), &Device::Cpu)?;
+    let data = Dataset::load_with_labels(&a.data, &a.label_key, post.model().dtype(), &Device::Cpu)?;
     let y = data.targets()?.clone();
     let f_map = post.model().forward(&data.x)?.to_dtype(DType::F64)?;
     let pa = PredictArgs {
         posterior: a.posterior.clone(),
+        label_key: a.label_key.clone(),
         data: a.data.clone(),
         pred_type: PredTypeArg::Glm,
         link: a.link,
