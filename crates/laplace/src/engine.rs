@@ -58,13 +58,24 @@ pub struct AffineView<'a> {
     /// The node index.
     pub layer: usize,
     pub affine: &'a dyn AffineLayer,
-    /// Patches `(M, G·I, R)`.
-    pub patches: Tensor,
+    /// What the node's forward pass saved (its patches come from it).
+    pub saved: &'a Saved,
     /// Output sensitivities `(M, K, O, R)`.
     pub sensitivities: Tensor,
 }
 
 impl AffineView<'_> {
+    /// The patches U `(M, G·I, R)`, formed on demand.
+    pub fn patches(&self) -> Result<Tensor> {
+        self.affine.patches(self.saved)
+    }
+
+    /// The indices of one-hot patches (Embedding), which the diagonal and
+    /// KFAC use without forming U.
+    pub fn one_hot(&self) -> Option<crate::nn::OneHot<'_>> {
+        self.affine.one_hot(self.saved)
+    }
+
     /// The number of groups G of the layer's patch form.
     pub fn groups(&self) -> usize {
         self.affine.groups()
@@ -148,7 +159,7 @@ pub fn backward(model: &Model, tape: &Tape, v: Tensor, mut visit: impl FnMut(Aff
             let node = &model.nodes()[i];
             let saved = tape.saved(i);
             if let Some(affine) = node.op.affine() {
-                visit(AffineView { layer: i, affine, patches: affine.patches(saved)?, sensitivities: crate::nn::to_patch_form(affine, &v)? })?;
+                visit(AffineView { layer: i, affine, saved, sensitivities: crate::nn::to_patch_form(affine, &v)? })?;
             }
             let needs = tape.needs(model, i);
             if !needs.iter().any(|&n| n) {

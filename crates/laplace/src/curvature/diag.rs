@@ -23,7 +23,17 @@ use crate::tensor::{self, Tensor};
 /// the weight's and the bias's, each `(n,)`. `chunk_elems` bounds the size
 /// of temporary per-sample gradients.
 pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let (u, v) = (&view.patches, &view.sensitivities);
+    let v = &view.sensitivities;
+    let bias = sel.bias.as_ref().map(|s| tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)).transpose()?;
+    if let (Some(oh), Some(s)) = (view.one_hot(), &sel.weight) {
+        let w = one_hot_diag(&oh, v)?;
+        let w = match s {
+            Selected::All => w,
+            Selected::Some(ids) => tensor::select(&w, &tensor::index_tensor(ids, w.device())?, 0)?,
+        };
+        return Ok((Some(w), bias));
+    }
+    let u = &view.patches()?;
     let groups = view.groups();
     let mut weight = None;
     if let Some(s) = &sel.weight {
@@ -55,8 +65,43 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
         };
         weight = Some(part);
     }
-    let bias = sel.bias.as_ref().map(|s| tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)).transpose()?;
     Ok((weight, bias))
+}
+
+/// The weight diagonal `(O·V)` of a layer with one-hot patches (Embedding):
+/// per sample and column, the gradient of table row v is the sum of the
+/// sensitivities of the positions that read it, so
+///
+///   diag[o, v] = Σ_{n,k} (Σ_{r: id[n,r] = v} V[n, k, o, r])²,
+///
+/// at O·K·R work per sample and nothing of size V per sample.
+fn one_hot_diag(oh: &crate::nn::OneHot, v: &Tensor) -> Result<Tensor> {
+    let (m, k, o, r) = v.dims4()?;
+    let vocab = oh.vocab;
+    let mut out = vec![0.0f64; o * vocab];
+    let vs = tensor::to_vec_f64(v)?;
+    let mut sums: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+    for n in 0..m {
+        sums.clear();
+        for (pos, id) in oh.ids[n * r..(n + 1) * r].iter().enumerate() {
+            let Some(id) = id else { continue };
+            let acc = sums.entry(*id).or_insert_with(|| vec![0.0; k * o]);
+            for kk in 0..k {
+                let base = ((n * k + kk) * o) * r;
+                for oo in 0..o {
+                    acc[kk * o + oo] += vs[base + oo * r + pos];
+                }
+            }
+        }
+        for (&id, acc) in &sums {
+            for kk in 0..k {
+                for oo in 0..o {
+                    out[oo * vocab + id] += acc[kk * o + oo].powi(2);
+                }
+            }
+        }
+    }
+    tensor::from_f64(out, &[o * vocab], v.dtype(), v.device())
 }
 
 /// Σ over samples 0..m, in chunks of `chunk` samples, of Σ_k g², g = `grads(start, len)` `(len, K, n)`.

@@ -107,11 +107,16 @@ pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_
         }
         return Ok(blocks);
     }
-    if view.affine.diagonal_input_factor() {
-        // One-hot patches (Embedding): A = diag(a), a = (1/(N·R)) Σ_n Σ_r u ⊙ u,
+    if let Some(oh) = view.one_hot() {
+        // One-hot patches (Embedding): A = diag(a), a_v = (1/(N·R)) · #{(n, r): id = v},
         // with B as for `expand`, whichever the approximation.
-        let (m, i, r) = view.patches.dims3()?;
-        let a = (view.patches.sqr()?.transpose(0, 1)?.contiguous()?.reshape((i, m * r))?.sum(1)? / (n_data * r) as f64)?;
+        let mut counts = vec![0.0; oh.vocab];
+        for id in oh.ids.iter().flatten() {
+            counts[*id] += 1.0;
+        }
+        let r = oh.positions as f64;
+        let s = &view.sensitivities;
+        let a = tensor::from_f64(counts.iter().map(|c| c / (n_data as f64 * r)).collect(), &[oh.vocab], s.dtype(), s.device())?;
         let b = output_factor(&view.sensitivities, KfacApprox::Expand)?;
         let mut blocks = vec![(false, vec![b.clone(), a])];
         if has_bias {
@@ -122,10 +127,11 @@ pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_
     let groups = view.groups();
     let patches = if groups > 1 {
         // ū = (1/G) Σ_g u_g: (M, G, I, R) averaged over G.
-        let (m, gi, r) = view.patches.dims3()?;
-        (view.patches.reshape((m, groups, gi / groups, r))?.sum(1)? / groups as f64)?
+        let u = view.patches()?;
+        let (m, gi, r) = u.dims3()?;
+        (u.reshape((m, groups, gi / groups, r))?.sum(1)? / groups as f64)?
     } else {
-        view.patches.clone()
+        view.patches()?
     };
     let a = input_factor(&patches, n_data, approx)?;
     let b = output_factor(&view.sensitivities, approx)?;

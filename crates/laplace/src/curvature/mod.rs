@@ -415,7 +415,7 @@ fn batch_grads_into(model: &Sequential, sel: &ParamSelection, tape: &Tape, rows:
     engine::backward(model, tape, rows, |view| {
         if let Some(s) = sel.layer(view.layer) {
             // The weight's columns, then the bias's, each written in place.
-            let (u, v) = (&view.patches, &view.sensitivities);
+            let (u, v) = (&view.patches()?, &view.sensitivities);
             let (_, gi, r) = u.dims3()?;
             let o = v.dim(2)?;
             let groups = view.groups();

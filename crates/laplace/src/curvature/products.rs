@@ -398,9 +398,8 @@ pub(crate) fn hessian_diag(curv: &Curvature, batch: &Batch) -> Result<(Tensor, T
             let node = &model.nodes()[i];
             let saved = tape.saved(i);
             if let (Some(aff), Some(lsel)) = (node.op.affine(), sel.layer(i)) {
-                let u = aff.patches(saved)?;
                 let signed = |rows: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>)> {
-                    let view = AffineView { layer: i, affine: aff, patches: u.clone(), sensitivities: crate::nn::to_patch_form(aff, rows)? };
+                    let view = AffineView { layer: i, affine: aff, saved, sensitivities: crate::nn::to_patch_form(aff, rows)? };
                     diag_gram(&view, lsel, chunk)
                 };
                 let (mut w, mut b) = signed(&st.pos.rows)?;

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 
 use super::flatten::with_leading;
-use super::{AffineLayer, Layer, LayerCtx, OutputLayout, Saved, WeightLayout};
+use super::{AffineLayer, Layer, LayerCtx, OneHot, OutputLayout, Saved, WeightLayout};
 use crate::error::{bail, Result};
 use crate::spec::LayerSpec;
 use crate::tensor::{self, DType, Tensor};
@@ -36,9 +36,9 @@ pub struct Embedding {
     label: String,
 }
 
-/// The indices of the batch, `(M·R)` in row-major order.
+/// The indices of the batch, `(M·R)` in row-major order (`None` for padding_idx).
 struct EmbeddingSaved {
-    ids: Vec<usize>,
+    ids: Vec<Option<usize>>,
 }
 
 impl Embedding {
@@ -108,6 +108,7 @@ impl Layer for Embedding {
         let ids = self.indices(x)?;
         let idx = tensor::index_tensor(&ids, x.device())?;
         let z = self.weight.index_select(&idx, 0)?.reshape(with_leading(&[m], &self.out_shape))?;
+        let ids = ids.into_iter().map(|i| (Some(i) != self.padding_idx).then_some(i)).collect();
         Ok((z, save.then(|| Saved::new(EmbeddingSaved { ids }))))
     }
 
@@ -148,8 +149,8 @@ impl AffineLayer for Embedding {
         WeightLayout::InOut
     }
 
-    fn diagonal_input_factor(&self) -> bool {
-        true
+    fn one_hot<'s>(&self, saved: &'s Saved) -> Option<OneHot<'s>> {
+        Some(OneHot { ids: &saved.get::<EmbeddingSaved>().ids, vocab: self.vocab(), positions: self.positions() })
     }
 
     fn patches(&self, saved: &Saved) -> Result<Tensor> {
@@ -158,8 +159,8 @@ impl AffineLayer for Embedding {
         let (v, r) = (self.vocab(), self.positions());
         let m = ids.len() / r;
         let mut u = vec![0.0f64; m * v * r];
-        for (j, &id) in ids.iter().enumerate() {
-            if Some(id) != self.padding_idx {
+        for (j, id) in ids.iter().enumerate() {
+            if let Some(id) = id {
                 let (n, pos) = (j / r, j % r);
                 u[(n * v + id) * r + pos] = 1.0;
             }

@@ -300,10 +300,11 @@ pub trait AffineLayer {
 
     fn has_bias(&self) -> bool;
 
-    /// Are the patches one-hot (Embedding), so that KFAC's input factor is
-    /// diagonal and kept as a 1-D factor?
-    fn diagonal_input_factor(&self) -> bool {
-        false
+    /// For one-hot patches (Embedding): the index of every (sample,
+    /// position), so that the diagonal and KFAC (whose input factor is then
+    /// diagonal, kept as a 1-D factor) never form U `(M, V, R)`.
+    fn one_hot<'s>(&self, _saved: &'s Saved) -> Option<OneHot<'s>> {
+        None
     }
 
     /// Where the output `(M, *out)` keeps the patch form's O axis.
@@ -328,6 +329,15 @@ pub trait AffineLayer {
     /// one column per k (the mixed parameter-input term V_Wᵀ g of
     /// Hessian-vector products).
     fn backward_with_weights(&self, _saved: &Saved, g: &Tensor, w: &Tensor) -> Result<Tensor>;
+}
+
+/// One-hot patches: U[n, v, r] = [ids[n·R + r] = Some(v)].
+pub struct OneHot<'s> {
+    /// Per (sample, position), row-major; `None` for a position with no
+    /// gradient (padding_idx).
+    pub ids: &'s [Option<usize>],
+    pub vocab: usize,
+    pub positions: usize,
 }
 
 /// Where an affine layer's output keeps the O axis of its patch form.
