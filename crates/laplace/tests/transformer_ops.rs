@@ -163,6 +163,7 @@ const DECODER: &str = r#"{"format": "laplace-graph", "version": 1,
  "output": "pooled"}"#;
 
 /// where / masked_fill / logical ops / expand / repeat / gather / log_softmax,
+/// attention with an additive mask and causal at once, abs,
 /// and a product of values of different per-sample ranks ((3, 4) · (4,)).
 const MISC: &str = r#"{"format": "laplace-graph", "version": 1,
  "inputs": [{"name": "x", "shape": [3, 4], "dtype": "float"}],
@@ -189,8 +190,12 @@ const MISC: &str = r#"{"format": "laplace-graph", "version": 1,
   {"name": "gi", "op": "constant", "inputs": ["x"], "attrs": {"shape": [3, 2], "data": [3, 0, 1, 1, 2, 3]}},
   {"name": "ga", "op": "gather", "inputs": ["mfl", "gi"], "attrs": {"dim": 2}},
   {"name": "gaf", "op": "reshape", "inputs": ["ga"], "attrs": {"shape": [6]}},
-  {"name": "all", "op": "cat", "inputs": ["exf", "rpf", "gaf"], "attrs": {"dim": 1}},
-  {"name": "out", "op": "Linear", "inputs": ["all"], "module": "out", "attrs": {"in_features": 54, "out_features": 3}}],
+  {"name": "am", "op": "constant", "inputs": ["x"], "attrs": {"shape": [3, 3], "data": [0, 0.5, -1e30, 0.2, 0, -0.3, -1e30, 0.1, 0]}},
+  {"name": "sa", "op": "scaled_dot_product_attention", "inputs": ["fc", "sm", "mfl", "am"], "attrs": {"mask": "additive", "is_causal": true}},
+  {"name": "ab", "op": "abs", "inputs": ["sa"]},
+  {"name": "abf", "op": "reshape", "inputs": ["ab"], "attrs": {"shape": [12]}},
+  {"name": "all", "op": "cat", "inputs": ["exf", "rpf", "gaf", "abf"], "attrs": {"dim": 1}},
+  {"name": "out", "op": "Linear", "inputs": ["all"], "module": "out", "attrs": {"in_features": 66, "out_features": 3}}],
  "output": "out"}"#;
 
 fn labels() -> Tensor {
