@@ -456,7 +456,7 @@ impl KronDecomposed {
     }
 
     /// The diagonal of K^e `(P,)`, without forming blocks:
-    /// d[m, n] = Σ_{p,q} Q₁[m,p]² Q₂[n,q]² λ[p,q]^e.
+    /// d_{m,n} = Σ_{p,q} Q₁_{m,p}² Q₂_{n,q}² λ_{p,q}^e.
     pub fn diag(&self, exponent: f64) -> Result<Tensor> {
         let mut parts = Vec::with_capacity(self.n_blocks());
         for blk in 0..self.n_blocks() {

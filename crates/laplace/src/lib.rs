@@ -3,8 +3,10 @@
 //! Curvature of neural-network losses — Jacobians, per-sample gradients, the
 //! generalized Gauss-Newton (GGN), Monte-Carlo Fisher and empirical Fisher
 //! (EF), as full matrices or diagonals, over all weights, the last layer or a
-//! subnetwork — for PyTorch models (any `nn.Module` torch.fx traces, or an
-//! `nn.Sequential`) exported as a JSON graph plus safetensors weights. The numbers match laplace-torch's
+//! subnetwork — for PyTorch models (any `nn.Module` torch.fx or torch.export
+//! traces: CNNs, ResNets, transformers and HuggingFace classifiers with dict
+//! inputs; or an `nn.Sequential`) exported as a JSON graph plus safetensors
+//! weights. The numbers match laplace-torch's
 //! `laplace.curvature` module; see `shared/spec/curvature-conventions.md`
 //! for every convention.
 //!
@@ -20,8 +22,12 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A model with several inputs (`input_ids`, `attention_mask`) takes an
+//! [`Inputs`] batch of named tensors; a single tensor converts to one.
+//!
 //! Layout: [`spec`] parses the model description, [`nn`] holds one module
-//! per op, [`model`] connects them into a graph, [`engine`] walks it,
+//! per op, [`model`] connects them into a graph, [`inputs`] binds a batch to
+//! its inputs, [`engine`] walks it,
 //! [`curvature`] turns them into quantities, [`likelihood`] supplies the
 //! output-space pieces. [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.

@@ -5,7 +5,7 @@
 //! |-------------------------|------------------------------------------------|----------------|
 //! | `jacobians`             | J[n, c, p] = ∂f_c(x_n)/∂θ_p, and f             | (M, C, P), (M, C) |
 //! | `last_layer_jacobians`  | the same for the final Linear layer            | (M, C, P_ll)   |
-//! | `gradients`             | G[n] = ∇_θ ℓ(f(x_n), y_n), and Σ_n ℓ_n         | (M, P), (1,)   |
+//! | `gradients`             | G_n = ∇_θ ℓ(f(x_n), y_n), and Σ_n ℓ_n         | (M, P), (1,)   |
 //! | `full`                  | Σ_n ℓ_n and H = Σ_n J_nᵀ Λ̃_n J_n                | (1,), (P, P)   |
 //! | `diag`                  | Σ_n ℓ_n and diag(H)                            | (1,), (P,)     |
 //!

@@ -262,7 +262,9 @@ impl<T: Layer> Op for T {
 
 /// A layer that is affine in its parameters over "patches" of its input:
 ///
+/// ```text
 ///   z[n, o, r] = Σ_i W[o, i] · U[n, i, r] + b[o],
+/// ```
 ///
 /// with W the weight flattened to `(O, I)` row-major (exactly PyTorch's
 /// flattening) and U `(M, I, R)` the patches: the input itself for Linear

@@ -3,7 +3,7 @@
 //!
 //! log p(D) ≈ log p(D | θ*) − ½ [log det P − log det P₀ + (θ* − μ₀)ᵀ P₀ (θ* − μ₀)],
 //!
-//! log p(D | θ*) = −s·L(θ*) − [regression] N·C·log(σ√(2π)), s = 1/(σ² T),
+//! log p(D | θ*) = −s·L(θ*) − (regression only) N·C·log(σ√(2π)), s = 1/(σ² T),
 //! L the summed loss with unit noise (exactly laplace-torch's
 //! `log_marginal_likelihood`).
 //!

@@ -14,7 +14,7 @@
 //! | lowrank   | top-k eigenpairs of H     | Woodbury, k × k                          |
 //!
 //! Submodules: [`marglik`] (evidence and its optimization), [`predict`]
-//! (GLM and sampling predictives), [`file`] (save / load), and
+//! (GLM and sampling predictives), `file` (save / load), and
 //! [`metrics`].
 
 pub mod file;

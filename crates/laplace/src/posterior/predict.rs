@@ -142,7 +142,7 @@ impl Posterior {
 
     /// GLM predictive: f_μ `(N, C)` and J P⁻¹ Jᵀ `(N, C, C)` (f64), a chunk
     /// of points at a time so that their Jacobians `(chunk, C, P)` stay
-    /// within [`GLM_CHUNK_ELEMS`] (one point at a time for large networks).
+    /// within `GLM_CHUNK_ELEMS` (one point at a time for large networks).
     pub fn glm_predictive(&self, x: impl Into<Inputs>) -> Result<(Tensor, Tensor)> {
         let x = x.into();
         let m = x.len();

@@ -8,7 +8,7 @@
 //!             {"type": "Linear", "in_features": 4608, "out_features": 10}]}
 //! ```
 //!
-//! The graph form for any `nn.Module` is in [`graph`] and
+//! The graph form for any `nn.Module` is in `graph` and
 //! `docs/model-format.md`; a Sequential spec is loaded as the chain graph
 //! it is.
 //!

@@ -123,7 +123,7 @@ mod fast_tanh_tests {
     }
 }
 
-/// The Heaviside step 1[x > 0] in the dtype of `x`: ReLU's derivative.
+/// The Heaviside step 𝟙(x > 0) in the dtype of `x`: ReLU's derivative.
 ///
 /// One pass on the CPU; candle's `gt` against a scalar broadcasts the scalar
 /// to a full tensor, compares into u8 and needs a conversion pass after.
