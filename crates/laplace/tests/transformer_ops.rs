@@ -348,3 +348,55 @@ fn integer_inputs_are_checked() {
     let e = c.jacobians(&frac).unwrap_err().to_string();
     assert!(e.contains("integer"), "{e}");
 }
+
+/// Malformed transformer graphs are refused with the node and the reason.
+#[test]
+fn transformer_spec_errors_name_the_node() {
+    let graph = |inputs: &str, nodes: &str, params: &str| {
+        format!(
+            r#"{{"format": "laplace-graph", "version": 1, "inputs": [{inputs}], "parameters": [{params}],
+             "nodes": [{nodes}, {{"name": "out", "op": "Linear", "inputs": ["h"], "module": "out", "attrs": {{"in_features": 4, "out_features": 2}}}}],
+             "output": "out"}}"#
+        )
+    };
+    let x = r#"{"name": "x", "shape": [3, 4], "dtype": "float"}"#;
+    let ids = r#"{"name": "ids", "shape": [3], "dtype": "int"}"#;
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            graph(x, r#"{"name": "ln", "op": "LayerNorm", "inputs": ["x"], "module": "ln", "attrs": {"normalized_shape": [5]}}, {"name": "h", "op": "select", "inputs": ["ln"], "attrs": {"dim": 1, "index": 0}}"#, r#""ln.weight", "ln.bias", "out.weight", "out.bias""#),
+            vec!["node \"ln\"", "normalized_shape [5]"],
+        ),
+        (
+            graph(x, r#"{"name": "a", "op": "scaled_dot_product_attention", "inputs": ["x", "x"]}, {"name": "h", "op": "select", "inputs": ["a"], "attrs": {"dim": 1, "index": 0}}"#, r#""out.weight", "out.bias""#),
+            vec!["node \"a\"", "3 input"],
+        ),
+        (
+            graph(x, r#"{"name": "t", "op": "reshape", "inputs": ["x"], "attrs": {"shape": [4, 3]}}, {"name": "m", "op": "matmul", "inputs": ["x", "x"]}, {"name": "h", "op": "select", "inputs": ["m"], "attrs": {"dim": 1, "index": 0}}"#, r#""out.weight", "out.bias""#),
+            vec!["node \"m\"", "inner sizes"],
+        ),
+        (
+            graph(ids, r#"{"name": "e", "op": "Embedding", "inputs": ["ids"], "module": "e", "attrs": {"num_embeddings": 5, "embedding_dim": 4, "padding_idx": 7}}, {"name": "h", "op": "select", "inputs": ["e"], "attrs": {"dim": 1, "index": 0}}"#, r#""e.weight", "out.weight", "out.bias""#),
+            vec!["node \"e\"", "padding_idx"],
+        ),
+        (
+            graph(x, r#"{"name": "c", "op": "constant", "inputs": ["x"], "attrs": {"shape": [2, 2], "data": [1, 2, 3]}}, {"name": "h", "op": "select", "inputs": ["x"], "attrs": {"dim": 1, "index": 0}}"#, r#""out.weight", "out.bias""#),
+            vec!["node \"c\"", "3 numbers"],
+        ),
+        (
+            graph(x, r#"{"name": "w", "op": "where", "inputs": ["x"], "attrs": {"a": 1.0}}, {"name": "h", "op": "select", "inputs": ["w"], "attrs": {"dim": 1, "index": 0}}"#, r#""out.weight", "out.bias""#),
+            vec!["node \"w\"", "2 input"],
+        ),
+    ];
+    for (json, want) in cases {
+        let err = match ModelSpec::from_json(&json) {
+            Err(e) => e.to_string(),
+            Ok(spec) => match Model::new(spec.clone(), random_weights(&spec, 1), Some(DType::F64), &Device::Cpu) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("accepted: {json}"),
+            },
+        };
+        for w in want {
+            assert!(err.contains(w), "{err:?} should mention {w:?}");
+        }
+    }
+}
