@@ -30,7 +30,12 @@ Every value of expected.safetensors comes from a laplace-torch call with dict in
 (``dict_key_x="input_ids"``, ``dict_key_y="labels"``): GGNInterface / EFInterface (the
 torch.func backends), CurvlinopsEF / CurvlinopsHessian (curvlinops' autodiff operators);
 each is compared with this file's own torch.func definition (functional_call over a flat
-theta, jacrev over the dict batch) at rel 1e-10; the script exits 1 on any disagreement.
+theta, jacrev over the dict batch; Hessians jacrev(grad)) at rel 1e-10; the script exits 1
+on any disagreement. Every Hessian reference is also asserted symmetric (1e-12) and equal
+to central finite differences of the gradient on random directions (1e-6). On models with
+nn.LayerNorm the Hessians come from CurvlinopsHessian on a copy with LayerNorm written in
+elementary ops (ElementaryLayerNorm): torch 2.15's vmapped LayerNorm backward has a wrong
+derivative (LN_BUG, README_transformer.md).
 KFAC factors (kron.safetensors) come from the hook-based definition below and are
 cross-checked with laplace-torch CurvlinopsGGN/CurvlinopsEF.kron (curvlinops'
 KFACLinearOperator, kfac_approx 'expand' | 'reduce') on Linear-only copies of each model.
@@ -55,6 +60,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import functional_call, jacrev
+from torch.func import grad as func_grad
 
 warnings.filterwarnings("ignore")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -338,6 +344,61 @@ def build_case(name):
 
 
 # --------------------------------------------------------------------------
+# nn.LayerNorm in elementary ops (for the Hessian references)
+# --------------------------------------------------------------------------
+
+LN_BUG = (
+    "torch 2.15 bug: torch.func's batching rule of aten::native_layer_norm_backward computes "
+    "grad_weight = sum(grad_out * (x - mean) * rstd) from the saved mean / rstd, which carry no "
+    "derivative, so a second derivative taken through a *vmapped* first derivative (jacrev / "
+    "jacfwd / torch.func.hessian over jacrev, curvlinops' HVP = vmap(jvp(jacrev)), which "
+    "laplace-torch's CurvlinopsHessian calls) misses the mean / rstd terms of d(dL/d "
+    "LayerNorm.weight)/d(input): the LayerNorm-weight rows of H are wrong and H is not "
+    "symmetric; the transposed entries (and torch.autograd double backward, jacrev(grad)) are "
+    "right. README_transformer.md")
+
+
+class ElementaryLayerNorm(nn.Module):
+    """nn.LayerNorm written in elementary ops: (x - mean) / sqrt(var_biased + eps) * weight
+    + bias over the normalized_shape dims; the same Parameters under the same names
+    (weight, bias), so the model's theta (names, order, values) is unchanged."""
+
+    def __init__(self, ln):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(ln.normalized_shape), ln.eps
+        self.register_parameter("weight", ln.weight)
+        self.register_parameter("bias", ln.bias)
+
+    def forward(self, x):
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        mu = x.mean(dims, keepdim=True)
+        var = ((x - mu) ** 2).mean(dims, keepdim=True)
+        out = (x - mu) / torch.sqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def has_layer_norm(model):
+    return any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
+def elementary_layer_norm_copy(model, x):
+    """A deep copy with every nn.LayerNorm replaced by ElementaryLayerNorm (see LN_BUG)."""
+    m = copy.deepcopy(model)
+    for mn, mod in list(m.named_modules()):
+        if isinstance(mod, nn.LayerNorm):
+            set_module(m, mn, ElementaryLayerNorm(mod))
+    assert not has_layer_norm(m)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        assert rel(m(x), model(x)) < 1e-14
+    return m
+
+
+# --------------------------------------------------------------------------
 # definition (torch.func over a flat theta, the whole dict batch at once)
 # --------------------------------------------------------------------------
 
@@ -392,7 +453,10 @@ def definition(case, x=None, what=None):
         if what == "ggn":
             return J, None, ggn, None, None
         G = jacrev(lambda u: losses(to_theta(u)))(u0).detach()
-        H = jacrev(jacrev(lambda u: losses(to_theta(u)).sum()))(u0).detach() if hess else None
+        # jacrev(grad), not jacrev(jacrev): the inner derivative must not run under vmap
+        # (torch 2.15's batched native_layer_norm_backward drops d(dL/d weight)/d input;
+        # see elementary_layer_norm_copy and README_transformer.md)
+        H = jacrev(func_grad(lambda u: losses(to_theta(u)).sum()))(u0).detach() if hess else None
         return J, G, ggn, G.T @ G, H
 
     d, info = {}, {"P": P, "layout": lay}
@@ -477,8 +541,8 @@ def laplace_values(case, info):
     kw = dict(dict_key_x=DKX, dict_key_y=DKY)
     gpt2 = case["name"] == "hf_gpt2"
 
-    def fresh(ll_mode=None):
-        m = copy.deepcopy(model)
+    def fresh(ll_mode=None, base=None):
+        m = copy.deepcopy(model if base is None else base)
         m.output_size = C
         if ll_mode is not None:
             red = None if ll_mode == "plain" else ll_mode
@@ -606,25 +670,40 @@ def laplace_values(case, info):
                 what=f"EFInterface{sl}.{shape}({{xn}}, y)[1]")
     out["loss"] = out.pop("loss[ggn.full]")
 
-    # ---- Hessian (curvlinops' HessianLinearOperator, autodiff; dict via batch_size_fn)
-    hl = "CurvlinopsHessian(model, 'classification', dict_key_x='input_ids').full(x, y)[1]"
-    Hres = attempt(hl, lambda: CurvlinopsHessian(fresh(), LIK, **kw).full(x, y)[1])
-    H = Hres[1]
-    ok = torch.is_tensor(H)
-    out["hessian.full"] = [Hres]
-    out["hessian.diag"] = [("diagonal of " + hl, H.diagonal().clone() if ok else H, 1.0)]
-    out["subnetwork.hessian.full"] = [
-        (hl + "[idx][:, idx] (laplace-torch has no subnetwork Hessian: CurvlinopsHessian with "
-         "subnetwork_indices falls back to CurvatureInterface.full, NotImplementedError)",
-         H[idx][:, idx] if ok else H, 1.0)]
-    if case["glob"] is not None:
-        gi = info["glob_idx"]
-        out["params_glob.hessian.full"] = [(hl + f"[<indices of {case['glob']!r}>] rows and "
-                                            "columns", H[gi][:, gi] if ok else H, 1.0)]
-    out["last_layer.hessian.full"] = [attempt(
-        f"CurvlinopsHessian(FeatureExtractor(model, last_layer_name={ll!r}), last_layer=True, "
-        "dict_key_x='input_ids').full(x, y)[1]",
-        lambda: CurvlinopsHessian(fresh("plain"), LIK, last_layer=True, **kw).full(x, y)[1])]
+    # ---- Hessian (curvlinops' HessianLinearOperator, autodiff; dict via batch_size_fn).
+    # On a model with nn.LayerNorm, the call on the model itself is wrong (LN_BUG) and is
+    # kept as the first candidate (its error vs the definition is recorded in `sources`);
+    # the same call on elementary_layer_norm_copy(model) follows.
+    bases = [("model", model)]
+    if has_layer_norm(model):
+        bases.append(("<copy of model with every nn.LayerNorm replaced by ElementaryLayerNorm "
+                      "((x - mean) / sqrt(var_biased + eps) * weight + bias, same Parameters "
+                      "and names; LN_BUG)>", elementary_layer_norm_copy(model, x)))
+    for key in ("hessian.full", "hessian.diag", "subnetwork.hessian.full",
+                "last_layer.hessian.full") + (("params_glob.hessian.full",)
+                                              if case["glob"] is not None else ()):
+        out[key] = []
+    for bname, base in bases:
+        hl = f"CurvlinopsHessian({bname}, 'classification', dict_key_x='input_ids').full(x, y)[1]"
+        Hres = attempt(hl, lambda b=base: CurvlinopsHessian(fresh(base=b), LIK, **kw).full(x, y)[1])
+        H = Hres[1]
+        ok = torch.is_tensor(H)
+        out["hessian.full"].append(Hres)
+        out["hessian.diag"].append(("diagonal of " + hl, H.diagonal().clone() if ok else H, 1.0))
+        out["subnetwork.hessian.full"].append(
+            (hl + "[idx][:, idx] (laplace-torch has no subnetwork Hessian: CurvlinopsHessian "
+             "with subnetwork_indices falls back to CurvatureInterface.full, "
+             "NotImplementedError)", H[idx][:, idx] if ok else H, 1.0))
+        if case["glob"] is not None:
+            gi = info["glob_idx"]
+            out["params_glob.hessian.full"].append(
+                (hl + f"[<indices of {case['glob']!r}>] rows and columns",
+                 H[gi][:, gi] if ok else H, 1.0))
+        fe_name = f"FeatureExtractor({bname}, last_layer_name={ll!r})"
+        out["last_layer.hessian.full"].append(attempt(
+            f"CurvlinopsHessian({fe_name}, last_layer=True, dict_key_x='input_ids').full(x, y)[1]",
+            lambda b=base: CurvlinopsHessian(fresh("plain", base=b), LIK, last_layer=True,
+                                             **kw).full(x, y)[1]))
     return out
 
 
@@ -1109,6 +1188,54 @@ def padding_invariance(case, d):
             "<= 1e-12)")
 
 
+HESS_SYM_TOL, HESS_FD_TOL, HESS_FD_DIRS, HESS_FD_EPS = 1e-12, 1e-6, 3, 1e-5
+
+
+def hessian_checks(case, info, expected):
+    """Every Hessian reference: symmetric (max|H - H^T| / max|H| <= 1e-12) and equal to a
+    central finite difference of the gradient on HESS_FD_DIRS random unit directions
+    v of its coordinates S: |H v - (g_S(th + e v) - g_S(th - e v)) / 2e| / |H v| <= 1e-6,
+    g = torch.func.grad of the summed loss (first order, checked against gradients.G);
+    hessian.diag = the diagonal of hessian.full. Returns (report, problems)."""
+    model, x, y = case["model"], case["x"], case["y"]
+    lay, P = info["layout"], info["P"]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def g(t):
+        return func_grad(lambda u: nll_vec(functional_call(
+            model, {n: u[o:o + k].reshape(s) for n, o, k, s in lay}, (x,)), y).sum())(t)
+
+    problems = []
+    e_g = rel(g(theta), expected["gradients.G"].sum(0))
+    if e_g > 1e-12:
+        problems.append(f"FD gradient disagrees with gradients.G: rel {e_g:.1e}")
+    subsets = {"hessian.full": torch.arange(P), "last_layer.hessian.full": info["ll_idx"],
+               "subnetwork.hessian.full": torch.as_tensor(case["subnet"])}
+    if case["glob"] is not None:
+        subsets["params_glob.hessian.full"] = info["glob_idx"]
+    gen = torch.Generator().manual_seed(case["seed"] + 13)   # not the global RNG
+    report = {"gradient_vs_gradients.G": e_g}
+    for key, S in subsets.items():
+        H = expected[key]
+        asym = float((H - H.T).abs().max() / H.abs().max())
+        fds = []
+        for _ in range(HESS_FD_DIRS):
+            v = torch.randn(len(S), generator=gen)
+            v = v / torch.linalg.norm(v)
+            dt = torch.zeros(P).index_add(0, S, v)
+            fd = (g(theta + HESS_FD_EPS * dt) - g(theta - HESS_FD_EPS * dt))[S] / (2 * HESS_FD_EPS)
+            fds.append(rel(fd, H @ v))
+        report[key] = {"asym": asym, "fd_rel": max(fds)}
+        if asym > HESS_SYM_TOL:
+            problems.append(f"{key}: not symmetric, max|H - H^T| / max|H| = {asym:.1e}")
+        if max(fds) > HESS_FD_TOL:
+            problems.append(f"{key}: disagrees with finite differences of the gradient: "
+                            f"rel {max(fds):.1e}")
+    if not torch.equal(expected["hessian.diag"], expected["hessian.full"].diagonal()):
+        problems.append("hessian.diag is not the diagonal of hessian.full")
+    return report, problems
+
+
 def save_data(case, out):
     arrs = {k: v.numpy().astype(np.int64) for k, v in case["x"].items()}
     np.savez(os.path.join(out, "data.npz"), **arrs, y=case["y"].numpy().astype(np.int64))
@@ -1126,9 +1253,12 @@ def process(name):
     d, info = definition(case)
     lt = laplace_values(case, info)
     problems, sources, expected, agree = [], {}, {}, {}
+    derived = ("hessian.diag", "subnetwork.hessian.full", "params_glob.hessian.full")
+    h_at = 0   # index of the chosen hessian.full candidate; the derived keys use the same call
     for key in expected_keys(case):
         ref, bad, chosen = d[key], [], None
-        for label, val, fac in lt[key]:
+        cands = lt[key][h_at:] if key in derived else lt[key]
+        for label, val, fac in cands:
             if isinstance(val, str):
                 bad.append(f"{label} raised {val}")
                 continue
@@ -1145,6 +1275,8 @@ def process(name):
             problems.append(f"{key}: no laplace-torch call agrees: " + "; ".join(bad))
             continue
         label, val, fac, e = chosen
+        if key == "hessian.full":
+            h_at = [c[0] for c in lt[key]].index(label)
         expected[key] = (val / fac).contiguous()
         agree[key] = e
         sources[key] = (f"laplace-torch {label}; agrees with the torch.func definition "
@@ -1155,6 +1287,14 @@ def process(name):
         vals = [v for _, v, _ in lt[k] if torch.is_tensor(v)]
         if not vals or rel(vals[0], d["loss"]) > RTOL:
             problems.append(f"{k}: disagrees with the definition or failed")
+    hchecks, hprob = hessian_checks(case, info, expected)
+    problems += hprob
+    if has_layer_norm(model):
+        for key in [k for k in sources if "ElementaryLayerNorm" in sources[k].split(";")[0]]:
+            sources[key] += (" On the ElementaryLayerNorm copy: torch 2.15's vmap batching rule "
+                             "of native_layer_norm_backward makes every vmap-based Hessian "
+                             "through nn.LayerNorm wrong (meta.json hessian_checks "
+                             "'layer_norm_bug', README_transformer.md).")
     touched = sorted({n for n, o, k, s in info["layout"]
                       if np.any((case["subnet"] >= o) & (case["subnet"] < o + k))})
     pad_check = padding_invariance(case, d) if name in ("encoder_mha", "hf_bert") else None
@@ -1193,6 +1333,18 @@ def process(name):
                     "(fnmatch: '*' any run, '?' one), in theta order"}
     if pad_check:
         meta["padding_invariance"] = pad_check
+    meta["hessian_checks"] = {
+        "check": (f"max|H - H^T| / max|H| (asserted <= {HESS_SYM_TOL:g}); fd_rel = max over "
+                  f"{HESS_FD_DIRS} random unit directions v of the Hessian's coordinates of "
+                  f"|H v - (g(th + e v) - g(th - e v)) / 2e| / |H v|, e = {HESS_FD_EPS:g}, "
+                  "g = torch.func.grad of the summed loss (asserted <= "
+                  f"{HESS_FD_TOL:g}); hessian.diag == diagonal of hessian.full"),
+        **round3(hchecks)}
+    if has_layer_norm(model):
+        meta["hessian_checks"]["layer_norm_bug"] = LN_BUG + (
+            ". Hence: hessian.* / subnetwork / params_glob Hessians = CurvlinopsHessian on a copy "
+            "with every nn.LayerNorm replaced by ElementaryLayerNorm; the definition they are "
+            "compared with is jacrev(torch.func.grad(sum of losses)) on the model itself")
     write_json(os.path.join(out, "meta.json"), meta)
     kmeta_out = {
         "case": name, "likelihood": LIK, "n_data": int(y.shape[0]), "seq_len": case["T"],
@@ -1233,6 +1385,9 @@ def process(name):
           f"kron vs curvlinops: " + ", ".join(
               f"{k} {fmt(v['max_rel_err_product'])}"
               for k, v in checks["curvlinops_linear"]["results"].items()), flush=True)
+    print("  hessian checks: " + ", ".join(
+        f"{k} asym {fmt(v['asym'])} fd {fmt(v['fd_rel'])}" for k, v in hchecks.items()
+        if isinstance(v, dict)), flush=True)
     if pad_check:
         print("  " + pad_check, flush=True)
     for p in problems:
