@@ -220,6 +220,34 @@ def _is_inplace(node, mod=None) -> bool:
     return False
 
 
+def _forward_arity(model: nn.Module) -> int:
+    """The number of parameters of ``model.forward`` (1: a dict input is passed as
+    ``model(d)``, else as ``model(**d)``).
+
+    A forward of only ``*args`` / ``**kwargs`` that passes everything through to a
+    wrapped module (peft's ``PeftModel`` -> ``get_base_model()``, ``LoraModel`` ->
+    ``.model``) counts as that module's forward, so a LoRA-wrapped ``forward(batch)``
+    model is still called as ``model(d)``."""
+    import inspect
+    m = model
+    for _ in range(8):
+        ps = list(inspect.signature(m.forward).parameters.values())
+        passthrough = bool(ps) and all(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps)
+        if not passthrough:
+            break
+        inner = None
+        gbm = getattr(type(m), "get_base_model", None)
+        if callable(gbm):
+            inner = m.get_base_model()
+        elif isinstance(m._modules.get("model"), nn.Module):
+            inner = m._modules["model"]
+        if not isinstance(inner, nn.Module) or inner is m:
+            break
+        m = inner
+    return len(inspect.signature(m.forward).parameters)
+
+
 def export(model: nn.Module, example_input, out_dir: str, output_key=None,
            model_name: str = "model.json", weights_name: str = "weights.safetensors",
            tracer: str = "auto") -> dict:
@@ -348,8 +376,7 @@ def _fx_graph_spec(model: nn.Module, example_input, output_key=None):
     # ------------------------------------------------------------ trace
     tracer = _Tracer()
     dict_input = isinstance(example_input, dict)
-    import inspect
-    nparams = len(inspect.signature(model.forward).parameters)
+    nparams = _forward_arity(model)
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001
@@ -1222,8 +1249,7 @@ class _AtenExporter:
     # ---------------------------------------------------------------- trace
     def trace(self):
         model, ex = self.model, self.example
-        import inspect
-        nparams = len(inspect.signature(model.forward).parameters)
+        nparams = _forward_arity(model)
         if isinstance(ex, dict):
             if nparams == 1:
                 args, kwargs = (ex,), {}
@@ -1250,6 +1276,10 @@ class _AtenExporter:
             dyn = {k: {0: bdim} for k in kwargs}
         else:
             dyn = torch.utils._pytree.tree_map(lambda t: {0: bdim}, args)
+            import inspect
+            ps = list(inspect.signature(model.forward).parameters.values())
+            if ps and ps[0].kind == ps[0].VAR_POSITIONAL:
+                dyn = (dyn,)        # forward(*args): the shapes of the one tuple `args`
         patched, caches = [], []
         for m in model.modules():
             # HF models return their key/value cache (not a tensor output) unless told not to
@@ -1491,6 +1521,11 @@ class _AtenExporter:
         return self.dispatch(node, op, b, args, kwargs, has_val, has_param)
 
     def dispatch(self, node, op, b, args, kwargs, has_val, has_param):
+        # ---- a frozen 2-D parameter transposed (peft LoRA on HF Conv1D: the frozen
+        #      base_layer's F.linear(x, weight.t())): stays a (frozen, transposed) parameter
+        #      for the module op that reads it, as a trainable one does
+        if not has_val and not has_param and self.frozen_swap(op, b):
+            return getattr(self, f"op_{op}")(node, b)
         # ---- no input value, no trainable parameter: fold
         if not has_val and not has_param:
             if op in ("dropout", "feature_dropout", "alpha_dropout") and b.get("train"):
@@ -1513,6 +1548,20 @@ class _AtenExporter:
         if op in _RESHAPE_OPS:
             return self.reshape(node, b["self"])
         self.fail(node, self.opname(node))
+
+    @staticmethod
+    def frozen_swap(op, b):
+        """op swaps the two axes of a frozen 2-D parameter (t, .T, transpose, permute)."""
+        x = b.get("self") if isinstance(b, dict) else None
+        if not (isinstance(x, _Param) and x.frozen and x.t.dim() == 2):
+            return False
+        if op in ("t", "numpy_T"):
+            return True
+        if op == "transpose":
+            return {int(b["dim0"]) % 2, int(b["dim1"]) % 2} == {0, 1}
+        if op == "permute":
+            return [int(d) % 2 for d in b["dims"]] == [1, 0]
+        return False
 
     # ---------------------------------------------------------------- op handlers
     def operand(self, node, v, what="input"):

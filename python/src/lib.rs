@@ -17,7 +17,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-create_exception!(_native, Error, PyValueError, "An error of laplace-rs: bad input, a model it cannot build, a non-finite result.");
+create_exception!(laplace_rs, Error, PyValueError, "An error of laplace-rs: bad input, a model it cannot build, a non-finite result.");
 
 fn err(e: laplace::Error) -> PyErr {
     Error::new_err(e.to_string())

@@ -75,7 +75,7 @@ torch.backends.mha.set_fastpath_enabled(False)
 
 OUT_ROOT = os.path.join(REPO, "crates", "laplace", "tests", "fixtures", "transformer")
 RTOL = 1e-10
-CASES = ["encoder_mha", "decoder_sdpa", "hf_bert", "hf_gpt2"]
+CASES = ["encoder_mha", "decoder_sdpa", "hf_bert", "hf_gpt2", "hf_bert_lora"]
 LIK = "classification"
 DKX, DKY = "input_ids", "labels"
 
@@ -255,6 +255,8 @@ def pad_batch(M, T, vocab, lengths, gen_low=1):
 
 
 def build_case(name):
+    if name == "hf_bert_lora":
+        return build_lora_case(name)
     seed = seed_of(name)
     torch.manual_seed(seed)
     glob = None
@@ -343,6 +345,96 @@ def build_case(name):
                 seed=seed, ll=ll, glob=glob, M=M, T=T)
 
 
+# LoRA (peft) on hf_bert, as laplace-torch users run Laplace-LoRA
+LORA_CONFIG = dict(r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.0,
+                   bias="none", modules_to_save=["classifier"])
+
+
+def build_lora_case(name):
+    """hf_bert's model, weights and batch wrapped by peft.get_peft_model(model,
+    LoraConfig(**LORA_CONFIG)) (no task_type: PeftModel.forward(*args, **kwargs) passes the
+    batch dict through to forward(batch)); theta = the trainable tensors (LoRA A / B of
+    query and value, the classifier copy of modules_to_save); every other tensor frozen by
+    peft. peft initializes A (kaiming-uniform) and B = 0; both are redrawn N(0,1)/sqrt(fan_in)
+    from a generator seeded from the case name, so that B A != 0 and the curvature w.r.t. A is
+    not zero."""
+    _quiet_transformers()
+    import peft
+    from peft import LoraConfig, get_peft_model
+    base = build_case("hf_bert")          # same weights, batch and labels as hf_bert
+    seed = seed_of(name)
+    model = get_peft_model(base["model"], LoraConfig(**LORA_CONFIG))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_A." in n or ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+    model = model.to(torch.float64).eval()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 6 and all(".lora_" in n or ".modules_to_save." in n
+                                       for n in trainable), trainable
+    desc = ("peft.get_peft_model(<the hf_bert model, same weights>, LoraConfig(r=2, "
+            "lora_alpha=4 (scaling 2), target_modules=['query', 'value'], lora_dropout=0.0, "
+            "bias='none', modules_to_save=['classifier'])) (no task_type: PeftModel.forward "
+            "passes the batch dict to forward(batch)); LoRA A, B redrawn N(0,1)/sqrt(fan_in) "
+            "(peft's B = 0 init would make the curvature w.r.t. A zero); theta = the 6 trainable "
+            "tensors (query / value lora_A (2,4) and lora_B (4,2), the trainable classifier copy "
+            "modules_to_save.default (3,4) + (3,)), every other tensor frozen by peft "
+            "(requires_grad=False; the frozen classifier.original_module is not used); the "
+            "hf_bert batch (rows 1,3,4 padded with id 0, lengths 6,4,6,2,5) and labels; "
+            f"peft {peft.__version__}, transformers {__import__('transformers').__version__}")
+    return dict(name=name, model=model, x=base["x"], y=base["y"], C=3, likelihood=LIK,
+                description=desc, seed=seed, ll="base_model.model.classifier.modules_to_save."
+                "default", glob="*lora_B*", M=base["M"], T=base["T"], lora=LORA_CONFIG)
+
+
+def lora_meta(case, out):
+    """meta.json 'lora': the config, theta, and where each frozen tensor is in the export."""
+    import peft
+    from safetensors import safe_open
+    model, x = case["model"], case["x"]
+    called, hooks = set(), []
+    for mn, m in model.named_modules():
+        hooks.append(m.register_forward_hook(lambda mod, i, o, mn=mn: called.add(mn)))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    wpath = os.path.join(out, "weights.safetensors")
+    wkeys = set()
+    if os.path.exists(wpath):
+        with safe_open(wpath, "pt") as fh:
+            wkeys = set(fh.keys())
+    frozen = {"weights": [], "constant": [], "unused": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert not os.path.exists(wpath) or n in wkeys, n
+            continue
+        frozen["weights" if n in wkeys else "constant" if n.rsplit(".", 1)[0] in called
+               else "unused"].append(n)
+    return {
+        "peft": peft.__version__,
+        "get_peft_model": ("peft.get_peft_model(model, LoraConfig(" + ", ".join(
+            f"{k}={v!r}" for k, v in case["lora"].items()) + ")); no task_type (PeftModel, "
+            "forward(*args, **kwargs) -> the wrapped forward(batch)); modules_to_save=['classifier'] "
+            "is what peft's task_type='SEQ_CLS' adds by itself (a trainable copy of the head)"),
+        "scaling": case["lora"]["lora_alpha"] / case["lora"]["r"],
+        "lora_forward": ("base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, dropout = "
+                         "nn.Identity (lora_dropout=0.0); exported as Linear (base, frozen), "
+                         "Linear (lora_A), Linear (lora_B), mul {scalar: scaling}, add"),
+        "theta": [n for n, *_ in layout(model)[0]],
+        "frozen_in_weights": frozen["weights"],
+        "frozen_folded_into_constants": frozen["constant"],
+        "frozen_unused": frozen["unused"],
+        "frozen_note": ("frozen tensors are constants of the graph: not in model.json "
+                        "'parameters'; those read by a module op (Linear, Embedding, LayerNorm) "
+                        "are in weights.safetensors; tables read at constant indices (position "
+                        "ids, token_type_ids buffer) are folded into 'constant' nodes; "
+                        "classifier.original_module is not called (peft's ModulesToSaveWrapper "
+                        "runs the trainable copy modules_to_save.default) and is not exported"),
+    }
+
+
 # --------------------------------------------------------------------------
 # nn.LayerNorm in elementary ops (for the Hessian references)
 # --------------------------------------------------------------------------
@@ -385,6 +477,13 @@ def has_layer_norm(model):
     return any(isinstance(m, nn.LayerNorm) for m in model.modules())
 
 
+def layer_norm_frozen(model):
+    """nn.LayerNorm present but none of its tensors trainable (hf_bert_lora): the wrong
+    LayerNorm-weight rows of LN_BUG are then not part of theta."""
+    lns = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return bool(lns) and not any(p.requires_grad for m in lns for p in m.parameters())
+
+
 def elementary_layer_norm_copy(model, x):
     """A deep copy with every nn.LayerNorm replaced by ElementaryLayerNorm (see LN_BUG)."""
     m = copy.deepcopy(model)
@@ -403,8 +502,12 @@ def elementary_layer_norm_copy(model, x):
 # --------------------------------------------------------------------------
 
 def layout(model):
+    """theta: the trainable parameters (requires_grad) in named_parameters() order, as
+    laplace-torch vectorizes them; frozen ones (hf_bert_lora's base weights) are not in it."""
     out, off = [], 0
     for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         out.append((n, off, p.numel(), tuple(p.shape)))
         off += p.numel()
     return out, off
@@ -421,7 +524,8 @@ def lambda_of(f):
 
 def fnmatch_names(model, glob):
     import fnmatch
-    return [n for n, _ in model.named_parameters() if fnmatch.fnmatchcase(n, glob)]
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and fnmatch.fnmatchcase(n, glob)]
 
 
 def index_of(lay, names):
@@ -432,7 +536,7 @@ def definition(case, x=None, what=None):
     model, y = case["model"], case["y"]
     x = case["x"] if x is None else x
     lay, P = layout(model)
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
     def unflat(t):
         return {n: t[o:o + k].reshape(s) for n, o, k, s in lay}
@@ -704,6 +808,14 @@ def laplace_values(case, info):
             f"CurvlinopsHessian({fe_name}, last_layer=True, dict_key_x='input_ids').full(x, y)[1]",
             lambda b=base: CurvlinopsHessian(fresh("plain", base=b), LIK, last_layer=True,
                                              **kw).full(x, y)[1]))
+    if layer_norm_frozen(model):
+        # frozen LayerNorm (hf_bert_lora): the call on the model itself is right as well
+        # (LN_BUG's wrong rows are those of the LayerNorm weights, not in theta); keep the
+        # ElementaryLayerNorm copy as the reference, as for the other LayerNorm models, and
+        # the model itself second (process() reports its agreement)
+        for key in ("hessian.full", "hessian.diag", "subnetwork.hessian.full") + (
+                ("params_glob.hessian.full",) if case["glob"] is not None else ()):
+            out[key] = out[key][::-1]
     return out
 
 
@@ -775,6 +887,8 @@ def kfac_records(model, x, y, curv, ref_f):
     recs, hooks = {}, []
     M = y.shape[0]
     for mn, m in model.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue                                    # frozen (LoRA base weights)
         if isinstance(m, nn.Linear) or is_conv1d(m):
             def hook(mod, inp, out, mn=mn):
                 assert mn not in recs, f"{mn} called twice"
@@ -1010,7 +1124,20 @@ def kron_checks(case, tensors, meta):
         m = copy.deepcopy(model)
         m.output_size = C
         CurvlinopsGGN(m, LIK, stochastic=False, dict_key_x=DKX).kron(x, y, N=N)
+        accepted = True
         checks["curvlinops_on_full_model"] = "accepted (unexpected)"
+        if all(isinstance(mod, nn.Linear) or not any(
+                p.requires_grad for p in mod.parameters(recurse=False))
+               for mod in model.modules()):
+            # hf_bert_lora: the trainable tensors are LoRA A / B and the classifier copy,
+            # all nn.Linear; the copy below is then the model itself (asserted there)
+            checks["curvlinops_on_full_model"] = (
+                "accepted: every trainable tensor is an nn.Linear weight / bias (the frozen "
+                "Embedding / LayerNorm / base Linear tensors are ignored); 'curvlinops_linear' "
+                "therefore runs on an unmodified deep copy of the model itself")
+    except Exception as e:  # noqa: BLE001
+        accepted = False
+        checks["curvlinops_on_full_model"] = f"refused: {type(e).__name__}: {str(e)[:150]}"
     except Exception as e:  # noqa: BLE001
         checks["curvlinops_on_full_model"] = f"refused: {type(e).__name__}: {str(e)[:150]}"
 
@@ -1029,9 +1156,13 @@ def kron_checks(case, tensors, meta):
             conv_names.append(mn)
     for mn, mod in rep.named_modules():
         for pn, p in mod.named_parameters(recurse=False):
-            p.requires_grad_(isinstance(mod, nn.Linear))
+            p.requires_grad_(isinstance(mod, nn.Linear) and p.requires_grad)
     with torch.no_grad():
         assert rel(rep(x), model(x)) < 1e-13
+    if accepted:
+        assert not conv_names and names == {n: n for n in names} and [
+            n for n, p in rep.named_parameters() if p.requires_grad] == [
+            n for n, p in model.named_parameters() if p.requires_grad]
     by_param = {mb["param"]: mb for mb in meta}
     res = {}
     for curv in ("ggn", "ef"):
@@ -1075,13 +1206,21 @@ def kron_checks(case, tensors, meta):
                                                            for mm in model.modules()) else "")
                  + ("; HF Conv1D replaced by nn.Linear(in, out) with weight W^T (curvlinops "
                     "does not know Conv1D); the curvlinops B (x) A is permuted to the Conv1D "
-                    "(in, out) layout" if conv_names else "")),
+                    "(in, out) layout" if conv_names else "")
+                 + ("; frozen nn.Linear tensors (LoRA base layers, pooler, the classifier's "
+                    "original_module) stay frozen" if any(
+                        isinstance(mm, nn.Linear) and not mm.weight.requires_grad
+                        for mm in model.modules()) else "")),
         "results": res}
 
     # (2) Embeddings as one-hot Linears (expand): a vs curvlinops A's diagonal, B vs B
     emb = copy.deepcopy(model)
     M = y.shape[0]
-    enames = [mn for mn, mod in emb.named_modules() if isinstance(mod, nn.Embedding)]
+    enames = [mn for mn, mod in emb.named_modules()
+              if isinstance(mod, nn.Embedding) and mod.weight.requires_grad]
+    if not enames:
+        checks["curvlinops_embedding_one_hot"] = "skipped: no trainable nn.Embedding"
+        return checks, problems
     pads = {}
     for mn in enames:
         e = emb.get_submodule(mn)
@@ -1199,7 +1338,7 @@ def hessian_checks(case, info, expected):
     hessian.diag = the diagonal of hessian.full. Returns (report, problems)."""
     model, x, y = case["model"], case["x"], case["y"]
     lay, P = info["layout"], info["P"]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
 
     def g(t):
         return func_grad(lambda u: nll_vec(functional_call(
@@ -1277,12 +1416,23 @@ def process(name):
         label, val, fac, e = chosen
         if key == "hessian.full":
             h_at = [c[0] for c in lt[key]].index(label)
+        also = []
+        if layer_norm_frozen(model) and "hessian" in key and not key.startswith("last_layer"):
+            for lb2, v2, f2 in cands[[c[0] for c in cands].index(label) + 1:]:
+                if torch.is_tensor(v2):
+                    e2 = rel(v2, f2 * ref)
+                    also.append(f"{lb2} (rel {fmt(e2)})")
+                    if e2 > RTOL:
+                        problems.append(f"{key}: {lb2} disagrees: rel {e2:.1e}")
         expected[key] = (val / fac).contiguous()
         agree[key] = e
         sources[key] = (f"laplace-torch {label}; agrees with the torch.func definition "
                         f"(rel {fmt(e)})."
                         + (" Disagreeing / failing calls tried first: " + "; ".join(bad) + "."
-                           if bad else ""))
+                           if bad else "")
+                        + (" Also agreeing (the LayerNorm tensors are frozen, so LN_BUG's wrong "
+                           "LayerNorm-weight rows are not part of theta): " + "; ".join(also)
+                           + "." if also else ""))
     for k in ("loss[ggn.diag]", "loss[ef.full]", "loss[ef.diag]"):
         vals = [v for _, v, _ in lt[k] if torch.is_tensor(v)]
         if not vals or rel(vals[0], d["loss"]) > RTOL:
@@ -1297,7 +1447,8 @@ def process(name):
                              "'layer_norm_bug', README_transformer.md).")
     touched = sorted({n for n, o, k, s in info["layout"]
                       if np.any((case["subnet"] >= o) & (case["subnet"] < o + k))})
-    pad_check = padding_invariance(case, d) if name in ("encoder_mha", "hf_bert") else None
+    pad_check = (padding_invariance(case, d)
+                 if name in ("encoder_mha", "hf_bert", "hf_bert_lora") else None)
 
     tensors, kmeta, extra_meta = kfac_all(case, d)
     checks, kprob = kron_checks(case, tensors, kmeta)
@@ -1331,6 +1482,8 @@ def process(name):
             "keys": "params_glob.{jacobians.J, gradients.G, ggn.full, ggn.diag, ef.full, "
                     "ef.diag, hessian.full}: w.r.t. the parameters whose names match the glob "
                     "(fnmatch: '*' any run, '?' one), in theta order"}
+    if case.get("lora"):
+        meta["lora"] = lora_meta(case, out)
     if pad_check:
         meta["padding_invariance"] = pad_check
     meta["hessian_checks"] = {
@@ -1345,6 +1498,12 @@ def process(name):
             ". Hence: hessian.* / subnetwork / params_glob Hessians = CurvlinopsHessian on a copy "
             "with every nn.LayerNorm replaced by ElementaryLayerNorm; the definition they are "
             "compared with is jacrev(torch.func.grad(sum of losses)) on the model itself")
+        if layer_norm_frozen(model):
+            meta["hessian_checks"]["layer_norm_bug"] += (
+                ". Here every LayerNorm tensor is frozen (not in theta), so the wrong rows are "
+                "not part of the Hessian and CurvlinopsHessian on the model itself agrees as well "
+                "(sources: 'Also agreeing'); the Hessian still flows through the frozen "
+                "LayerNorms to the LoRA tensors upstream of them")
     write_json(os.path.join(out, "meta.json"), meta)
     kmeta_out = {
         "case": name, "likelihood": LIK, "n_data": int(y.shape[0]), "seq_len": case["T"],

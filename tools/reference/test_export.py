@@ -20,6 +20,14 @@ attention_mask} (rows of lengths 9, 6, 3, 9), the float32 export, and padding in
 GPT2ForSequenceClassification (eager, sdpa; no padding invariance: GPT-2 finds the last
 token by pad_token_id); refusals of the torch.export path and the interpreter's
 strictness on the new ops.
+
+peft LoRA (Laplace-LoRA as laplace-torch users run it: get_peft_model, base weights frozen,
+theta = the adapters): (e) LoRA on BERT query / value with modules_to_save=['classifier'],
+(f) LoRA on GPT-2's Conv1D c_attn (laplace-torch's huggingface example), (g) a float-input
+MLP (torch.fx cannot trace PeftModel: auto -> torch.export), (h) peft wrapping an HF model
+called as model(**batch); frozen tensors are constants (not in "parameters", read by
+module ops from weights.safetensors), each adapter is Linear(lora_A), Linear(lora_B),
+mul {scalar: lora_alpha / r}, add.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import graph_interp  # noqa: E402
 import make_graph_fixtures as mg  # noqa: E402
-from laplace_export import ExportError, export  # noqa: E402
+from laplace_export import ExportError, export, graph_spec  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 FAILS = []
@@ -507,6 +515,96 @@ def transformer_tests():
            "two operands")
 
 
+def lora_randomize_(m):
+    """peft initializes lora_B = 0 (the adapter then adds nothing): draw it."""
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(0.5 * torch.randn_like(p))
+    return m.eval()
+
+
+def lora_structure(name, model, x, scaling, targets, conv1d=False, output_key=None):
+    """theta = the trainable tensors; frozen ones are constants read from the weights file;
+    each target module is base Linear + Linear(lora_A) -> Linear(lora_B) -> mul -> add."""
+    spec, state = graph_spec(model, x, output_key)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    read = [t for nd in spec["nodes"] for t in nd.get("params", {}).values()]
+    check(spec["parameters"] == trainable and all(".lora_" in n or ".modules_to_save." in n
+                                                  for n in trainable),
+          f"{name}: parameters = the {len(trainable)} trainable (LoRA / modules_to_save) tensors")
+    fr = [t for t in read if t in frozen]
+    check(fr and set(read) == set(state) and not set(fr) & set(spec["parameters"]),
+          f"{name}: {len(fr)} frozen tensors read by module ops are in weights.safetensors "
+          "and not in 'parameters' (constants)")
+    by = {nd["name"]: nd for nd in spec["nodes"]}
+    ok = True
+    for t in targets:
+        la = [nd for nd in spec["nodes"] if nd.get("module", "").endswith(f"{t}.lora_A.default")]
+        lb = [nd for nd in spec["nodes"] if nd.get("module", "").endswith(f"{t}.lora_B.default")]
+        base = [nd for nd in spec["nodes"] if nd.get("module", "").endswith(f"{t}.base_layer")]
+        if not (len(la) == len(lb) == len(base) == 1 and la[0]["op"] == lb[0]["op"] == "Linear"
+                and lb[0]["inputs"] == [la[0]["name"]]):
+            ok = False
+            continue
+        mul = [nd for nd in spec["nodes"] if nd["op"] == "mul" and nd["inputs"] == [lb[0]["name"]]]
+        add = [nd for nd in spec["nodes"] if nd["op"] == "add" and mul and
+               sorted(nd["inputs"]) == sorted([base[0]["name"], mul[0]["name"]])]
+        ok &= (len(mul) == 1 and mul[0]["attrs"].get("scalar") == scaling and len(add) == 1
+               and all(v in frozen for v in base[0]["params"].values())
+               and (base[0]["attrs"].get("weight_layout") == "in_out") == conv1d)
+        ok &= by[la[0]["inputs"][0]]["name"] == base[0]["inputs"][0]
+    check(ok, f"{name}: each of {len(targets)} adapted modules is Linear(base, frozen"
+              f"{', Conv1D in_out' if conv1d else ''}) + Linear(lora_A) -> Linear(lora_B) -> "
+              f"mul {{scalar: {scaling}}} -> add")
+
+
+def peft_tests():
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        check(False, "peft LoRA: peft is not installed (tools/requirements.txt)")
+        return
+
+    def lora_bert():
+        return lora_randomize_(get_peft_model(bert("eager"), LoraConfig(
+            r=2, lora_alpha=4, target_modules=["query", "value"], lora_dropout=0.1,
+            modules_to_save=["classifier"])))
+
+    def lora_gpt2():
+        return lora_randomize_(get_peft_model(gpt2("eager"), LoraConfig(
+            r=4, lora_alpha=16, target_modules=["c_attn"], lora_dropout=0.1, bias="none")))
+
+    transformer_case("(e) peft LoRA BERT (query, value; modules_to_save classifier)", lora_bert)
+    torch.manual_seed(0)
+    lora_structure("(e) peft LoRA BERT", lora_bert(), token_batch(), 2.0,
+                   [f"layer.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")])
+    transformer_case("(f) peft LoRA GPT-2 (Conv1D c_attn, laplace-torch's example)", lora_gpt2,
+                     padinv=False)
+    torch.manual_seed(0)
+    lora_structure("(f) peft LoRA GPT-2", lora_gpt2(), token_batch(), 4.0,
+                   [f"h.{i}.attn.c_attn" for i in range(2)], conv1d=True)
+    torch.manual_seed(0)
+    mlp = lora_randomize_(get_peft_model(
+        nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)),
+        LoraConfig(r=2, lora_alpha=2, target_modules=["0"])))
+    xf = torch.randn(3, 4)
+    roundtrip("(g) peft LoRA float-input MLP (auto: torch.fx cannot trace PeftModel, "
+              "torch.export path)", mlp, xf)
+    lora_structure("(g) peft LoRA MLP", mlp, xf, 1.0, ["0"])
+    torch.manual_seed(0)
+    m = lora_randomize_(get_peft_model(bert("sdpa").m, LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"])))
+    batch = token_batch()
+    with tempfile.TemporaryDirectory() as d:
+        export(m, batch, d, output_key="logits")
+        with torch.no_grad():
+            e = rel(graph_interp.GraphModel.load(d)(batch), m(**batch).logits)
+    check(e <= 1e-12, "(h) peft LoRA on BertForSequenceClassification called as "
+          f"model(**batch) (PeftModel.forward(*args, **kwargs)), output_key='logits': rel {e:.1e}")
+
+
 class TELClassifier(nn.Module):
     def __init__(self, D=16, C=3):
         super().__init__()
@@ -603,6 +701,7 @@ def main():
               "logits", tracer="export")
 
     transformer_tests()
+    peft_tests()
 
     print(f"{len(FAILS)} failures")
     sys.exit(1 if FAILS else 0)
