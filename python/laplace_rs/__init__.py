@@ -18,9 +18,9 @@ indices (a subnetwork, in any order), or a list of parameter-name globs
 :class:`Error` (a ``ValueError``) with the same message as the CLI.
 """
 
-from ._native import Error, Model, curvature as _curvature, gradients as _gradients, jacobians as _jacobians
+from ._native import Error, Model, Posterior, curvature as _curvature, fit as _fit, gradients as _gradients, jacobians as _jacobians
 
-__all__ = ["Error", "Model", "curvature", "jacobians", "gradients"]
+__all__ = ["Error", "Model", "Posterior", "curvature", "jacobians", "gradients", "fit"]
 
 
 def curvature(model, x, y, likelihood, curvature="ggn", structure="diag", subset=None, n_data=None,
@@ -49,3 +49,19 @@ def jacobians(model, x, subset=None, batch_size=256):
 def gradients(model, x, y, likelihood, subset=None, batch_size=256):
     """Per-sample gradients G (N, P) of ℓ_n (the negative log-likelihood) and the loss Σ_n ℓ_n."""
     return _gradients(model, x, y, likelihood, subset, batch_size)
+
+
+def fit(model, x, y, likelihood, structure="kron", subset=None, curvature="ggn", rank=10, prior_precision=1.0,
+        optimize_prior=None, optimize_sigma=False, sigma_noise=1.0, temperature=1.0, batch_size=256):
+    """Fit a Laplace posterior (laplace-torch's ``Laplace(...).fit``) and return a :class:`Posterior`.
+
+    structure: "full", "diag", "kron" or "lowrank" (top-``rank`` eigenpairs);
+    curvature: "ggn", "ef" or "fisher-mc"; ``prior_precision`` a scalar;
+    ``optimize_prior="marglik"`` tunes it (and σ with ``optimize_sigma``) by the
+    evidence, as laplace-torch's ``optimize_prior_precision(method="marglik")``.
+    The posterior has ``log_marginal_likelihood()``, ``prior_precision``,
+    ``sigma_noise``, ``predict(x, link="probit")`` → probabilities (N, C) (or
+    mean, variance (N, C) for regression) and ``save(path)`` / ``Posterior.load``.
+    """
+    return _fit(model, x, y, likelihood, structure, subset, curvature, rank, prior_precision, optimize_prior,
+                optimize_sigma, sigma_noise, temperature, batch_size)

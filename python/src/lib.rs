@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use laplace::curvature::KfacApprox;
+use laplace::posterior::marglik::MarglikOptions;
+use laplace::posterior::predict::Link;
+use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
 use laplace::{Curvature, CurvatureKind, Dataset, Inputs, Likelihood, Model, ModelSpec, Subset};
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -291,8 +294,146 @@ fn gradients<'py>(py: Python<'py>, model: &PyModel, x: &Bound<'py, PyAny>, y: &B
     Ok((to_numpy(py, &g)?, tensor::scalar_f64(&loss).map_err(err)?))
 }
 
+/// A fitted Laplace posterior (the CLI's `fit` / `predict`).
+#[pyclass(name = "Posterior", module = "laplace_rs._native")]
+struct PyPosterior {
+    inner: Posterior,
+}
+
+#[pymethods]
+impl PyPosterior {
+    /// A posterior file written by `save` or `laplace fit`.
+    #[staticmethod]
+    fn load(path: &str) -> PyResult<Self> {
+        Ok(PyPosterior { inner: Posterior::load(Path::new(path)).map_err(err)? })
+    }
+
+    fn save(&self, path: &str) -> PyResult<()> {
+        self.inner.save(Path::new(path)).map_err(err)
+    }
+
+    /// log p(D | prior precision, σ) at the current hyperparameters.
+    fn log_marginal_likelihood(&self) -> PyResult<f64> {
+        self.inner.evidence().map_err(err)
+    }
+
+    #[getter]
+    fn prior_precision(&self) -> Vec<f64> {
+        self.inner.prior_precision.clone()
+    }
+
+    #[getter]
+    fn sigma_noise(&self) -> f64 {
+        self.inner.sigma_noise
+    }
+
+    #[getter]
+    fn n_params(&self) -> usize {
+        self.inner.n_params()
+    }
+
+    /// GLM predictive: class probabilities (N, C) (`link`: probit, bridge,
+    /// bridge_norm, mc), or for regression the mean and the functional
+    /// variance (N, C) each.
+    #[pyo3(signature = (x, link="probit", samples=100, seed=0, batch_size=256))]
+    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, link: &str, samples: usize, seed: u64, batch_size: usize) -> PyResult<Bound<'py, PyAny>> {
+        let x = to_inputs(x, self.inner.model().dtype())?;
+        let link = match link {
+            "probit" => Link::Probit,
+            "bridge" => Link::Bridge,
+            "bridge_norm" => Link::BridgeNorm,
+            "mc" => Link::Mc { samples, seed },
+            other => return Err(Error::new_err(format!("link must be probit, bridge, bridge_norm or mc, got {other:?}"))),
+        };
+        let data = Dataset { x, y: None };
+        let post = &self.inner;
+        let parts = py
+            .allow_threads(|| -> laplace::Result<Vec<(Tensor, Option<Tensor>)>> {
+                data.batch_ranges(batch_size.max(1))
+                    .into_iter()
+                    .map(|(o, n)| {
+                        let xb = data.inputs(o, n)?;
+                        Ok(match post.likelihood {
+                            Likelihood::Classification => (post.predict_probs(&xb, link)?, None),
+                            Likelihood::Regression => {
+                                let (m, v) = post.predict_regression(&xb)?;
+                                (m, Some(v))
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .map_err(err)?;
+        let first: Vec<Tensor> = parts.iter().map(|p| p.0.clone()).collect();
+        let first = Tensor::cat(&first, 0).map_err(|e| err(e.into()))?;
+        if post.likelihood == Likelihood::Classification {
+            return to_numpy(py, &first);
+        }
+        let second: Vec<Tensor> = parts.into_iter().map(|p| p.1.expect("regression has a variance")).collect();
+        let second = Tensor::cat(&second, 0).map_err(|e| err(e.into()))?;
+        Ok((to_numpy(py, &first)?, to_numpy(py, &second)?).into_pyobject(py)?.into_any())
+    }
+}
+
+/// Fit a Laplace posterior: `structure` full / diag / kron / lowrank (`rank`),
+/// `curvature` ggn / ef / fisher-mc, prior precision (scalar start), and
+/// with `optimize_prior="marglik"` the prior (and with `optimize_sigma`, σ)
+/// tuned by the evidence as laplace-torch does.
+#[pyfunction]
+#[pyo3(signature = (model, x, y, likelihood, structure="kron", subset=None, curvature="ggn", rank=10, prior_precision=1.0, optimize_prior=None, optimize_sigma=false, sigma_noise=1.0, temperature=1.0, batch_size=256))]
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    py: Python<'_>,
+    model: &PyModel,
+    x: &Bound<'_, PyAny>,
+    y: &Bound<'_, PyAny>,
+    likelihood: &str,
+    structure: &str,
+    subset: Option<&Bound<'_, PyAny>>,
+    curvature: &str,
+    rank: usize,
+    prior_precision: f64,
+    optimize_prior: Option<&str>,
+    optimize_sigma: bool,
+    sigma_noise: f64,
+    temperature: f64,
+    batch_size: usize,
+) -> PyResult<PyPosterior> {
+    let m = model.inner.try_clone().map_err(err)?;
+    let data = dataset(&m, x, Some(y))?;
+    let subset = to_subset(&m, subset)?;
+    let structure = match structure.parse::<Structure>().map_err(err)? {
+        Structure::LowRank { .. } => Structure::LowRank { rank },
+        s => s,
+    };
+    let curvature = match kind_arg(curvature, 1, 0)? {
+        CurvatureKind::Hessian => return Err(Error::new_err("a posterior needs ggn, ef or fisher-mc")),
+        k => k,
+    };
+    let lik = likelihood_arg(likelihood)?;
+    let opts = FitOptions { subset, structure, curvature, batch_size: batch_size.max(1), prior_precision: vec![prior_precision], sigma_noise, temperature, progress: false, ..FitOptions::default() };
+    let marglik = match optimize_prior {
+        None => false,
+        Some("marglik") => true,
+        Some(other) => return Err(Error::new_err(format!("optimize_prior must be None or \"marglik\", got {other:?}"))),
+    };
+    let post = py
+        .allow_threads(|| -> laplace::Result<Posterior> {
+            let mut post = Posterior::fit(m, &data, lik, &opts)?;
+            if marglik {
+                let mo = MarglikOptions { optimize_sigma, init_prior_precision: prior_precision, ..MarglikOptions::default() };
+                post.optimize_marglik(&mo)?;
+            }
+            Ok(post)
+        })
+        .map_err(err)?;
+    Ok(PyPosterior { inner: post })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPosterior>()?;
+    m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add("Error", m.py().get_type::<Error>())?;
     m.add_class::<PyModel>()?;
     m.add_function(wrap_pyfunction!(curvature, m)?)?;
