@@ -272,6 +272,15 @@ def export(model: nn.Module, example_input, out_dir: str, output_key=None,
     style models. Values that depend on no input and no trainable parameter (arange,
     position ids, causal masks, ``finfo.min`` fills) are folded into ``constant``
     nodes; dtype casts between floats, ``contiguous`` and eval-mode dropout vanish.
+
+    Frozen parameters (``requires_grad=False``) are constants: not in ``"parameters"``
+    (θ = the trainable ones, in ``named_parameters()`` order); one read by a module op
+    (Linear, Embedding, LayerNorm, ...) is still in ``weights.safetensors``, one read only
+    at constant indices (a frozen position table) is folded into a ``constant`` node.
+    peft LoRA models (``get_peft_model``: ``PeftModel.forward(*args, **kwargs)`` is called
+    like the model it wraps; each adapted layer ``base_layer(x) + lora_B(lora_A(dropout(x)))
+    * scaling`` becomes Linear (frozen base; HF Conv1D base: ``weight_layout "in_out"``),
+    Linear (lora_A), Linear (lora_B), ``mul`` by the scalar, ``add``).
     """
     from safetensors.torch import save_file
 

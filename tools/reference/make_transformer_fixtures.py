@@ -24,7 +24,13 @@ Cases (float64, seeded from the case name, eval mode, classification C=3), writt
                    attention_mask}, rows padded with id 0; N=5, T=6;
 * ``hf_gpt2``      transformers.GPT2ForSequenceClassification (n_embd 4, 2 heads, 1 layer,
                    n_inner 8, vocab 13, n_positions 8, pad_token_id 0, eager attention),
-                   forward(batch) -> .logits; rows padded at the end; N=5, T=6.
+                   forward(batch) -> .logits; rows padded at the end; N=5, T=6;
+* ``hf_bert_lora`` Laplace-LoRA: hf_bert's model (same weights, batch, labels) wrapped by
+                   peft.get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=
+                   ["query", "value"], lora_dropout=0.0, modules_to_save=["classifier"])),
+                   LoRA A and B redrawn (peft's B = 0); theta = the trainable tensors only
+                   (P=47: LoRA A / B of query and value, the classifier copy), every other
+                   tensor frozen (requires_grad=False) and a constant of the exported graph.
 
 Every value of expected.safetensors comes from a laplace-torch call with dict inputs
 (``dict_key_x="input_ids"``, ``dict_key_y="labels"``): GGNInterface / EFInterface (the
@@ -38,7 +44,10 @@ elementary ops (ElementaryLayerNorm): torch 2.15's vmapped LayerNorm backward ha
 derivative (LN_BUG, README_transformer.md).
 KFAC factors (kron.safetensors) come from the hook-based definition below and are
 cross-checked with laplace-torch CurvlinopsGGN/CurvlinopsEF.kron (curvlinops'
-KFACLinearOperator, kfac_approx 'expand' | 'reduce') on Linear-only copies of each model.
+KFACLinearOperator, kfac_approx 'expand' | 'reduce') on Linear-only copies of each model
+(hf_bert_lora: on the model itself, whose trainable tensors are all nn.Linear).
+theta is always the trainable parameters in named_parameters() order (laplace-torch's
+vectorization); only hf_bert_lora has frozen ones.
 laplace-torch findings (what fails on dict inputs and why): README_transformer.md.
 """
 
@@ -1520,7 +1529,13 @@ def process(name):
             "[A, B] on its (in, out) weight (A (in x in) first); biases [B]. Every other "
             "tensor (Embedding, LayerNorm / RMSNorm weight and bias, nn.MultiheadAttention "
             "in_proj_weight / in_proj_bias) is [d], d = that tensor's exact ggn.diag / "
-            "ef.diag (expected.safetensors)."),
+            "ef.diag (expected.safetensors)."
+            + (" Only modules with a trainable tensor are hooked and have blocks (peft LoRA: "
+               "lora_A / lora_B, nn.Linear(in, r) / nn.Linear(r, out) without bias, over the "
+               "(M, T, .) sequence, R = T; the classifier copy modules_to_save.default on the "
+               "pooled features, R = 1); the frozen tensors are not in theta. g of lora_B is "
+               "the gradient w.r.t. lora_B's own output (before * scaling)."
+               if case.get("lora") else "")),
         "keys": ("'<ggn|ef>.<expand|reduce>.<b>.<f>': factor f of block b; '<...>.<b>.product': "
                  "dense first (x) second on the row-major flattened tensor (a 1-D factor is a "
                  "diagonal); 'n_data' [1] = N; safetensors metadata 'kron_blocks' = JSON list "

@@ -526,7 +526,8 @@ def lora_randomize_(m):
 
 def lora_structure(name, model, x, scaling, targets, conv1d=False, output_key=None):
     """theta = the trainable tensors; frozen ones are constants read from the weights file;
-    each target module is base Linear + Linear(lora_A) -> Linear(lora_B) -> mul -> add."""
+    each target module is base Linear + Linear(lora_A) -> Linear(lora_B) -> mul -> add, lora_A
+    reading the base layer's input (lora_dropout is the identity in eval mode)."""
     spec, state = graph_spec(model, x, output_key)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -538,7 +539,6 @@ def lora_structure(name, model, x, scaling, targets, conv1d=False, output_key=No
     check(fr and set(read) == set(state) and not set(fr) & set(spec["parameters"]),
           f"{name}: {len(fr)} frozen tensors read by module ops are in weights.safetensors "
           "and not in 'parameters' (constants)")
-    by = {nd["name"]: nd for nd in spec["nodes"]}
     ok = True
     for t in targets:
         la = [nd for nd in spec["nodes"] if nd.get("module", "").endswith(f"{t}.lora_A.default")]
@@ -554,7 +554,7 @@ def lora_structure(name, model, x, scaling, targets, conv1d=False, output_key=No
         ok &= (len(mul) == 1 and mul[0]["attrs"].get("scalar") == scaling and len(add) == 1
                and all(v in frozen for v in base[0]["params"].values())
                and (base[0]["attrs"].get("weight_layout") == "in_out") == conv1d)
-        ok &= by[la[0]["inputs"][0]]["name"] == base[0]["inputs"][0]
+        ok &= la[0]["inputs"] == base[0]["inputs"]      # eval dropout: the same x
     check(ok, f"{name}: each of {len(targets)} adapted modules is Linear(base, frozen"
               f"{', Conv1D in_out' if conv1d else ''}) + Linear(lora_A) -> Linear(lora_B) -> "
               f"mul {{scalar: {scaling}}} -> add")

@@ -6,7 +6,8 @@
 //! with dict inputs (`input_ids`, `attention_mask`). Every quantity for all
 //! weights, the last layer, a subnetwork by indices and (HuggingFace) by a
 //! parameter-name glob, the exact Hessian, and KFAC (expand and reduce) at
-//! 1e-8 relative.
+//! 1e-8 relative. `hf_bert_lora` is Laplace-LoRA: peft LoRA adapters on BERT's
+//! query / value with the base frozen (θ = the adapters and the head).
 
 mod common;
 
@@ -17,7 +18,7 @@ use laplace::tensor::Tensor;
 use laplace::{Batch, Curvature, CurvatureKind, Subset};
 
 const TOL: f64 = 1e-8;
-const CASES: [&str; 4] = ["transformer/encoder_mha", "transformer/decoder_sdpa", "transformer/hf_bert", "transformer/hf_gpt2"];
+const CASES: [&str; 5] = ["transformer/encoder_mha", "transformer/decoder_sdpa", "transformer/hf_bert", "transformer/hf_gpt2", "transformer/hf_bert_lora"];
 
 fn meta(name: &str, file: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join(name).join(file)).unwrap()).unwrap()
