@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Transformer benchmark: laplace-rs (`laplace` CLI) against laplace-torch on a BERT classifier.
 
-    venv/bin/python bench/transformer.py                 # ~25 min on 2 cores; writes
+    venv/bin/python bench/transformer.py                 # ~27 min on 2 cores; writes
                                                          # bench/TRANSFORMER.md, bench/transformer_results.json
+    venv/bin/python bench/transformer.py --quiet-wait 300   # on a shared machine: wait for idle cores
+    venv/bin/python bench/transformer.py --tasks llkron --merge bench/transformer_results.json   # redo one task
     venv/bin/python bench/transformer.py --rounds 3 --tasks diag --backends torchfunc,asdl
     venv/bin/python bench/transformer.py --render bench/transformer_results.json   # only rewrite the .md
 
@@ -707,8 +709,10 @@ def render(data):
             f"used less than {st['quiet_below_cores']:g} cores." if st.get("quiet_wait_s") else ""),
          ""]
     L.append("## Results\n")
-    L.append("| task | tool | batch | time (median) | computing | peak RSS | other load | result |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    show_other = any(r.get("foreign_load") is not None for r in data.get("records", []))
+    L.append("| task | tool | batch | time (median) | computing | peak RSS |" + (" other load |" if show_other else "")
+             + " result |")
+    L.append("|---|---|---|---|---|---|" + ("---|" if show_other else "") + "---|")
     ratio_rows, notes = [], []
     for task, res in results.items():
         for e in ["ours"] + [b for b in BACKENDS if b in res["agg"]]:
@@ -745,15 +749,21 @@ def render(data):
             if fa:
                 r += "; earlier: " + "; ".join(x.replace("|", "\\|")[:120] for x in fa)
             L.append(f"| {TASKS[task]} | {LABEL[e]} | {a.get('batch_size') or '—'} | {cell_t} | {comp} | {mem} "
-                     f"| {other} | {r} |")
+                     + (f"| {other} " if show_other else "") + f"| {r} |")
         ratio_rows.append((task, res))
     L.append("")
     L.append("Time: median wall time of the whole process, each round's in brackets. Computing: laplace-torch's "
              "computation alone (no interpreter start, imports, model or data loading). Peak RSS: the "
-             "maximum over rounds. Other load: CPU cores that other processes on the machine kept busy during "
-             "each round's measurement (all CPU time in /proc/stat minus the measured process's; 2 cores in "
-             "all) — torch's OpenMP threads slow down much more than their share when they have to share "
-             "the cores.\n")
+             "maximum over rounds."
+             + (" Other load: CPU cores that other processes on the machine kept busy during each round's "
+                "measurement (all CPU time in /proc/stat minus the measured process's; 2 cores in all). In trial "
+                "runs laplace-torch slowed down far more than its lost share of the cores when other processes "
+                "were busy, so rounds with other load well above 0 are pessimistic for it." if show_other else "")
+             + "\n")
+    if meta.get("notes"):
+        L.append("**Conditions of this run** (notes added to `transformer_results.json` after the run):\n")
+        L.extend(f"- {n}" for n in meta["notes"])
+        L.append("")
     L.append("### Ours ÷ the fastest laplace-torch backend that succeeded\n")
     L.append("| task | fastest laplace-torch | time (whole process) | time (ours whole ÷ their computing) "
              "| peak memory |")
@@ -828,8 +838,16 @@ def render(data):
                 L.append(f"- PROBLEM: {p}")
             runs = chk.get("ours_fixed_prior_runs")
             if runs:
+                o = res["agg"].get("ours", {})
+                opt = [r["optimize_s"] for r in data.get("records", []) if r.get("task") == task
+                       and r.get("ok") and r.get("optimize_s") is not None]
                 L.append(f"- The same `laplace fit` without `--optimize-prior` (fixed prior precision, untimed "
-                         f"check run) took {fs(runs[0]['wall_s'])}, peak {fmb(runs[0]['peak_rss_bytes'])}.")
+                         f"check run) took {fs(runs[0]['wall_s'])}, peak {fmb(runs[0]['peak_rss_bytes'])}"
+                         + (f": about {o['median_wall_s'] - runs[0]['wall_s']:.2g} s of our "
+                            f"{fs(o['median_wall_s'])} is the evidence optimization (Adam, fixed point, gradient "
+                            "ascent)" if o.get("ok") else "")
+                         + (f"; laplace-torch's `optimize_prior_precision` (100 Adam steps) took "
+                            f"{min(opt):.2g} to {max(opt):.2g} s" if opt else "") + ".")
             L.append("")
     L.append("## Failures and notes\n")
     for task, res in results.items():
@@ -855,13 +873,17 @@ def render(data):
             L.append("- laplace-torch's default backend for this `Laplace(...)` call is CurvlinopsGGN.")
     L.append("")
     L.append("## How to rerun\n")
-    L.append("```sh\ncargo build --release -p laplace-cli           # target/release/laplace (copied to "
-             "/tmp/laplace-bench/ before use)\nvenv/bin/python bench/transformer.py             # ~25 min, 2 "
-             "cores; --help for options\nvenv/bin/python bench/transformer.py --render bench/transformer_results.json"
+    L.append("```sh\ncargo build --release -p laplace-cli     # target/release/laplace (copied to /tmp/laplace-bench/ "
+             "before use)\nvenv/bin/python bench/transformer.py       # ~27 min on 2 cores; --help for options\n"
+             "venv/bin/python bench/transformer.py --quiet-wait 300     # shared machine: wait for idle cores before "
+             "each measurement\nvenv/bin/python bench/transformer.py --tasks llkron --merge bench/transformer_results.json"
+             "   # redo one task (~2 min)\nvenv/bin/python bench/transformer.py --render bench/transformer_results.json"
              "   # only rewrite this file\n```\n")
     L.append("Options: `--rounds` (default 2), `--tasks diag,llkron`, `--backends torchfunc,curvlinops,asdl,backpack`, "
-             "`--batch-size` (32), `--timeout` (600 s), `--mem-limit-gb` (16), `--threads` (2), `--keep` (keep the "
-             "scratch directory with every log and result).")
+             "`--batch-size` (32), `--timeout` (600 s), `--mem-limit-gb` (16), `--threads` (2), `--quiet-wait` / "
+             "`--quiet-below` (0 s / 0.3 cores), `--merge`, `--keep` (keep the scratch directory with every log and "
+             "result). Time: ~11 min per round of the diagonal (the two torch.func-based backends ~5.5 min each), "
+             "~1.5 min per round of the last-layer task.")
     return "\n".join(L) + "\n"
 
 
@@ -876,8 +898,8 @@ ASDL_NOTE = ("(L<i> = `bert.encoder.layer.<i>`.) ASDL agrees where each entry's 
 
 FAILURE_NOTES = {
     ("diag", "backpack"): ("BackPACK's forward hook stores each module's output as `module.output`, which "
-                           "collides with BERT's submodules named `output` (`BertOutput`, `BertSelfOutput`); "
-                           "BackPACK has no extensions for Embedding / LayerNorm / attention anyway."),
+                           "collides with BERT's submodules named `output` (`BertOutput`, `BertSelfOutput`): "
+                           "the model cannot even run a forward pass under BackPACK."),
     ("llkron", "backpack"): "laplace-torch's `fit` refuses BackPACK for dict (non-tensor) batches.",
     ("llkron", "torchfunc"): "laplace-torch's torch.func base interface has no KFAC (`kron`).",
     ("diag", "torchfunc", "oom"): ("`GGNInterface.diag` forms the full Jacobian (batch × 2 × P floats, "
@@ -968,8 +990,11 @@ def main():
     if args.merge:
         with open(args.merge) as fh:
             old = json.load(fh)
+        om = old["meta"]
         for t, r in old["results"].items():
             if t not in tasks:
+                r.setdefault("run", dict(date=om["date"], command=om["command"], elapsed_s=om.get("elapsed_s", 0),
+                                         binary_sha256=om["versions"].get("laplace binary sha256")))
                 results[t] = r
         records += [r for r in old["records"] if r["task"] not in tasks]
     run_meta = {k: meta[k] for k in ("date", "command", "loadavg_start")}
