@@ -1,0 +1,481 @@
+"""laplace-torch curvature backends computed by laplace-rs.
+
+    from laplace import Laplace
+    from laplace_rs.torch import RustGGN, RustEF, RustHessian
+
+    la = Laplace(model, "classification", subset_of_weights="all", hessian_structure="kron",
+                 backend=RustGGN)
+    la.fit(train_loader)
+
+``RustGGN`` / ``RustEF`` / ``RustHessian`` subclass laplace-torch's
+``GGNInterface`` / ``EFInterface`` / ``CurvatureInterface`` and take the same
+constructor arguments (``model, likelihood, last_layer=False,
+subnetwork_indices=None, dict_key_x="input_ids", dict_key_y="labels"``; RustGGN
+also ``stochastic``, ``num_samples``; RustHessian ``low_rank``), plus
+``batch_size`` (points per laplace-rs batch inside one call, default 256).
+
+Every quantity is returned in laplace-torch 0.3's own conventions, i.e. as its
+curvlinops backend would return it:
+
+* regression ``gradients`` (and their loss) and the EF (``full``, ``diag``,
+  ``kron``) are those of ``MSELoss(reduction="sum")``: 2 × laplace-rs's, which
+  are those of the negative log-likelihood;
+* ``kron`` is a ``laplace.utils.Kron`` with one block per parameter tensor in
+  ``parameters()`` order: ``[B, A]`` for a Linear / Conv2d weight (A normalized
+  by N, after curvlinops' M/N rescaling; for regression each factor carries
+  √factor of laplace-torch's ``kron *= factor``: B·√2, A·√½ for the GGN), ``[B]``
+  for a bias, ``[B·A · N/M]`` for a 1 × 1 weight without bias (laplace-torch
+  merges it and skips the rescaling), ``[B·A, 1]`` for a 1 × 1 weight with a
+  bias (laplace-torch keeps B and A apart; only their product is known here, so
+  only ``damping=True`` would tell), a dense ``diag(d)`` for every other tensor
+  (BatchNorm / LayerNorm: d is the exact curvature diagonal; curvlinops
+  refuses such models), ``[diag(a), B]`` for an ``nn.Embedding`` table and
+  ``[A, B]`` for a HuggingFace ``Conv1D`` weight (stored ``(in, out)``).
+
+The module is exported once per backend object, on the first call, with that
+call's batch as example input (``tools/laplace_export.py`` into a temporary
+directory; see ``laplace_rs.exporter``), and re-exported if its buffers (e.g.
+BatchNorm statistics) or its train / eval mode change. On every call θ is
+refreshed from the module's current trainable parameters
+(``Model.set_parameter_vector``), so backends stay valid while laplace-torch
+changes them (``marglik_training``). For ``last_layer=True`` (laplace-torch's
+``FeatureExtractor``) the wrapped model is exported and the quantities are those
+of its last layer's parameters (``FeatureExtractor.last_layer``).
+
+CPU only; float32 and float64 models (the compute dtype is the parameters');
+inputs may be tensors or dict-likes (dict / UserDict / BatchEncoding) of
+tensors, of which the model's graph inputs are passed (``dict_key_y`` is left
+out of the exported graph). ``enable_backprop=True`` Jacobians (gradients
+through them w.r.t. the input) fall back to laplace-torch's torch.func
+implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.utils import Kron
+from laplace.utils.feature_extractor import FeatureExtractor
+
+import laplace_rs
+
+from . import exporter
+
+__all__ = ["RustGGN", "RustEF", "RustHessian", "RustInterface"]
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def _lik_name(likelihood) -> str:
+    v = getattr(likelihood, "value", likelihood)
+    if v == "reward_modeling":
+        return "classification"
+    return str(v)
+
+
+class RustInterface(CurvatureInterface):
+    """Shared machinery of the laplace-rs backends (export, θ refresh, conversions)."""
+
+    _rs_curvature = "ggn"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        batch_size: int = 256,
+        output_key=None,
+    ) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self.batch_size = int(batch_size)
+        self.output_key = output_key
+        self._rs_model = None
+        self._rs_net = None
+        self._rs_fingerprint = None
+        self._rs_ll_subset = None
+        self._rs_params = None
+        self._rs_input_names = None
+
+    # ------------------------------------------------------------------ model
+
+    @property
+    def _net(self) -> nn.Module:
+        """The module laplace-rs computes with: the wrapped model of a FeatureExtractor."""
+        return self.model.model if isinstance(self.model, FeatureExtractor) else self.model
+
+    def _fingerprint(self, net):
+        bufs = tuple((k, b.detach().clone()) for k, b in net.named_buffers())
+        modes = tuple(m.training for m in net.modules())
+        return bufs, modes
+
+    def _fingerprint_same(self, fp):
+        old = self._rs_fingerprint
+        if old is None or old[1] != fp[1] or len(old[0]) != len(fp[0]):
+            return False
+        return all(k1 == k2 and b1.shape == b2.shape and torch.equal(b1, b2)
+                   for (k1, b1), (k2, b2) in zip(old[0], fp[0]))
+
+    def _example(self, x):
+        if isinstance(x, Mapping):
+            ex = {k: v for k, v in x.items() if isinstance(v, torch.Tensor) and k != self.dict_key_y}
+            ex = {k: v.detach().cpu() for k, v in ex.items()}
+            if ex and next(iter(ex.values())).shape[0] == 1:
+                ex = {k: torch.cat([v, v]) for k, v in ex.items()}
+            return ex
+        x = x.detach().cpu()
+        return torch.cat([x, x]) if x.shape[0] == 1 else x
+
+    def _export(self, net, x):
+        p0 = next(net.parameters())
+        if p0.dtype not in _DTYPES:
+            raise ValueError(f"laplace_rs.torch: parameters must be float32 or float64, not {p0.dtype}")
+        dtype = _DTYPES[p0.dtype]
+        ex = self._example(x)
+        tmp = tempfile.mkdtemp(prefix="laplace_rs_")
+        try:
+            with torch.no_grad():
+                try:
+                    exporter.export(net, ex, tmp, output_key=self.output_key)
+                except Exception as e_auto:  # noqa: BLE001
+                    # torch.fx traces symbolically (a forward that branches on
+                    # isinstance(x, Mapping) takes the wrong branch): try torch.export
+                    try:
+                        exporter.export(net, ex, tmp, output_key=self.output_key, tracer="export")
+                    except Exception:  # noqa: BLE001
+                        raise e_auto from None
+            m = laplace_rs.Model.load(f"{tmp}/model.json", f"{tmp}/weights.safetensors", dtype)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
+        names = [k for k, _ in named]
+        if list(m.parameter_names) != names:
+            raise ValueError("laplace_rs.torch: the exported model's parameters "
+                             f"{list(m.parameter_names)[:5]}... are not the trainable parameters {names[:5]}...")
+        self._rs_params = [p for _, p in named]
+        self._rs_input_names = list(m.input_names)
+        self._rs_model = m
+        self._rs_net = net
+        # the exported graph must compute what the module does
+        self._set_theta()
+        with torch.no_grad():
+            want = net(ex)
+            if self.output_key is not None:
+                want = want[self.output_key]
+            got = torch.from_numpy(np.asarray(m.forward(self._np_x(ex)))).to(want.dtype)
+        want = want.reshape(got.shape)
+        tol = 1e-4 if dtype == "float32" else 1e-9
+        err = (got - want).norm() / max(want.norm().item(), 1e-30)
+        if not err <= tol:
+            raise ValueError(f"laplace_rs.torch: the exported model disagrees with the module (rel. error {err:.2e})")
+        # the last layer: laplace-rs's (the last Linear executed) if it is FeatureExtractor's, else by name
+        self._rs_ll_subset = None
+        if isinstance(self.model, FeatureExtractor) and self.model.last_layer is not None:
+            ll = self.model.last_layer
+            ll_ids = {id(p) for p in ll.parameters() if p.requires_grad}
+            idx, off = [], 0
+            for p in self._rs_params:
+                if id(p) in ll_ids:
+                    idx.extend(range(off, off + p.numel()))
+                off += p.numel()
+            idx = np.asarray(idx, dtype=np.int64)
+            subset = idx
+            try:
+                x1 = self._np_x(ex)
+                j_ll, _ = laplace_rs.jacobians(m, x1, subset="last_layer")
+                j_ix, _ = laplace_rs.jacobians(m, x1, subset=idx)
+                if j_ll.shape == j_ix.shape and np.allclose(j_ll, j_ix, rtol=1e-12, atol=0):
+                    subset = "last_layer"
+            except laplace_rs.Error:
+                pass
+            self._rs_ll_subset = subset
+
+    def _rust(self, x):
+        """The laplace-rs model, exported on first use, with θ set to the module's parameters."""
+        net = self._net
+        fp = self._fingerprint(net)
+        if self._rs_model is None or self._rs_net is not net or not self._fingerprint_same(fp):
+            self._export(net, x)
+            self._rs_fingerprint = fp
+        else:
+            self._set_theta()
+        return self._rs_model
+
+    def _set_theta(self):
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1) for p in self._rs_params])
+        self._rs_model.set_parameter_vector(theta.cpu().numpy())
+
+    # ------------------------------------------------------------ conversions
+
+    @property
+    def _pdtype(self):
+        return next(self._net.parameters()).dtype
+
+    @property
+    def _pdevice(self):
+        return next(self._net.parameters()).device
+
+    def _np_x(self, x):
+        if isinstance(x, Mapping):
+            names = self._rs_input_names or list(x)
+            out = {}
+            for k in names:
+                if k not in x:
+                    raise ValueError(f"laplace_rs.torch: the input dict lacks {k!r} (model inputs: {names})")
+                out[k] = x[k].detach().cpu().numpy()
+            return out
+        return x.detach().cpu().numpy()
+
+    def _np_y(self, y):
+        y = y.detach().cpu()
+        if _lik_name(self.likelihood) == "classification":
+            return y.reshape(-1).to(torch.int64).numpy()
+        return y.to(self._pdtype).numpy()
+
+    def _t(self, a):
+        return torch.as_tensor(np.asarray(a)).to(device=self._pdevice, dtype=self._pdtype)
+
+    def _scalar(self, v):
+        return torch.as_tensor(float(v), device=self._pdevice, dtype=self._pdtype)
+
+    def _subset(self):
+        if self.last_layer:
+            return self._rs_ll_subset
+        if self.subnetwork_indices is not None:
+            return np.asarray(torch.as_tensor(self.subnetwork_indices).cpu().numpy(), dtype=np.int64)
+        return None
+
+    @property
+    def _lik(self) -> str:
+        return _lik_name(self.likelihood)
+
+    def _kind(self, samples=None):
+        """(laplace-rs curvature name, samples, seed)."""
+        return self._rs_curvature, 1, 0
+
+    def _curv(self, x, y, structure, samples=None, **kw):
+        m = self._rust(x)
+        kind, samples, seed = self._kind(samples)
+        return laplace_rs.curvature(m, self._np_x(x), self._np_y(y), self._lik, curvature=kind,
+                                    structure=structure, subset=self._subset(), samples=samples,
+                                    seed=seed, batch_size=self.batch_size, **kw)
+
+    # laplace-torch's quantity scale relative to ours: 2 for regression EF / gradients
+    def _scale(self) -> float:
+        return 2.0 if (self._lik == "regression" and self._rs_curvature == "ef") else 1.0
+
+    # ------------------------------------------------------------- quantities
+
+    def jacobians(self, x, enable_backprop: bool = False):
+        """Jacobians ``(batch, outputs, parameters)`` and outputs ``(batch, outputs)``."""
+        if self.last_layer:
+            return self.last_layer_jacobians(x, enable_backprop)
+        if enable_backprop:
+            return CurvatureInterface.jacobians(self, x, enable_backprop=True)
+        m = self._rust(x)
+        J, f = laplace_rs.jacobians(m, self._np_x(x), subset=self._subset(), batch_size=self.batch_size)
+        return self._t(J), self._t(f)
+
+    def last_layer_jacobians(self, x, enable_backprop: bool = False):
+        """Jacobians w.r.t. the last layer ``(batch, outputs, C·D [+ C])`` and outputs."""
+        if enable_backprop:
+            return CurvatureInterface.last_layer_jacobians(self, x, enable_backprop=True)
+        m = self._rust(x)
+        sub = self._rs_ll_subset if self._rs_ll_subset is not None else "last_layer"
+        J, f = laplace_rs.jacobians(m, self._np_x(x), subset=sub, batch_size=self.batch_size)
+        return self._t(J), self._t(f)
+
+    def functorch_jacobians(self, x, enable_backprop: bool = False):
+        """laplace-torch's torch.func Jacobians (differentiable), as its base class computes them."""
+        if self.last_layer:
+            return CurvatureInterface.last_layer_jacobians(self, x, enable_backprop)
+        return CurvatureInterface.jacobians(self, x, enable_backprop)
+
+    def selected_output_jacobians(self, x, outputs: torch.Tensor, enable_backprop: bool = False):
+        if enable_backprop:
+            return CurvatureInterface.selected_output_jacobians(self, x, outputs, enable_backprop)
+        J, f = self.jacobians(x)
+        if outputs.ndim == 1:
+            outputs = outputs[:, None]
+        if outputs.shape[0] != J.shape[0]:
+            raise ValueError("Output selectors must match the input batch size.")
+        idx = outputs.to(J.device, dtype=torch.long).unsqueeze(-1).expand(-1, -1, J.shape[-1])
+        return torch.gather(J, 1, idx), f
+
+    def gradients(self, x, y):
+        """Per-sample gradients ``(batch, parameters)`` of laplace-torch's loss and its sum.
+
+        Regression: gradients of ``MSELoss(reduction="sum")`` (laplace-torch's
+        convention), 2 × those of the negative log-likelihood.
+        """
+        m = self._rust(x)
+        G, loss = laplace_rs.gradients(m, self._np_x(x), self._np_y(y), self._lik,
+                                       subset=self._subset(), batch_size=self.batch_size)
+        s = 2.0 if self._lik == "regression" else 1.0
+        return self._t(G) * s, self._scalar(loss * s)
+
+    def full(self, x, y, **kwargs):
+        loss, H = self._curv(x, y, "full")
+        return self._scalar(loss), self._t(H) * self._scale()
+
+    def diag(self, x, y, **kwargs):
+        loss, d = self._curv(x, y, "diag")
+        return self._scalar(loss), self._t(d) * self._scale()
+
+    def kron(self, x, y, N: int, **kwargs):
+        if self._rs_curvature == "hessian":
+            raise NotImplementedError("laplace_rs: no Kronecker-factored Hessian (as in laplace-torch)")
+        approx = kwargs.get("kfac_approx", "expand")
+        samples = kwargs.get("mc_samples")  # curvlinops' name, passed via asdl_fisher_kwargs
+        loss, blocks = self._curv(x, y, "kron", samples=samples, n_data=int(N), kfac_approx=approx)
+        return self._scalar(loss), self._to_kron(blocks, M=len(y), N=int(N))
+
+    def _kron_params(self):
+        """(parameter, owning module) of each Kron block, in θ order."""
+        owner = {}
+        for mod in self._net.modules():
+            for p in mod._parameters.values():
+                if p is not None and id(p) not in owner:
+                    owner[id(p)] = mod
+        sub = self._subset()
+        params = self._rs_params
+        if isinstance(sub, str):  # the last layer
+            ll = {id(p) for p in self.model.last_layer.parameters()}
+            params = [p for p in params if id(p) in ll]
+        elif sub is not None:
+            mask = np.zeros(sum(p.numel() for p in params), dtype=bool)
+            mask[np.asarray(sub, dtype=np.int64)] = True
+            off, keep = 0, []
+            for p in params:
+                if mask[off:off + p.numel()].any():
+                    keep.append(p)
+                off += p.numel()
+            params = keep
+        return [(p, owner.get(id(p))) for p in params]
+
+    def _to_kron(self, blocks, M: int, N: int) -> Kron:
+        regression = self._lik == "regression"
+        ef = self._rs_curvature == "ef"
+        # laplace-torch: curvlinops' factors of MSELoss(sum) (Λ = 2I; EF gradients 2(f − y)),
+        # then `kron *= 0.5`, which multiplies each factor of a 2-factor block by √½
+        s_one = (2.0 if ef else 1.0) if regression else 1.0
+        s_b = (2.0 * math.sqrt(2.0) if ef else math.sqrt(2.0)) if regression else 1.0
+        s_a = math.sqrt(0.5) if regression else 1.0
+        owners = self._kron_params()
+        if len(owners) != len(blocks):
+            raise ValueError(f"laplace_rs.torch: {len(blocks)} Kron blocks for {len(owners)} parameter tensors")
+        kfacs = []
+        for fs, (p, mod) in zip(blocks, owners):
+            fs = [self._t(f) for f in fs]
+            if len(fs) == 2:
+                a_first = fs[0].ndim == 1 or isinstance(mod, nn.Embedding) or type(mod).__name__ == "Conv1D"
+                f0, f1 = (torch.diag(f) if f.ndim == 1 else f for f in fs)
+                kfacs.append([f0 * s_a, f1 * s_b] if a_first else [f0 * s_b, f1 * s_a])
+                continue
+            (f,) = fs
+            if f.ndim == 1:
+                f = torch.diag(f)
+            if p.ndim >= 2 and p.numel() == 1:
+                bias = getattr(mod, "bias", None)
+                if bias is None:  # laplace-torch merges [B·A] and skips its N/M rescaling
+                    kfacs.append([f * (s_one * N / M)])
+                else:  # laplace-torch keeps [B, A] of 1 × 1 factors
+                    kfacs.append([f * s_one, torch.ones_like(f)])
+                continue
+            kfacs.append([f * s_one])
+        return Kron(kfacs)
+
+
+class RustGGN(RustInterface, GGNInterface):
+    """The GGN (``stochastic=False``) or Monte-Carlo Fisher (``stochastic=True``, ``num_samples``
+    draws per point, seeded from torch's global generator) by laplace-rs."""
+
+    _rs_curvature = "ggn"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        batch_size: int = 256,
+        output_key=None,
+    ) -> None:
+        RustInterface.__init__(self, model, likelihood, last_layer, subnetwork_indices, dict_key_x,
+                               dict_key_y, batch_size=batch_size, output_key=output_key)
+        # after GGNInterface.__init__ (reached through RustInterface), which resets them
+        self.stochastic = stochastic
+        self.num_samples = num_samples
+
+    def _kind(self, samples=None):
+        if self.stochastic:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            return "fisher-mc", int(samples or self.num_samples), seed
+        return "ggn", 1, 0
+
+
+class RustEF(RustInterface, EFInterface):
+    """The empirical Fisher by laplace-rs (regression: laplace-torch's, 2 × the NLL's)."""
+
+    _rs_curvature = "ef"
+
+
+class RustHessian(RustInterface):
+    """The exact Hessian by laplace-rs: ``full``, ``diag`` (exact diagonal) and, for
+    ``LowRankLaplace``, ``eig_lowrank`` (top ``low_rank`` eigenpairs of the full Hessian)."""
+
+    _rs_curvature = "hessian"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        low_rank: int = 10,
+        batch_size: int = 256,
+        output_key=None,
+    ) -> None:
+        self.low_rank = low_rank
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y,
+                         batch_size=batch_size, output_key=output_key)
+
+    def eig_lowrank(self, data_loader):
+        """Top ``low_rank`` eigenpairs (eigenvalues > 1e-6) of the Hessian over the loader, and the loss.
+
+        As laplace-torch's AsdfghjklHessian (eigenvalues and loss in its scale: those of the
+        log-likelihood), but from the exact (P, P) Hessian (a symmetric eigendecomposition),
+        not power iteration: for models whose P × P Hessian fits in memory.
+        """
+        H, loss = None, 0.0
+        for batch in data_loader:
+            if isinstance(batch, MutableMapping):
+                x, y = batch, batch[self.dict_key_y]
+            else:
+                x, y = batch
+            lb, Hb = self.full(x, y)
+            H = Hb if H is None else H + Hb
+            loss = loss + lb
+        evals, evecs = torch.linalg.eigh(H)
+        order = torch.argsort(evals, descending=True)[: self.low_rank]
+        evals, evecs = evals[order], evecs[:, order]
+        mask = evals > 1e-6
+        return evecs[:, mask], evals[mask], loss
