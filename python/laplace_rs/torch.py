@@ -286,7 +286,19 @@ class RustInterface(CurvatureInterface):
             return CurvatureInterface.jacobians(self, x, enable_backprop=True)
         m = self._rust(x)
         J, f = laplace_rs.jacobians(m, self._np_x(x), subset=self._subset(), batch_size=self.batch_size)
-        return self._t(J), self._t(f)
+        return self._t(J), self._f(x, f)
+
+    def _f(self, x, f):
+        """The outputs: in float32 the module's own forward pass (f_mu == model(x) exactly, as with
+        laplace-torch's backends; ours differ by float32 rounding), in float64 laplace-rs's."""
+        f = self._t(f)
+        if self._pdtype != torch.float32:
+            return f
+        with torch.no_grad():
+            out = self.model(x)
+            if self.output_key is not None:
+                out = out[self.output_key]
+        return out.detach().reshape(f.shape)
 
     def last_layer_jacobians(self, x, enable_backprop: bool = False):
         """Jacobians w.r.t. the last layer ``(batch, outputs, C·D [+ C])`` and outputs."""
@@ -295,7 +307,7 @@ class RustInterface(CurvatureInterface):
         m = self._rust(x)
         sub = self._rs_ll_subset if self._rs_ll_subset is not None else "last_layer"
         J, f = laplace_rs.jacobians(m, self._np_x(x), subset=sub, batch_size=self.batch_size)
-        return self._t(J), self._t(f)
+        return self._t(J), self._f(x, f)
 
     def functorch_jacobians(self, x, enable_backprop: bool = False):
         """laplace-torch's torch.func Jacobians (differentiable), as its base class computes them."""
