@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Transformer benchmark: laplace-rs (`laplace` CLI) against laplace-torch on a BERT classifier.
 
-    venv/bin/python bench/transformer.py                 # ~27 min on 2 cores; writes
+    venv/bin/python bench/transformer.py                 # ~20 min on 2 idle cores; writes
                                                          # bench/TRANSFORMER.md, bench/transformer_results.json
     venv/bin/python bench/transformer.py --quiet-wait 300   # on a shared machine: wait for idle cores
     venv/bin/python bench/transformer.py --tasks llkron --merge bench/transformer_results.json   # redo one task
@@ -663,7 +663,8 @@ def ratio(a, b):
 
 
 def render(data):
-    meta, results = data["meta"], data["results"]
+    meta = data["meta"]
+    results = {t: data["results"][t] for t in TASKS if t in data["results"]}  # fixed order
     st, wl, m = meta["settings"], meta["workload"], meta["machine"]
     loads = [r["loadavg_before"] for r in data.get("records", []) if "loadavg_before" in r]
     runs = {}
@@ -786,7 +787,8 @@ def render(data):
             if o.get("ok"):
                 L.append(f"| {TASKS[task]} | {CLASS[fb]}{label}, batch {f['batch_size']} | "
                          f"{ratio(o['median_wall_s'], f['median_wall_s'])} ({fs(o['median_wall_s'])} vs "
-                         f"{fs(f['median_wall_s'])}) | {ratio(o['median_wall_s'], f['median_compute_s'])} "
+                         f"{fs(f['median_wall_s'])}); fastest runs {o['min_wall_s'] / f['min_wall_s']:.2f}× "
+                         f"({fs(o['min_wall_s'])} vs {fs(f['min_wall_s'])}) | {ratio(o['median_wall_s'], f['median_compute_s'])} "
                          f"({fs(o['median_wall_s'])} vs {fs(f['median_compute_s'])}) | "
                          f"{ratio(o['peak_rss_bytes'], f['peak_rss_bytes'])} ({fmb(o['peak_rss_bytes'])} vs "
                          f"{fmb(f['peak_rss_bytes'])}) |")
@@ -882,7 +884,7 @@ def render(data):
     L.append("")
     L.append("## How to rerun\n")
     L.append("```sh\ncargo build --release -p laplace-cli     # target/release/laplace (copied to /tmp/laplace-bench/ "
-             "before use)\nvenv/bin/python bench/transformer.py       # ~27 min on 2 cores; --help for options\n"
+             "before use)\nvenv/bin/python bench/transformer.py       # ~20 min on 2 idle cores; --help for options\n"
              "venv/bin/python bench/transformer.py --quiet-wait 300     # shared machine: wait for idle cores before "
              "each measurement\nvenv/bin/python bench/transformer.py --tasks llkron --merge bench/transformer_results.json"
              "   # redo one task (~2 min)\nvenv/bin/python bench/transformer.py --render bench/transformer_results.json"
@@ -890,8 +892,9 @@ def render(data):
     L.append("Options: `--rounds` (default 2), `--tasks diag,llkron`, `--backends torchfunc,curvlinops,asdl,backpack`, "
              "`--batch-size` (32), `--timeout` (600 s), `--mem-limit-gb` (16), `--threads` (2), `--quiet-wait` / "
              "`--quiet-below` / `--retry-loaded` (0 s / 0.3 cores / 0), `--merge`, `--keep` (keep the scratch directory with every log and "
-             "result). Time: ~11 min per round of the diagonal (the two torch.func-based backends ~5.5 min each), "
-             "~1.5 min per round of the last-layer task.")
+             "result). Time on idle cores: ~8 min per round of the diagonal (the two torch.func-based backends ~3.3 min "
+             "each, plus a ~1 min out-of-memory attempt at batch 32 in round 1), ~1 min per round of the "
+             "last-layer task; more when other processes share the cores.")
     return "\n".join(L) + "\n"
 
 

@@ -18,16 +18,35 @@ import time
 import warnings
 import zlib
 
+# this file lives in python/, next to the laplace_rs sources (without the compiled _native):
+# import the installed package instead
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--rounds", type=int, default=3)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--batch-size", type=int, default=256)
 ap.add_argument("--workloads", default="mlp_mnist,cnn_mnist")
 ap.add_argument("--budget", type=float, default=120.0, help="skip a backend in later rounds if one fit takes longer")
+ap.add_argument("--mem-limit-gb", type=float, default=16.0,
+                help="address-space limit of the process: a backend that needs more fails (MemoryError) instead of "
+                     "the machine killing the benchmark")
+ap.add_argument("--quiet-wait", type=float, default=600.0,
+                help="before each variant, wait up to this many seconds for the 1-minute load average to fall "
+                     "below --quiet-load (other processes on the machine distort the times)")
+ap.add_argument("--quiet-load", type=float, default=0.5)
 ap.add_argument("--md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCH.md"))
 args = ap.parse_args()
 os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before laplace_rs starts its thread pool
 os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+if args.mem_limit_gb > 0:
+    import resource
+    lim = int(args.mem_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+
+import copy  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -58,7 +77,17 @@ def data_of(name, shape, n, lik, c):
     return x, y
 
 
+def wait_quiet():
+    """Wait (up to --quiet-wait s) for a quiet machine; the 1-minute load average when starting."""
+    t0 = time.time()
+    while os.getloadavg()[0] >= args.quiet_load and time.time() - t0 < args.quiet_wait:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
 def fit(model, lik, sub, hs, backend, loader):
+    # a fresh copy: ASDL / BackPACK leave hooks and attributes on the modules they touch
+    model = copy.deepcopy(model)
     la = Laplace(model, lik, subset_of_weights=sub, hessian_structure=hs, backend=backend)
     t = time.perf_counter()
     la.fit(loader)
@@ -78,6 +107,7 @@ def main():
         for sub, hs in VARIANTS:
             if sub == "all" and hs == "full" and P > MAX_FULL_P:
                 continue
+            load = wait_quiet()
             times = {}
             lml = {}
             backends = [RustGGN] + TORCH_BACKENDS
@@ -92,7 +122,8 @@ def main():
                         times["RustGGN refit"] = []
                 except Exception as e:  # noqa: BLE001
                     ok[be] = False
-                    times[be.__name__] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:60]}"
+                    msg = (str(e).splitlines() or [""])[0][:60]
+                    times[be.__name__] = f"fails: {type(e).__name__}: {msg}".rstrip(": ")
             for r in range(args.rounds):
                 order = backends[r % len(backends):] + backends[:r % len(backends)]
                 for be in order:
@@ -112,10 +143,11 @@ def main():
             fastest = min(torch_ok, key=torch_ok.get) if torch_ok else None
             ref = lml.get("CurvlinopsGGN")
             dl = abs(lml["RustGGN"] - ref) / abs(ref) if ref is not None and "RustGGN" in lml else None
-            rows.append(dict(workload=name, P=P, n=n, variant=f"{sub} / {hs}", med=med, fastest=fastest,
+            rows.append(dict(workload=name, P=P, n=n, variant=f"{sub} / {hs}", med=med, fastest=fastest, load=load,
+                             load_end=os.getloadavg()[0],
                              lml_rel=dl, runs={k: len(v) for k, v in times.items() if isinstance(v, list)}))
             print(name, sub, hs, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in med.items()},
-                  "fastest torch:", fastest, "lml rel diff", dl, flush=True)
+                  "fastest torch:", fastest, "lml rel diff", dl, f"load {load:.2f}", flush=True)
     write_md(rows)
 
 
@@ -143,12 +175,18 @@ def write_md(rows):
         "- **fastest laplace-torch**: the fastest of CurvlinopsGGN, AsdlGGN, BackPackGGN for that variant "
         "(each one's median in the last columns);",
         "- **speed-up** = fastest laplace-torch / RustGGN (with export);",
+        f"- a backend that fails says why (`MemoryError`: it needed more than the benchmark's {args.mem_limit_gb:g} GiB "
+        "address-space limit);",
         "- **evidence rel. diff**: |lml(RustGGN) − lml(CurvlinopsGGN)| / |lml(CurvlinopsGGN)| of the warm-up fits (float32).",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}.",
         "",
-        "| workload (P, N) | variant | RustGGN | RustGGN refit | fastest laplace-torch | speed-up | evidence rel. diff | CurvlinopsGGN | AsdlGGN | BackPackGGN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "- **load**: the 1-minute load average before the variant's runs (after waiting up to "
+        f"{args.quiet_wait:g} s for it to fall below {args.quiet_load:g}) and after them (about 1 is this "
+        "benchmark itself on 2 cores; more means other processes shared the cores).",
+        "",
+        "| workload (P, N) | variant | RustGGN | RustGGN refit | fastest laplace-torch | speed-up | evidence rel. diff | CurvlinopsGGN | AsdlGGN | BackPackGGN | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["med"]
@@ -158,7 +196,7 @@ def write_md(rows):
         dl = f"{r['lml_rel']:.1e}" if r["lml_rel"] is not None else "—"
         lines.append(f"| {r['workload']} ({r['P']:,}, {r['n']}) | {r['variant']} | {fmt(m.get('RustGGN'))} | "
                      f"{fmt(m.get('RustGGN refit'))} | {fast} | {su} | {dl} | {fmt(m.get('CurvlinopsGGN'))} | "
-                     f"{fmt(m.get('AsdlGGN'))} | {fmt(m.get('BackPackGGN'))} |")
+                     f"{fmt(m.get('AsdlGGN'))} | {fmt(m.get('BackPackGGN'))} | {r['load']:.1f} → {r['load_end']:.1f} |")
     with open(args.md, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("wrote", args.md)

@@ -195,7 +195,8 @@ class RustInterface(CurvatureInterface):
                 x1 = self._np_x(ex)
                 j_ll, _ = laplace_rs.jacobians(m, x1, subset="last_layer")
                 j_ix, _ = laplace_rs.jacobians(m, x1, subset=idx)
-                if j_ll.shape == j_ix.shape and np.allclose(j_ll, j_ix, rtol=1e-12, atol=0):
+                # a different layer differs grossly; rounding (float32) must not matter
+                if j_ll.shape == j_ix.shape and np.linalg.norm(j_ll - j_ix) <= 1e-4 * np.linalg.norm(j_ix):
                     subset = "last_layer"
             except laplace_rs.Error:
                 pass
