@@ -36,6 +36,12 @@ ap.add_argument("--quiet-wait", type=float, default=600.0,
                 help="before each variant, wait up to this many seconds for the 1-minute load average to fall "
                      "below --quiet-load (other processes on the machine distort the times)")
 ap.add_argument("--quiet-load", type=float, default=0.5)
+ap.add_argument("--process", choices=["tuned", "default"], default="tuned",
+                help="tuned: laplace_rs.torch.tune_process() (the laplace CLI's malloc settings and "
+                     "CANDLE_NUM_THREADS=1, process-wide, so for every backend); default: neither")
+ap.add_argument("--json", default=None, help="also write the rows as JSON")
+ap.add_argument("--merge", nargs="*", default=None,
+                help="only write --md from these JSON files (one table each)")
 ap.add_argument("--md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "BENCH.md"))
 args = ap.parse_args()
 os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # before laplace_rs starts its thread pool
@@ -58,7 +64,10 @@ warnings.filterwarnings("ignore")
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import AsdlGGN, BackPackGGN, CurvlinopsGGN  # noqa: E402
 
-from laplace_rs.torch import RustGGN  # noqa: E402
+from laplace_rs.torch import RustGGN, tune_process  # noqa: E402
+
+if args.process == "tuned" and not args.merge:
+    tune_process()
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -148,7 +157,11 @@ def main():
                              lml_rel=dl, runs={k: len(v) for k, v in times.items() if isinstance(v, list)}))
             print(name, sub, hs, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in med.items()},
                   "fastest torch:", fastest, "lml rel diff", dl, f"load {load:.2f}", flush=True)
-    write_md(rows)
+    if args.json:
+        import json
+        with open(args.json, "w") as fh:
+            json.dump(dict(process=args.process, rows=rows, args=vars(args)), fh, indent=1)
+    write_md([(args.process, rows)])
 
 
 def fmt(v):
@@ -157,7 +170,7 @@ def fmt(v):
     return str(v)
 
 
-def write_md(rows):
+def write_md(tables):
     import platform
     lines = [
         "# laplace_rs.torch: `Laplace(...).fit(loader)` wall time",
@@ -175,15 +188,29 @@ def write_md(rows):
         "- **fastest laplace-torch**: the fastest of CurvlinopsGGN, AsdlGGN, BackPackGGN for that variant "
         "(each one's median in the last columns);",
         "- **speed-up** = fastest laplace-torch / RustGGN (with export);",
-        f"- a backend that fails says why (`MemoryError`: it needed more than the benchmark's {args.mem_limit_gb:g} GiB "
-        "address-space limit);",
+        "- a backend that fails says why (`DefaultCPUAllocator`: out of memory under the benchmark's "
+        f"{args.mem_limit_gb:g} GiB address-space limit; CurvlinopsGGN's diagonal is laplace-torch's "
+        "torch.func Jacobians of the whole batch, its full GGN curvlinops applied to all P identity columns at once);",
         "- **evidence rel. diff**: |lml(RustGGN) − lml(CurvlinopsGGN)| / |lml(CurvlinopsGGN)| of the warm-up fits (float32).",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}.",
-        "",
         "- **load**: the 1-minute load average before the variant's runs (after waiting up to "
         f"{args.quiet_wait:g} s for it to fall below {args.quiet_load:g}) and after them (about 1 is this "
         "benchmark itself on 2 cores; more means other processes shared the cores).",
+        "- **process**: `tuned` = `laplace_rs.torch.tune_process()` called first (the `laplace` CLI's glibc "
+        "malloc settings, process-wide, so they apply to the laplace-torch backends too, and "
+        "`CANDLE_NUM_THREADS=1`); `default` = neither (what a plain `import laplace_rs.torch` gets).",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}.",
+    ]
+    for process, rows in tables:
+        lines += [""] + table(process, rows)
+    with open(args.md, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("wrote", args.md)
+
+
+def table(process, rows):
+    lines = [
+        f"### process: {process}",
         "",
         "| workload (P, N) | variant | RustGGN | RustGGN refit | fastest laplace-torch | speed-up | evidence rel. diff | CurvlinopsGGN | AsdlGGN | BackPackGGN | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -197,10 +224,16 @@ def write_md(rows):
         lines.append(f"| {r['workload']} ({r['P']:,}, {r['n']}) | {r['variant']} | {fmt(m.get('RustGGN'))} | "
                      f"{fmt(m.get('RustGGN refit'))} | {fast} | {su} | {dl} | {fmt(m.get('CurvlinopsGGN'))} | "
                      f"{fmt(m.get('AsdlGGN'))} | {fmt(m.get('BackPackGGN'))} | {r['load']:.1f} → {r['load_end']:.1f} |")
-    with open(args.md, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("wrote", args.md)
+    return lines
 
 
 if __name__ == "__main__":
-    main()
+    if args.merge:
+        import json
+        tabs = []
+        for f in args.merge:
+            d = json.load(open(f))
+            tabs.append((d["process"], d["rows"]))
+        write_md(tabs)
+    else:
+        main()

@@ -6,11 +6,14 @@
 //! (`laplace_rs/__init__.py`) documents the functions with shapes.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Mutex;
 
 use laplace::curvature::KfacApprox;
 use laplace::posterior::marglik::MarglikOptions;
 use laplace::posterior::predict::Link;
+use laplace::pass::{fold_batches, Monitor};
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
 use laplace::{Curvature, CurvatureKind, Dataset, Inputs, Likelihood, Model, ModelSpec, Subset};
@@ -24,6 +27,72 @@ create_exception!(laplace_rs, Error, PyValueError, "An error of laplace-rs: bad 
 
 fn err(e: laplace::Error) -> PyErr {
     Error::new_err(e.to_string())
+}
+
+/// Watches passes over data from the computing thread (which released the
+/// GIL): between batches it takes the GIL to let Python handle pending
+/// signals (Ctrl-C raises `KeyboardInterrupt` there, which stops the pass) and
+/// to call the optional `progress(what, done, total)` callback.
+struct PyMonitor {
+    callback: Option<Py<PyAny>>,
+    /// The pass being run: its name and number of batches.
+    pass: Mutex<(String, usize)>,
+    /// The Python exception that stopped the computation.
+    error: Mutex<Option<PyErr>>,
+}
+
+impl PyMonitor {
+    fn call(&self, done: usize) -> ControlFlow<()> {
+        Python::with_gil(|py| {
+            let r = py.check_signals().and_then(|()| match &self.callback {
+                Some(cb) => {
+                    let (what, total) = self.pass.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    cb.call1(py, (what, done, total)).map(drop)
+                }
+                None => Ok(()),
+            });
+            match r {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    *self.error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+    }
+}
+
+impl Monitor for PyMonitor {
+    fn begin(&self, what: &str, batches: usize) {
+        *self.pass.lock().unwrap_or_else(|e| e.into_inner()) = (what.to_string(), batches);
+        if self.callback.is_some() {
+            // A failing callback is reported at the first batch's check.
+            let _ = self.call(0);
+        }
+    }
+
+    fn progress(&self, done: usize) -> ControlFlow<()> {
+        if self.error.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            return ControlFlow::Break(());
+        }
+        self.call(done)
+    }
+}
+
+/// Run `f` with the GIL released, watched by a [`PyMonitor`]: a Python
+/// exception raised between batches (KeyboardInterrupt, or one from the
+/// callback) is re-raised as itself, every other error as `laplace_rs.Error`.
+fn monitored<T: Send>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, f: impl FnOnce(&dyn Monitor) -> laplace::Result<T> + Send) -> PyResult<T> {
+    let mon = PyMonitor {
+        callback: progress.filter(|p| !p.is_none()).map(|p| p.clone().unbind()),
+        pass: Mutex::new((String::new(), 0)),
+        error: Mutex::new(None),
+    };
+    let r = py.allow_threads(|| f(&mon));
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => Err(mon.error.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| err(e))),
+    }
 }
 
 fn dtype_arg(d: Option<&str>) -> PyResult<Option<DType>> {
@@ -138,6 +207,16 @@ impl PyModel {
         Ok(PyModel { inner })
     }
 
+    /// Export a PyTorch module with laplace-rs's exporter and load it
+    /// (needs torch; see `laplace_rs.exporter.to_model`).
+    #[staticmethod]
+    #[pyo3(signature = (module, example_input, dtype=None, output_key=None))]
+    fn from_torch(py: Python<'_>, module: &Bound<'_, PyAny>, example_input: &Bound<'_, PyAny>, dtype: Option<&str>, output_key: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let m = py.import("laplace_rs.exporter")?.call_method1("to_model", (module, example_input, dtype, output_key))?;
+        let m = m.downcast::<PyModel>()?.borrow();
+        Ok(PyModel { inner: m.inner.try_clone().map_err(err)? })
+    }
+
     /// Build from the JSON text of a spec and a dict of state-dict arrays.
     #[staticmethod]
     #[pyo3(signature = (spec_json, weights, dtype=None))]
@@ -220,7 +299,7 @@ fn dataset(model: &Model, x: &Bound<'_, PyAny>, y: Option<&Bound<'_, PyAny>>) ->
 /// Curvature over a data set: (loss, H) — H `(P, P)` for "full", `(P,)` for
 /// "diag"; for "kron", (loss, blocks) with blocks a list of lists of factors.
 #[pyfunction]
-#[pyo3(signature = (model, x, y, likelihood, curvature="ggn", structure="diag", subset=None, n_data=None, kfac_approx="expand", samples=1, seed=0, batch_size=256))]
+#[pyo3(signature = (model, x, y, likelihood, curvature="ggn", structure="diag", subset=None, n_data=None, kfac_approx="expand", samples=1, seed=0, batch_size=256, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn curvature<'py>(
     py: Python<'py>,
@@ -236,6 +315,7 @@ fn curvature<'py>(
     samples: usize,
     seed: u64,
     batch_size: usize,
+    progress: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<(f64, Bound<'py, PyAny>)> {
     let m = &model.inner;
     let data = dataset(m, x, Some(y))?;
@@ -246,15 +326,16 @@ fn curvature<'py>(
     let bs = batch_size.max(1);
     match structure {
         "full" | "diag" => {
-            let (loss, h) = py
-                .allow_threads(|| if structure == "full" { c.full_over(&data, bs) } else { c.diag_over(&data, bs) })
-                .map_err(err)?;
+            let (loss, h) = monitored(py, progress, |mon| {
+                let c = c.with_monitor(mon);
+                if structure == "full" { c.full_over(&data, bs) } else { c.diag_over(&data, bs) }
+            })?;
             Ok((tensor::scalar_f64(&loss).map_err(err)?, to_numpy(py, &h)?))
         }
         "kron" => {
             let approx: KfacApprox = kfac_approx.parse().map_err(err)?;
             let n = n_data.unwrap_or(data.len());
-            let (loss, k) = py.allow_threads(|| c.kron_over(&data, bs, n, approx)).map_err(err)?;
+            let (loss, k) = monitored(py, progress, |mon| c.with_monitor(mon).kron_over(&data, bs, n, approx))?;
             let blocks = PyList::empty(py);
             for b in &k.blocks {
                 let fs = PyList::empty(py);
@@ -271,26 +352,27 @@ fn curvature<'py>(
 
 /// Jacobians J `(N, C, P)` and outputs f `(N, C)`.
 #[pyfunction]
-#[pyo3(signature = (model, x, subset=None, batch_size=256))]
-fn jacobians<'py>(py: Python<'py>, model: &PyModel, x: &Bound<'py, PyAny>, subset: Option<&Bound<'py, PyAny>>, batch_size: usize) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+#[pyo3(signature = (model, x, subset=None, batch_size=256, progress=None))]
+fn jacobians<'py>(py: Python<'py>, model: &PyModel, x: &Bound<'py, PyAny>, subset: Option<&Bound<'py, PyAny>>, batch_size: usize, progress: Option<&Bound<'py, PyAny>>) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let m = &model.inner;
     let data = dataset(m, x, None)?;
     let subset = to_subset(m, subset)?;
     let last = subset == Subset::LastLayer;
     let c = Curvature::new(m, Likelihood::Classification, CurvatureKind::Ggn, &subset).map_err(err)?;
-    let (j, f) = py.allow_threads(|| c.jacobians_over(&data, batch_size.max(1), last)).map_err(err)?;
+    let (j, f) = monitored(py, progress, |mon| c.with_monitor(mon).jacobians_over(&data, batch_size.max(1), last))?;
     Ok((to_numpy(py, &j)?, to_numpy(py, &f)?))
 }
 
 /// Per-sample gradients G `(N, P)` of ℓ_n and the loss Σ_n ℓ_n.
 #[pyfunction]
-#[pyo3(signature = (model, x, y, likelihood, subset=None, batch_size=256))]
-fn gradients<'py>(py: Python<'py>, model: &PyModel, x: &Bound<'py, PyAny>, y: &Bound<'py, PyAny>, likelihood: &str, subset: Option<&Bound<'py, PyAny>>, batch_size: usize) -> PyResult<(Bound<'py, PyAny>, f64)> {
+#[pyo3(signature = (model, x, y, likelihood, subset=None, batch_size=256, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn gradients<'py>(py: Python<'py>, model: &PyModel, x: &Bound<'py, PyAny>, y: &Bound<'py, PyAny>, likelihood: &str, subset: Option<&Bound<'py, PyAny>>, batch_size: usize, progress: Option<&Bound<'py, PyAny>>) -> PyResult<(Bound<'py, PyAny>, f64)> {
     let m = &model.inner;
     let data = dataset(m, x, Some(y))?;
     let subset = to_subset(m, subset)?;
     let c = Curvature::new(m, likelihood_arg(likelihood)?, CurvatureKind::Ef, &subset).map_err(err)?;
-    let (g, loss) = py.allow_threads(|| c.gradients_over(&data, batch_size.max(1))).map_err(err)?;
+    let (g, loss) = monitored(py, progress, |mon| c.with_monitor(mon).gradients_over(&data, batch_size.max(1)))?;
     Ok((to_numpy(py, &g)?, tensor::scalar_f64(&loss).map_err(err)?))
 }
 
@@ -335,8 +417,9 @@ impl PyPosterior {
     /// GLM predictive: class probabilities (N, C) (`link`: probit, bridge,
     /// bridge_norm, mc), or for regression the mean and the functional
     /// variance (N, C) each.
-    #[pyo3(signature = (x, link="probit", samples=100, seed=0, batch_size=256))]
-    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, link: &str, samples: usize, seed: u64, batch_size: usize) -> PyResult<Bound<'py, PyAny>> {
+    #[pyo3(signature = (x, link="probit", samples=100, seed=0, batch_size=256, progress=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>, link: &str, samples: usize, seed: u64, batch_size: usize, progress: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let x = to_inputs(x, self.inner.model().dtype())?;
         let link = match link {
             "probit" => Link::Probit,
@@ -347,23 +430,19 @@ impl PyPosterior {
         };
         let data = Dataset { x, y: None };
         let post = &self.inner;
-        let parts = py
-            .allow_threads(|| -> laplace::Result<Vec<(Tensor, Option<Tensor>)>> {
-                data.batch_ranges(batch_size.max(1))
-                    .into_iter()
-                    .map(|(o, n)| {
-                        let xb = data.inputs(o, n)?;
-                        Ok(match post.likelihood {
-                            Likelihood::Classification => (post.predict_probs(&xb, link)?, None),
-                            Likelihood::Regression => {
-                                let (m, v) = post.predict_regression(&xb)?;
-                                (m, Some(v))
-                            }
-                        })
-                    })
-                    .collect()
+        let parts = monitored(py, progress, |mon| {
+            fold_batches(&data, batch_size, mon, "predictive", Vec::new(), |mut parts, o, n| {
+                let xb = data.inputs(o, n)?;
+                parts.push(match post.likelihood {
+                    Likelihood::Classification => (post.predict_probs(&xb, link)?, None),
+                    Likelihood::Regression => {
+                        let (m, v) = post.predict_regression(&xb)?;
+                        (m, Some(v))
+                    }
+                });
+                Ok(parts)
             })
-            .map_err(err)?;
+        })?;
         let first: Vec<Tensor> = parts.iter().map(|p| p.0.clone()).collect();
         let first = Tensor::cat(&first, 0).map_err(|e| err(e.into()))?;
         if post.likelihood == Likelihood::Classification {
@@ -380,7 +459,7 @@ impl PyPosterior {
 /// with `optimize_prior="marglik"` the prior (and with `optimize_sigma`, σ)
 /// tuned by the evidence as laplace-torch does.
 #[pyfunction]
-#[pyo3(signature = (model, x, y, likelihood, structure="kron", subset=None, curvature="ggn", rank=10, prior_precision=1.0, optimize_prior=None, optimize_sigma=false, sigma_noise=1.0, temperature=1.0, batch_size=256))]
+#[pyo3(signature = (model, x, y, likelihood, structure="kron", subset=None, curvature="ggn", rank=10, prior_precision=1.0, optimize_prior=None, optimize_sigma=false, sigma_noise=1.0, temperature=1.0, batch_size=256, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn fit(
     py: Python<'_>,
@@ -398,6 +477,7 @@ fn fit(
     sigma_noise: f64,
     temperature: f64,
     batch_size: usize,
+    progress: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PyPosterior> {
     let m = model.inner.try_clone().map_err(err)?;
     let data = dataset(&m, x, Some(y))?;
@@ -411,22 +491,20 @@ fn fit(
         k => k,
     };
     let lik = likelihood_arg(likelihood)?;
-    let opts = FitOptions { subset, structure, curvature, batch_size: batch_size.max(1), prior_precision: vec![prior_precision], sigma_noise, temperature, progress: false, ..FitOptions::default() };
+    let opts = FitOptions { subset, structure, curvature, batch_size: batch_size.max(1), prior_precision: vec![prior_precision], sigma_noise, temperature, ..FitOptions::default() };
     let marglik = match optimize_prior {
         None => false,
         Some("marglik") => true,
         Some(other) => return Err(Error::new_err(format!("optimize_prior must be None or \"marglik\", got {other:?}"))),
     };
-    let post = py
-        .allow_threads(|| -> laplace::Result<Posterior> {
-            let mut post = Posterior::fit(m, &data, lik, &opts)?;
-            if marglik {
-                let mo = MarglikOptions { optimize_sigma, init_prior_precision: prior_precision, ..MarglikOptions::default() };
-                post.optimize_marglik(&mo)?;
-            }
-            Ok(post)
-        })
-        .map_err(err)?;
+    let post = monitored(py, progress, |mon| {
+        let mut post = Posterior::fit_monitored(m, &data, lik, &opts, mon)?;
+        if marglik {
+            let mo = MarglikOptions { optimize_sigma, init_prior_precision: prior_precision, ..MarglikOptions::default() };
+            post.optimize_marglik(&mo)?;
+        }
+        Ok(post)
+    })?;
     Ok(PyPosterior { inner: post })
 }
 

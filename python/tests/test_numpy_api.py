@@ -154,3 +154,58 @@ def test_posteriors_match_laplace_torch(structure, subset, tmp_path):
     # The evidence-tuned prior is at least as good as laplace-torch's.
     tuned = laplace_rs.fit(fx.model, fx.x, fx.y, "classification", structure=structure, subset=subset, optimize_prior="marglik")
     assert tuned.log_marginal_likelihood() >= exp[pre + "optimized.log_marglik"][0] - 1e-6
+
+
+def test_progress_callback_sees_every_batch_and_can_stop_the_pass():
+    fx = Fixture("cls_cnn")
+    n = len(fx.y)
+    calls = []
+    laplace_rs.curvature(fx.model, fx.x, fx.y, "classification", structure="diag", batch_size=3,
+                         progress=lambda what, done, total: calls.append((what, done, total)))
+    batches = -(-n // 3)
+    assert [c[1] for c in calls] == list(range(batches + 1))
+    assert all(c[2] == batches for c in calls) and calls[0][0] == "curvature diagonal"
+    # the same result in one batch, and with the plain bar
+    a = laplace_rs.curvature(fx.model, fx.x, fx.y, "classification", structure="diag", batch_size=3)[1]
+    b = laplace_rs.curvature(fx.model, fx.x, fx.y, "classification", structure="diag", batch_size=n, progress=True)[1]
+    assert rel(a, b) < 1e-12
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_2(what, done, total):
+        if done == 2:
+            raise Stop(what)
+
+    # an exception in the callback (as KeyboardInterrupt from Ctrl-C) stops the pass and propagates
+    for f in (lambda: laplace_rs.curvature(fx.model, fx.x, fx.y, "classification", structure="full",
+                                           batch_size=2, progress=stop_at_2),
+              lambda: laplace_rs.jacobians(fx.model, fx.x, batch_size=2, progress=stop_at_2),
+              lambda: laplace_rs.fit(fx.model, fx.x, fx.y, "classification", structure="diag", batch_size=2,
+                                     progress=stop_at_2)):
+        with pytest.raises(Stop):
+            f()
+
+
+def test_ctrl_c_interrupts_a_computation():
+    """SIGINT during a long pass: KeyboardInterrupt after the current batch, not at the end."""
+    import signal
+    import threading
+    import time
+
+    fx = Fixture("cls_cnn")
+    x = np.concatenate([fx.x] * 400)
+    y = np.concatenate([fx.y] * 400)
+    done = []
+    t0 = time.perf_counter()
+    laplace_rs.curvature(fx.model, x, y, "classification", structure="diag", batch_size=8,
+                         progress=lambda w, d, t: done.append(d))
+    whole = time.perf_counter() - t0
+    done.clear()
+    timer = threading.Timer(whole / 10, lambda: signal.raise_signal(signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        laplace_rs.curvature(fx.model, x, y, "classification", structure="diag", batch_size=8,
+                             progress=lambda w, d, t: done.append(d))
+    timer.join()
+    assert 0 < done[-1] < len(range(0, len(y), 8))

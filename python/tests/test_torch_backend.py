@@ -1,7 +1,6 @@
 """laplace_rs.torch (RustGGN / RustEF / RustHessian) against laplace-torch's own backends.
 
-Needs torch and laplace-torch (skipped otherwise) and the repository's
-tools/laplace_export.py (found as laplace_rs.exporter says). Float64, CPU.
+Needs torch, laplace-torch and curvlinops (skipped otherwise). Float64, CPU.
 Every Laplace variant is fitted twice, with our backend and with laplace-torch's
 (CurvlinopsGGN / CurvlinopsEF / CurvlinopsHessian, or where those fail or are
 wrong a documented substitute), and compared: log marginal likelihood, posterior
@@ -31,12 +30,6 @@ from laplace import (  # noqa: E402
     KronLaplace, KronLLLaplace, Laplace)
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN, CurvlinopsHessian  # noqa: E402
 from laplace.utils import Kron  # noqa: E402
-
-try:
-    from laplace_rs import exporter as _exporter
-    _exporter.tools_dir()
-except ImportError as e:  # pragma: no cover
-    pytest.skip(f"tools/laplace_export.py not found: {e}", allow_module_level=True)
 
 from laplace_rs.torch import RustEF, RustGGN, RustHessian  # noqa: E402
 
@@ -523,15 +516,22 @@ def test_float32_regression_kron_and_ef():
 
 
 def test_stochastic_ggn_is_an_unbiased_estimate():
+    """MC Fisher diagonal → GGN diagonal at the Monte-Carlo rate (error ∝ 1/√samples)."""
     c = case("mlp_cls")
     x, y = first_batch(c)
     _, exact = RustGGN(c.model, c.lik).diag(x, y)
     torch.manual_seed(0)
-    be = RustGGN(c.model, c.lik, stochastic=True, num_samples=4000)
+    errs = {}
+    for s in (250, 16000):
+        _, mc = RustGGN(c.model, c.lik, stochastic=True, num_samples=s).diag(x, y)
+        errs[s] = rel(mc, exact)
+    # 64× the samples: 8× smaller error expected; allow a factor 2.7 of noise
+    assert errs[16000] < errs[250] / 3 and errs[16000] < 0.05, errs
+    be = RustGGN(c.model, c.lik, stochastic=True, num_samples=100)
+    torch.manual_seed(1)
     _, mc = be.diag(x, y)
-    assert rel(mc, exact) < 0.05
     _, mc2 = be.diag(x, y)  # a new seed from torch's generator on every call
     assert rel(mc2, mc) > 0
-    torch.manual_seed(0)
-    _, mc3 = RustGGN(c.model, c.lik, stochastic=True, num_samples=4000).diag(x, y)
+    torch.manual_seed(1)
+    _, mc3 = RustGGN(c.model, c.lik, stochastic=True, num_samples=100).diag(x, y)
     assert rel(mc3, mc) == 0

@@ -128,7 +128,8 @@ impl CurvatureSpec {
 
 pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
     let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model, a.mc.samples)?;
+    let bar = crate::progress::TerminalBar::new(true);
+    let curv = a.spec.curvature(&model, a.mc.samples)?.with_monitor(&bar);
     let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
     laplace::io::write_safetensors_with_metadata(&a.out, &out, &metadata)
 }

@@ -224,7 +224,7 @@ fn laplace_part(a: &DemoArgs, model: Sequential, train: &Dataset, test: &Dataset
     println!("\n  Laplace posteriors (GGN; prior precision per parameter tensor, tuned by the marginal likelihood)");
     for (name, subset, structure) in [("Laplace KFAC", Subset::All, Structure::Kron), ("Laplace last layer", Subset::LastLayer, Structure::Full)] {
         let t0 = Instant::now();
-        let opts = FitOptions { subset, structure, batch_size: a.batch_size, progress: false, ..FitOptions::default() };
+        let opts = FitOptions { subset, structure, batch_size: a.batch_size, ..FitOptions::default() };
         let mut post = Posterior::fit(model.try_clone()?, train, lik, &opts)?;
         let before = post.evidence()?;
         let rep = post.optimize_marglik(&MarglikOptions { prior_structure: PriorStructure::Layerwise, ..MarglikOptions::default() })?;

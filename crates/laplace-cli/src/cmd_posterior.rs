@@ -230,10 +230,10 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         prior_precision: vec![a.prior_precision],
         sigma_noise: a.sigma_noise,
         temperature: a.temperature,
-        progress: !a.json,
         ..FitOptions::default()
     };
-    let mut post = Posterior::fit(model, &data, likelihood, &opts)?;
+    let bar = crate::progress::TerminalBar::new(!a.json);
+    let mut post = Posterior::fit_monitored(model, &data, likelihood, &opts, &bar)?;
     // Expand a scalar start to the requested structure.
     post.prior_precision = match prior_structure {
         PriorStructure::Scalar => vec![a.prior_precision],

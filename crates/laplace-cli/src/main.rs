@@ -12,6 +12,7 @@ mod cmd_jacobians;
 mod cmd_operator;
 mod cmd_posterior;
 mod plot;
+mod progress;
 
 use std::process::ExitCode;
 

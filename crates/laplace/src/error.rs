@@ -32,6 +32,10 @@ pub enum Error {
     #[error("numerical error: {0}")]
     NonFinite(String),
 
+    /// A [`Monitor`](crate::pass::Monitor) stopped the computation (Ctrl-C).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
+
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

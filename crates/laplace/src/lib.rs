@@ -44,6 +44,7 @@ pub mod linalg;
 pub mod model;
 pub mod nn;
 pub mod operator;
+pub mod pass;
 pub mod posterior;
 pub mod rng;
 pub mod spec;

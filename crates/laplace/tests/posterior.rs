@@ -18,7 +18,7 @@ fn fit(fx: &Fixture, subset: Subset, structure: Structure, prior: Vec<f64>, sigm
         batch_size: 3,
         prior_precision: prior,
         sigma_noise: sigma,
-        progress: false,
+       
         ..FitOptions::default()
     };
     Posterior::fit(fx.model.try_clone().unwrap(), &fx.data, fx.likelihood, &opts).unwrap()
@@ -227,7 +227,7 @@ fn bad_input_is_refused() {
     }
     let e = post.log_marginal_likelihood(&[1.0], 0.5).unwrap_err().to_string();
     assert!(e.contains("sigma_noise"), "{e}");
-    let opts = FitOptions { sigma_noise: 0.5, progress: false, ..FitOptions::default() };
+    let opts = FitOptions { sigma_noise: 0.5, ..FitOptions::default() };
     assert!(Posterior::fit(fx.model.try_clone().unwrap(), &fx.data, fx.likelihood, &opts).is_err());
     // Wrong input shape for predictions.
     let x = Tensor::zeros((2, 7), DType::F64, &Device::Cpu).unwrap();

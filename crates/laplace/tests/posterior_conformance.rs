@@ -59,7 +59,7 @@ fn fit(c: &Case, subset: Subset, structure: Structure) -> Posterior {
         batch_size: 3,
         prior_precision: vec![0.7],
         sigma_noise: c.sigma,
-        progress: false,
+       
         ..FitOptions::default()
     };
     let mut post = Posterior::fit(c.fx.model.try_clone().unwrap(), &c.fx.data, c.fx.likelihood, &opts).unwrap();
@@ -236,7 +236,7 @@ fn cls_cnn_matches_laplace_torch() {
 fn lowrank_eigenpairs_match_laplace_torch() {
     for name in ["reg_multi", "cls_mlp", "cls_cnn"] {
         let c = case(name);
-        let opts = FitOptions { structure: Structure::LowRank { rank: 10 }, prior_precision: vec![0.7], sigma_noise: c.sigma, progress: false, ..FitOptions::default() };
+        let opts = FitOptions { structure: Structure::LowRank { rank: 10 }, prior_precision: vec![0.7], sigma_noise: c.sigma, ..FitOptions::default() };
         let post = Posterior::fit(c.fx.model.try_clone().unwrap(), &c.fx.data, c.fx.likelihood, &opts).unwrap();
         let laplace::posterior::Fitted::LowRank { values, .. } = post.fitted() else { panic!() };
         let mut want = tensor::to_vec_f64(&c.exp["lowrank.all.eigenvalues"]).unwrap();

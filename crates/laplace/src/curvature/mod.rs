@@ -36,6 +36,7 @@ use crate::kron::Kron;
 use crate::error::{bail, Error, Result};
 use crate::likelihood::Likelihood;
 use crate::model::Sequential;
+use crate::pass::Monitor;
 use crate::tensor::Tensor;
 
 /// Which curvature: GGN, Monte-Carlo Fisher or empirical Fisher.
@@ -91,6 +92,8 @@ pub struct Curvature<'m> {
     /// Bound on the elements of per-chunk temporaries (per-sample gradients
     /// of a batch chunk): the memory knob of `full` and `diag`.
     chunk_elems: usize,
+    /// Told about every pass over a data set (`*_over`, the curvature operator).
+    monitor: &'m dyn Monitor,
 }
 
 /// Default bound on temporaries: 2^24 elements (128 MiB in f64).
@@ -108,7 +111,19 @@ impl<'m> Curvature<'m> {
             kind,
             selection: ParamSelection::new(model, subset)?,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
+            monitor: &crate::pass::SILENT,
         })
+    }
+
+    /// Report passes over data sets to `monitor` (progress; it may stop them).
+    pub fn with_monitor(mut self, monitor: &'m dyn Monitor) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
+    /// The monitor of passes over data sets.
+    pub fn monitor(&self) -> &'m dyn Monitor {
+        self.monitor
     }
 
     /// Bound the temporaries of `full` and `diag` to about `elems` elements.

@@ -72,14 +72,11 @@ impl LinearOperator for CurvatureOperator<'_> {
     fn matmat(&self, v: &Tensor) -> Result<Tensor> {
         check_rows(v, self.dim())?;
         let v = v.to_dtype(self.dtype())?;
-        let mut acc: Option<Tensor> = None;
-        for (offset, len) in self.data.batch_ranges(self.batch_size) {
-            let (_, hv) = self.curvature.matmat(&self.data.batch(offset, len)?, &v)?;
-            acc = Some(match acc {
-                None => hv,
-                Some(a) => (a + hv)?,
-            });
-        }
+        let monitor = self.curvature.monitor();
+        let acc = crate::pass::fold_batches(self.data, self.batch_size, monitor, "curvature product", None, |acc, o, n| {
+            let (_, hv) = self.curvature.matmat(&self.data.batch(o, n)?, &v)?;
+            crate::pass::accumulate(acc, hv, |a, b| Ok((a + b)?))
+        })?;
         Ok(acc.expect("a data set has at least one point"))
     }
 

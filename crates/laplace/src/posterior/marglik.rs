@@ -441,23 +441,22 @@ impl Posterior {
     /// Gaussian with variance f_var + σ²).
     pub fn validation_nll(&self, val: &Dataset, batch_size: usize) -> Result<f64> {
         let y = val.targets()?;
-        let mut total = 0.0;
-        for (o, n) in val.batch_ranges(batch_size) {
+        let total = crate::pass::fold_batches(val, batch_size, &crate::pass::SILENT, "validation loss", 0.0, |total, o, n| {
             let x = val.inputs(o, n)?;
             let yb = y.narrow(0, o, n)?;
-            total += n as f64
-                * match self.likelihood {
-                    Likelihood::Classification => {
-                        let probs = self.predict_probs(&x, super::predict::Link::Probit)?;
-                        super::metrics::classification(&probs, &tensor::to_vec_i64(&yb)?)?.nll
-                    }
-                    Likelihood::Regression => {
-                        let (m, v) = self.predict_regression(&x)?;
-                        let v = (v + self.sigma_noise * self.sigma_noise)?;
-                        super::metrics::regression(&m, &v, &yb.to_dtype(tensor::DType::F64)?)?.nll
-                    }
-                };
-        }
+            let nll = match self.likelihood {
+                Likelihood::Classification => {
+                    let probs = self.predict_probs(&x, super::predict::Link::Probit)?;
+                    super::metrics::classification(&probs, &tensor::to_vec_i64(&yb)?)?.nll
+                }
+                Likelihood::Regression => {
+                    let (m, v) = self.predict_regression(&x)?;
+                    let v = (v + self.sigma_noise * self.sigma_noise)?;
+                    super::metrics::regression(&m, &v, &yb.to_dtype(tensor::DType::F64)?)?.nll
+                }
+            };
+            Ok(total + n as f64 * nll)
+        })?;
         Ok(total / val.len() as f64)
     }
 }

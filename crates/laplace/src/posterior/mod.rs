@@ -22,7 +22,6 @@ pub mod marglik;
 pub mod metrics;
 pub mod predict;
 
-use std::io::IsTerminal;
 use std::str::FromStr;
 
 use crate::curvature::{Curvature, CurvatureKind, KfacApprox, Subset};
@@ -32,6 +31,7 @@ use crate::kron::{Kron, KronDecomposed};
 use crate::likelihood::Likelihood;
 use crate::model::Sequential;
 use crate::operator::{lanczos_top_k, CurvatureOperator};
+use crate::pass::{fold_batches, Monitor};
 use crate::tensor::{self, Tensor};
 
 /// How the curvature (and so the posterior precision) is represented.
@@ -97,8 +97,6 @@ pub struct FitOptions {
     /// KFAC: `damping` variant when adding the prior.
     pub kron_damping: bool,
     pub kfac_approx: KfacApprox,
-    /// Show a progress bar on a terminal.
-    pub progress: bool,
 }
 
 impl Default for FitOptions {
@@ -114,7 +112,6 @@ impl Default for FitOptions {
             temperature: 1.0,
             kron_damping: false,
             kfac_approx: KfacApprox::Expand,
-            progress: true,
         }
     }
 }
@@ -179,45 +176,25 @@ pub(crate) fn subset_values(model: &Sequential, subset: &Subset) -> Result<(Vec<
 }
 
 /// Σ_n ℓ_n over the data set at the model's parameters.
-pub(crate) fn loss_over(model: &Sequential, likelihood: Likelihood, data: &Dataset, batch_size: usize) -> Result<f64> {
+pub(crate) fn loss_over(model: &Sequential, likelihood: Likelihood, data: &Dataset, batch_size: usize, monitor: &dyn Monitor) -> Result<f64> {
     let y = data.targets()?;
-    let mut total = 0.0;
-    for (o, n) in data.batch_ranges(batch_size) {
+    fold_batches(data, batch_size, monitor, "loss", 0.0, |total, o, n| {
         let f = model.forward(&data.inputs(o, n)?)?;
         let t = likelihood.prepare_targets(&y.narrow(0, o, n)?, n, model.n_outputs(), model.dtype())?;
-        total += tensor::scalar_f64(&likelihood.loss(&f, &t)?)?;
-    }
-    Ok(total)
-}
-
-/// A progress line on stderr when it is a terminal.
-struct Progress {
-    on: bool,
-    total: usize,
-    what: &'static str,
-}
-
-impl Progress {
-    fn new(on: bool, total: usize, what: &'static str) -> Self {
-        Progress { on: on && std::io::stderr().is_terminal(), total, what }
-    }
-
-    fn step(&self, done: usize) {
-        if self.on {
-            let width = 30;
-            let filled = done * width / self.total.max(1);
-            eprint!("\r{} [{}{}] {done}/{}", self.what, "#".repeat(filled), "-".repeat(width - filled), self.total);
-            if done == self.total {
-                eprintln!();
-            }
-        }
-    }
+        Ok(total + tensor::scalar_f64(&likelihood.loss(&f, &t)?)?)
+    })
 }
 
 impl Posterior {
     /// Fit the curvature of the subset at the model's parameters (the MAP)
     /// over `data`, batch by batch.
     pub fn fit(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions) -> Result<Self> {
+        Self::fit_monitored(model, data, likelihood, opts, &crate::pass::SILENT)
+    }
+
+    /// [`fit`](Self::fit), reporting its passes over `data` to `monitor`
+    /// (a progress bar; it may stop the fit with [`Error::Interrupted`](crate::Error::Interrupted)).
+    pub fn fit_monitored(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions, monitor: &dyn Monitor) -> Result<Self> {
         if !(opts.sigma_noise > 0.0 && opts.sigma_noise.is_finite()) {
             bail!(Invalid, "sigma_noise must be positive, got {}", opts.sigma_noise);
         }
@@ -231,58 +208,30 @@ impl Posterior {
             bail!(Invalid, "a Kronecker posterior needs whole parameter tensors: use full or diag for a subnetwork");
         }
         let (mean, groups, n_groups) = subset_values(&model, &opts.subset)?;
-        let ranges = data.batch_ranges(opts.batch_size);
-        let progress = Progress::new(opts.progress, ranges.len(), "fitting the Laplace approximation");
-        let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?;
-        let mut loss = 0.0;
-        let fitted = match opts.structure {
-            Structure::Full | Structure::Diag => {
-                let mut acc: Option<Tensor> = None;
-                for (i, &(o, n)) in ranges.iter().enumerate() {
-                    let b = data.batch(o, n)?;
-                    let (l, h) = if opts.structure == Structure::Full { curv.full(&b)? } else { curv.diag(&b)? };
-                    loss += tensor::scalar_f64(&l)?;
-                    acc = Some(match acc {
-                        None => h,
-                        Some(a) => (a + h)?,
-                    });
-                    progress.step(i + 1);
-                }
-                let h = acc.expect("a data set has at least one point");
-                if opts.structure == Structure::Full {
-                    let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
-                    Fitted::Full {
-                        h,
-                        eigvals: tensor::to_vec_f64(&vals)?,
-                        eigvecs: tensor::to_faer(&vecs)?,
-                    }
-                } else {
-                    Fitted::Diag { h: tensor::to_vec_f64(&h)? }
-                }
+        let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor);
+        let (loss, fitted) = match opts.structure {
+            Structure::Full => {
+                let (l, h) = curv.full_over(data, opts.batch_size)?;
+                let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
+                let fitted = Fitted::Full { h, eigvals: tensor::to_vec_f64(&vals)?, eigvecs: tensor::to_faer(&vecs)? };
+                (tensor::scalar_f64(&l)?, fitted)
+            }
+            Structure::Diag => {
+                let (l, h) = curv.diag_over(data, opts.batch_size)?;
+                (tensor::scalar_f64(&l)?, Fitted::Diag { h: tensor::to_vec_f64(&h)? })
             }
             Structure::Kron => {
-                let mut acc: Option<Kron> = None;
-                for (i, &(o, n)) in ranges.iter().enumerate() {
-                    let (l, k) = curv.kron(&data.batch(o, n)?, data.len(), opts.kfac_approx)?;
-                    loss += tensor::scalar_f64(&l)?;
-                    acc = Some(match acc {
-                        None => k,
-                        Some(a) => a.add(&k)?,
-                    });
-                    progress.step(i + 1);
-                }
-                let kron = acc.expect("a data set has at least one point");
+                let (l, kron) = curv.kron_over(data, opts.batch_size, data.len(), opts.kfac_approx)?;
                 let decomposed = kron.decompose(opts.kron_damping)?;
-                Fitted::Kron { kron, decomposed }
+                (tensor::scalar_f64(&l)?, Fitted::Kron { kron, decomposed })
             }
             Structure::LowRank { rank } => {
                 let op = CurvatureOperator::new(&curv, data, opts.batch_size)?;
                 let ep = lanczos_top_k(&op, rank, 1e-8, 2000, 0)?;
-                loss = loss_over(&model, likelihood, data, opts.batch_size)?;
-                progress.step(ranges.len());
+                let loss = loss_over(&model, likelihood, data, opts.batch_size, monitor)?;
                 let p = mean.len();
                 let vectors = faer::Mat::from_fn(rank, p, |r, c| ep.vectors[r][c]);
-                Fitted::LowRank { values: ep.values.iter().map(|v| v.max(0.0)).collect(), vectors }
+                (loss, Fitted::LowRank { values: ep.values.iter().map(|v| v.max(0.0)).collect(), vectors })
             }
         };
         let n_outputs = model.n_outputs();
