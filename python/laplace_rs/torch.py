@@ -32,8 +32,10 @@ curvlinops backend would return it:
   refuses such models), ``[diag(a), B]`` for an ``nn.Embedding`` table and
   ``[A, B]`` for a HuggingFace ``Conv1D`` weight (stored ``(in, out)``).
 
-The module is exported once per backend object, on the first call, with that
-call's batch as example input (``laplace_rs.exporter.to_model``), and re-exported if its buffers (e.g.
+The module is exported on the first call of the first backend object that
+sees it, with that call's batch as example input
+(``laplace_rs.exporter.to_model``), shared by later backend objects of the same
+module (laplace-torch makes one per ``Laplace`` object), and re-exported if its buffers (e.g.
 BatchNorm statistics) or its train / eval mode change. On every call θ is
 refreshed from the module's current trainable parameters
 (``Model.set_parameter_vector``), so backends stay valid while laplace-torch
@@ -52,6 +54,7 @@ implementation.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -114,6 +117,17 @@ _tune_from_env()
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
+# module → (structure key, fingerprint, exported laplace_rs.Model); see RustInterface._cached_export
+_EXPORTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _same_fingerprint(old, fp) -> bool:
+    """Same buffers (names, shapes, values) and train / eval modes."""
+    if old is None or old[1] != fp[1] or len(old[0]) != len(fp[0]):
+        return False
+    return all(k1 == k2 and b1.shape == b2.shape and torch.equal(b1, b2)
+               for (k1, b1), (k2, b2) in zip(old[0], fp[0]))
+
 
 def _lik_name(likelihood) -> str:
     v = getattr(likelihood, "value", likelihood)
@@ -161,11 +175,7 @@ class RustInterface(CurvatureInterface):
         return bufs, modes
 
     def _fingerprint_same(self, fp):
-        old = self._rs_fingerprint
-        if old is None or old[1] != fp[1] or len(old[0]) != len(fp[0]):
-            return False
-        return all(k1 == k2 and b1.shape == b2.shape and torch.equal(b1, b2)
-                   for (k1, b1), (k2, b2) in zip(old[0], fp[0]))
+        return _same_fingerprint(self._rs_fingerprint, fp)
 
     def _example(self, x):
         if isinstance(x, Mapping):
@@ -183,8 +193,7 @@ class RustInterface(CurvatureInterface):
             raise ValueError(f"laplace_rs.torch: parameters must be float32 or float64, not {p0.dtype}")
         dtype = _DTYPES[p0.dtype]
         ex = self._example(x)
-        # exported with the module's current θ; to_model checks the outputs agree
-        m = exporter.to_model(net, ex, dtype=dtype, output_key=self.output_key)
+        m = self._cached_export(net, ex, dtype)
         named = [(k, p) for k, p in net.named_parameters() if p.requires_grad]
         names = [k for k, _ in named]
         if list(m.parameter_names) != names:
@@ -207,7 +216,8 @@ class RustInterface(CurvatureInterface):
             idx = np.asarray(idx, dtype=np.int64)
             subset = idx
             try:
-                x1 = self._np_x(ex)
+                two = {k: v[:2] for k, v in ex.items()} if isinstance(ex, Mapping) else ex[:2]
+                x1 = self._np_x(two)
                 j_ll, _ = laplace_rs.jacobians(m, x1, subset="last_layer")
                 j_ix, _ = laplace_rs.jacobians(m, x1, subset=idx)
                 # a different layer differs grossly; rounding (float32) must not matter
@@ -216,6 +226,30 @@ class RustInterface(CurvatureInterface):
             except laplace_rs.Error:
                 pass
             self._rs_ll_subset = subset
+
+    def _cached_export(self, net, ex, dtype):
+        """The exported model of ``net``, shared by every backend object of the same module.
+
+        laplace-torch builds a new backend for every ``Laplace`` object (and
+        ``marglik_training`` one per epoch); re-exporting (tracing, writing and
+        reading the files) each time would cost more than a fit of a small
+        model. An export is reused while the module's submodules (names and
+        types), parameter names, shapes, dtypes and trainability, its buffers
+        and its train / eval modes are unchanged; θ itself is set on every call
+        anyway. (A forward method replaced in place is not seen: build a new
+        module, or clear ``laplace_rs.torch._EXPORTS``.)
+        """
+        key = (dtype, self.output_key,
+               tuple((k, tuple(p.shape), p.dtype, p.requires_grad) for k, p in net.named_parameters()),
+               tuple((k, type(m)) for k, m in net.named_modules()))
+        fp = self._fingerprint(net)
+        hit = _EXPORTS.get(net)
+        if hit is not None and hit[0] == key and _same_fingerprint(hit[1], fp):
+            return hit[2]
+        # exported with the module's current θ; to_model checks the outputs agree
+        m = exporter.to_model(net, ex, dtype=dtype, output_key=self.output_key)
+        _EXPORTS[net] = (key, fp, m)
+        return m
 
     def _rust(self, x):
         """The laplace-rs model, exported on first use, with θ set to the module's parameters."""

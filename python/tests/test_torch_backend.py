@@ -535,3 +535,43 @@ def test_stochastic_ggn_is_an_unbiased_estimate():
     torch.manual_seed(1)
     _, mc3 = RustGGN(c.model, c.lik, stochastic=True, num_samples=100).diag(x, y)
     assert rel(mc3, mc) == 0
+
+
+def test_readme_laplace_torch_example_runs_and_matches_the_default_backend():
+    """The README's one-argument swap, executed as written, then with CurvlinopsGGN."""
+    import re
+    text = open(os.path.join(REPO, "README.md")).read()
+    marker = text.index("<!-- laplace-torch example")
+    block = re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
+    torch.set_default_dtype(torch.float32)
+    ours = {}
+    exec(compile(block, "README.md", "exec"), ours)
+    assert isinstance(ours["la"].backend, RustGGN)
+    ref = {"CurvlinopsGGN": CurvlinopsGGN}
+    exec(compile(block.replace("from laplace_rs.torch import RustGGN", "")
+                 .replace("backend=RustGGN", "backend=CurvlinopsGGN"), "README.md", "exec"), ref)
+    assert rel(ours["la"].log_marginal_likelihood().detach(), ref["la"].log_marginal_likelihood().detach()) < 1e-5
+    assert rel(ours["probs"], ref["probs"]) < 1e-5
+
+
+def test_an_export_is_shared_by_backends_of_the_same_module(monkeypatch):
+    import laplace_rs.torch as lrt
+    calls = []
+    real = lrt.exporter.to_model
+    monkeypatch.setattr(lrt.exporter, "to_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = case("mlp_cls")
+    model = copy.deepcopy(c.model)
+    x, y = first_batch(c)
+    d1 = RustGGN(model, c.lik).diag(x, y)[1]
+    d2 = RustEF(model, c.lik).diag(x, y)[1]  # another backend object: no new export
+    assert len(calls) == 1
+    assert rel(d2, CurvlinopsEF(model, c.lik).diag(x, y)[1]) < 1e-10
+    model[0] = nn.Linear(4, 8)  # a new submodule (same shapes): exported again
+    with torch.no_grad():
+        model[0].weight.copy_(c.model[0].weight)
+        model[0].bias.copy_(c.model[0].bias)
+    assert rel(RustGGN(model, c.lik).diag(x, y)[1], d1) < 1e-12
+    assert len(calls) == 2
+    model.train()  # another mode: exported again
+    RustGGN(model, c.lik).diag(x, y)
+    assert len(calls) == 3
