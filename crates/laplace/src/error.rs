@@ -32,6 +32,11 @@ pub enum Error {
     #[error("numerical error: {0}")]
     NonFinite(String),
 
+    /// An input asks for more memory than the budget allows
+    /// ([`budget`](crate::budget)): the message names the quantity and the bytes.
+    #[error("memory: {0}")]
+    Memory(String),
+
     /// A [`Monitor`](crate::pass::Monitor) stopped the computation (Ctrl-C).
     #[error("interrupted: {0}")]
     Interrupted(String),

@@ -32,6 +32,7 @@
 //! output-space pieces. [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.
 
+pub mod budget;
 pub mod curvature;
 pub mod data;
 pub mod engine;

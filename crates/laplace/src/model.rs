@@ -81,6 +81,8 @@ impl Model {
         let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut shapes = Vec::new();
         for inp in &spec.inputs {
+            crate::budget::check(&format!("input {:?} of per-sample shape {:?}", inp.name, inp.shape), &inp.shape, dtype.size_in_bytes())
+                .map_err(|e| crate::Error::Spec(e.to_string()))?;
             ids.insert(&inp.name, shapes.len());
             shapes.push(inp.shape.clone());
         }
@@ -90,6 +92,10 @@ impl Model {
             let inputs: Vec<usize> = ns.inputs.iter().map(|n| ids[n.as_str()]).collect();
             let in_shapes: Vec<&[usize]> = inputs.iter().map(|&v| shapes[v].as_slice()).collect();
             let op = nn::build(ns, &label, &in_shapes, &mut weights, dtype, device)?;
+            // Every value of one sample must fit the memory budget (huge
+            // padding, expand or repeat sizes stop here, not in an abort).
+            crate::budget::check(&format!("{label}: its output of per-sample shape {:?}", op.out_shape()), op.out_shape(), dtype.size_in_bytes())
+                .map_err(|e| crate::Error::Spec(e.to_string()))?;
             ids.insert(&ns.name, shapes.len());
             shapes.push(op.out_shape().to_vec());
             nodes.push(Node { op, inputs, label });
@@ -171,6 +177,11 @@ impl Model {
     /// The last node that reads value `v`.
     pub fn last_use(&self, v: usize) -> Option<usize> {
         self.last_use[v]
+    }
+
+    /// The per-sample size (elements) of the largest value of the graph.
+    pub fn widest_value(&self) -> usize {
+        self.shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(1)
     }
 
     /// Per-sample input shape (of the first input).

@@ -211,6 +211,9 @@ impl Posterior {
         let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor);
         let (loss, fitted) = match opts.structure {
             Structure::Full => {
+                // H, its f64 copy and eigenvectors, and the eigensolver's workspace.
+                let p = mean.len();
+                crate::budget::check(&format!("a full posterior for P = {p} (H, its eigenvectors and workspace)"), &[3, p, p], 8)?;
                 let (l, h) = curv.full_over(data, opts.batch_size)?;
                 let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
                 let fitted = Fitted::Full { h, eigvals: tensor::to_vec_f64(&vals)?, eigvecs: tensor::to_faer(&vecs)? };
@@ -353,6 +356,7 @@ impl Posterior {
         let s = self.h_factor(self.sigma_noise);
         let dev = self.model.device();
         let p = self.n_params();
+        crate::budget::check(&format!("the dense posterior precision for P = {p}"), &[p, p], 8)?;
         let dense_h = match &self.fitted {
             Fitted::Full { h, .. } => h.to_dtype(tensor::DType::F64)?,
             Fitted::Diag { h } => {

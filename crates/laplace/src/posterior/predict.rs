@@ -192,7 +192,8 @@ impl Posterior {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Tensor> {
         let p = self.n_params();
         let mut rng = Rng::new(seed);
-        let z: Vec<f64> = (0..n * p).map(|_| rng.normal()).collect();
+        let mut z = crate::budget::try_vec::<f64>(&format!("{n} posterior samples of P = {p} parameters"), n.saturating_mul(p))?;
+        z.extend((0..n * p).map(|_| rng.normal()));
         let dev = self.model.device().clone();
         let z = tensor::from_f64(z, &[n, p], DType::F64, &dev)?;
         let s = self.h_factor(self.sigma_noise);
