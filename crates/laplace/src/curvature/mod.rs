@@ -106,11 +106,13 @@ impl<'m> Curvature<'m> {
                 bail!(Invalid, "the Monte-Carlo Fisher needs at least one sample");
             }
             // One point's K = samples output rows travel back through every
-            // value of the graph: K × the widest value must fit.
-            let w = model.widest_value();
+            // value of the graph and become K per-sample gradients of its
+            // P parameters; the backward pass holds about three such
+            // temporaries at once. Batches shrink to one point, no further.
+            let (w, p) = (model.widest_value(), model.n_params());
             crate::budget::check(
-                &format!("--samples {samples} (Monte-Carlo Fisher: {samples} rows × {w} values of the widest layer, for one point)"),
-                &[samples, w],
+                &format!("--samples {samples} (Monte-Carlo Fisher, one point: 3 × {samples} rows × ({w} values of the widest layer + {p} parameters))"),
+                &[3, samples, w.saturating_add(p)],
                 model.dtype().size_in_bytes(),
             )?;
         }
