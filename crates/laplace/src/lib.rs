@@ -37,6 +37,7 @@ pub mod curvature;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod inputs;
 pub mod io;
 pub mod kron;

@@ -133,11 +133,19 @@ impl Model {
 
     /// Load `model.json` (either form) and a safetensors state dict.
     pub fn load(spec_path: impl AsRef<Path>, weights_path: impl AsRef<Path>, dtype: Option<DType>, device: &Device) -> Result<Self> {
-        let spec_path = spec_path.as_ref();
+        let (spec_path, weights_path) = (spec_path.as_ref(), weights_path.as_ref());
+        let size = std::fs::metadata(spec_path).map_err(|e| crate::Error::io(spec_path, e))?.len();
+        crate::budget::current().check(&format!("reading {}", spec_path.display()), Some(size))?;
         let text = std::fs::read_to_string(spec_path).map_err(|e| crate::Error::io(spec_path, e))?;
-        let spec = ModelSpec::from_json(&text)?;
-        let weights = crate::io::read_safetensors(weights_path.as_ref(), device)?;
-        Self::new(spec, weights, dtype, device)
+        // Errors name the file they are about.
+        let named = |e: crate::Error| match e {
+            crate::Error::Spec(m) => crate::Error::Spec(format!("{}: {m}", spec_path.display())),
+            crate::Error::Weights(m) => crate::Error::Weights(format!("{}: {m} (model {})", weights_path.display(), spec_path.display())),
+            other => other,
+        };
+        let spec = ModelSpec::from_json(&text).map_err(named)?;
+        let weights = crate::io::read_safetensors(weights_path, device)?;
+        Self::new(spec, weights, dtype, device).map_err(named)
     }
 
     pub fn spec(&self) -> &ModelSpec {

@@ -134,14 +134,15 @@ impl Posterior {
     pub fn load(path: &Path) -> Result<Self> {
         let dev = Device::Cpu;
         let t = crate::io::read_safetensors(path, &dev)?;
-        Self::from_tensors(t, &path.display()).map_err(|e| match e {
-            Error::Data(m) if !m.starts_with(&path.display().to_string()) => Error::Data(format!("{}: {m}", path.display())),
-            other => other,
-        })
+        Self::from_tensors(t, &path.display()).map_err(|e| e.in_file(&path.display()))
     }
 
     /// [`Posterior::load`] of the tensors of a posterior file; `what` names it.
-    pub fn from_tensors(mut t: HashMap<String, Tensor>, what: &dyn std::fmt::Display) -> Result<Self> {
+    pub fn from_tensors(t: HashMap<String, Tensor>, what: &dyn std::fmt::Display) -> Result<Self> {
+        Self::from_tensors_inner(t, what).map_err(|e| e.in_file(what))
+    }
+
+    fn from_tensors_inner(mut t: HashMap<String, Tensor>, what: &dyn std::fmt::Display) -> Result<Self> {
         let bad = |msg: String| Error::Data(format!("{what}: {msg}"));
         let config = t.remove("config").ok_or_else(|| bad("not a laplace-rs posterior file (no \"config\")".into()))?;
         let bytes: Vec<u8> = config.to_vec1::<u8>().map_err(|_| bad("\"config\" is not a byte string".into()))?;
