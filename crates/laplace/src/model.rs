@@ -81,8 +81,7 @@ impl Model {
         let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut shapes = Vec::new();
         for inp in &spec.inputs {
-            crate::budget::check(&format!("input {:?} of per-sample shape {:?}", inp.name, inp.shape), &inp.shape, dtype.size_in_bytes())
-                .map_err(|e| crate::Error::Spec(e.to_string()))?;
+            crate::budget::check(&format!("input {:?} of per-sample shape {:?}", inp.name, inp.shape), &inp.shape, dtype.size_in_bytes())?;
             ids.insert(&inp.name, shapes.len());
             shapes.push(inp.shape.clone());
         }
@@ -94,8 +93,7 @@ impl Model {
             let op = nn::build(ns, &label, &in_shapes, &mut weights, dtype, device)?;
             // Every value of one sample must fit the memory budget (huge
             // padding, expand or repeat sizes stop here, not in an abort).
-            crate::budget::check(&format!("{label}: its output of per-sample shape {:?}", op.out_shape()), op.out_shape(), dtype.size_in_bytes())
-                .map_err(|e| crate::Error::Spec(e.to_string()))?;
+            crate::budget::check(&format!("{label}: its output of per-sample shape {:?}", op.out_shape()), op.out_shape(), dtype.size_in_bytes())?;
             ids.insert(&ns.name, shapes.len());
             shapes.push(op.out_shape().to_vec());
             nodes.push(Node { op, inputs, label });
@@ -139,7 +137,7 @@ impl Model {
         let text = std::fs::read_to_string(spec_path).map_err(|e| crate::Error::io(spec_path, e))?;
         // Errors name the file they are about.
         let named = |e: crate::Error| match e {
-            crate::Error::Spec(m) => crate::Error::Spec(format!("{}: {m}", spec_path.display())),
+            e @ (crate::Error::Spec(_) | crate::Error::Memory(_)) => e.in_file(&spec_path.display()),
             crate::Error::Weights(m) => crate::Error::Weights(format!("{}: {m} (model {})", weights_path.display(), spec_path.display())),
             other => other,
         };
