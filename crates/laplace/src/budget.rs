@@ -91,7 +91,10 @@ impl MemoryBudget {
                 human(b),
                 human(self.bytes)
             ))),
-            None => Err(Error::Memory(format!("{what} needs more than 2^64 bytes"))),
+            None => Err(Error::Memory(format!(
+                "{what} needs more than 2^64 bytes, more than the memory limit of {} (--memory-limit)",
+                human(self.bytes)
+            ))),
         }
     }
 }

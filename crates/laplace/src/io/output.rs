@@ -63,11 +63,21 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&mut File) -> std::io::R
         use std::os::unix::fs::PermissionsExt;
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, e))?;
-    write(tmp.as_file_mut()).and_then(|()| tmp.as_file().sync_data()).map_err(|e| Error::io(path, e))?;
+    let mut tmp = builder.tempfile_in(dir).map_err(|e| Error::io(path, plain(e)))?;
+    write(tmp.as_file_mut()).and_then(|()| tmp.as_file().sync_data()).map_err(|e| Error::io(path, plain(e)))?;
     // Dropping `tmp` on an error above removes it.
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    tmp.persist(path).map_err(|e| Error::io(path, plain(e.error)))?;
     Ok(())
+}
+
+/// The OS error without the temporary path `tempfile` attaches to it: the
+/// message is about the user's path.
+fn plain(e: std::io::Error) -> std::io::Error {
+    match e.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None if e.get_ref().is_some() && e.kind() != std::io::ErrorKind::Other => std::io::Error::from(e.kind()),
+        None => e,
+    }
 }
 
 /// The safetensors encoding of `tensors` (and string `metadata`), streamed

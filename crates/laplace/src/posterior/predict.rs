@@ -192,6 +192,9 @@ impl Posterior {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Tensor> {
         let p = self.n_params();
         let mut rng = Rng::new(seed);
+        // The draws, their tensor, the scaled samples and their host copy
+        // (nn_predictive) live at once: four (n, P) arrays of f64.
+        crate::budget::check(&format!("{n} posterior samples of P = {p} parameters (4 copies while drawing)"), &[4, n, p], 8)?;
         let mut z = crate::budget::try_vec::<f64>(&format!("{n} posterior samples of P = {p} parameters"), n.saturating_mul(p))?;
         z.extend((0..n * p).map(|_| rng.normal()));
         let dev = self.model.device().clone();
