@@ -99,6 +99,9 @@ pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
             hutchpp_trace(&op, samples, a.spec.seed)?
         }
     };
+    if !trace.is_finite() {
+        return Err(laplace::Error::NonFinite(format!("the trace estimate is {trace}")));
+    }
     if let Some(out) = &a.out {
         let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
         laplace::io::write_results(out, &[("trace".into(), t)], &[])?;

@@ -264,6 +264,11 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         None => {}
     }
     let lml = post.evidence()?;
+    if !lml.is_finite() {
+        return Err(laplace::Error::NonFinite(format!(
+            "the log marginal likelihood is {lml}; nothing was written (a larger --prior-precision keeps the posterior precision invertible)"
+        )));
+    }
     post.save(&a.out)?;
     if a.json {
         println!(
@@ -345,6 +350,14 @@ pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
         out: PathBuf::new(),
     };
     let la = predictions(&post, &data, &pa)?;
+    for (key, t) in &la {
+        if let Some(i) = tensor::first_non_finite(t)? {
+            return Err(laplace::Error::NonFinite(format!(
+                "Laplace prediction {key:?} holds a non-finite value at index {:?}: the posterior's variance overflows; increase the prior precision",
+                tensor::unravel(i, t.dims())
+            )));
+        }
+    }
     match post.likelihood {
         Likelihood::Classification => {
             let labels = tensor::to_vec_i64(&y)?;

@@ -214,7 +214,7 @@ impl Posterior {
     }
 
     /// [`fit`](Self::fit), reporting its passes over `data` to `monitor`
-    /// (a progress bar; it may stop the fit with [`Error::Interrupted`](crate::Error::Interrupted)).
+    /// (a progress bar; it may stop the fit with [`Error::Interrupted`]).
     pub fn fit_monitored(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions, monitor: &dyn Monitor) -> Result<Self> {
         file::check_hyperparameters(likelihood, opts.sigma_noise, opts.temperature)?;
         if let Some(bad) = opts.prior_precision.iter().find(|v| !(**v >= MIN_PRIOR_PRECISION && v.is_finite())) {
