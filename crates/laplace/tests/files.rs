@@ -186,6 +186,7 @@ fn posterior_files_are_checked_on_load() {
     assert_eq!(back.n_data, diag.n_data);
     let cases: Vec<(&str, Box<dyn FnOnce(&mut HashMap<String, Tensor>)>, &str)> = vec![
         ("t0", Box::new(|t| edit_config(t, |c| c["temperature"] = 0.0.into())), "temperature must be positive"),
+        ("v1", Box::new(|t| edit_config(t, |c| c["version"] = 1.into())), "format version 1"),
         ("sigma0", Box::new(|t| edit_config(t, |c| c["sigma_noise"] = 0.0.into())), "sigma_noise must be positive"),
         ("sigma2", Box::new(|t| edit_config(t, |c| c["sigma_noise"] = 2.0.into())), "only defined for regression"),
         ("ndata", Box::new(|t| edit_config(t, |c| c["n_data"] = (-4).into())), "n_data -4 must be an integer ≥ 1"),

@@ -18,7 +18,8 @@ use crate::spec::ModelSpec;
 use crate::tensor::{self, DType, Device, Tensor};
 
 const FORMAT: &str = "laplace-rs posterior";
-const VERSION: u64 = 1;
+/// 2: with a checksum (version 1 files, without one, are refused: fit again).
+const VERSION: u64 = 2;
 
 /// CRC-32 over the config bytes and every other tensor (name, dtype, shape,
 /// bytes) in name order: tells an edited file from one `save` wrote.
@@ -149,6 +150,9 @@ impl Posterior {
         let cfg: Value = serde_json::from_slice(&bytes).map_err(|e| bad(format!("config is not JSON: {e}")))?;
         if cfg["format"] != FORMAT {
             return Err(bad("not a laplace-rs posterior file".into()));
+        }
+        if cfg["version"].as_u64() == Some(1) {
+            return Err(bad("posterior format version 1 (an older laplace-rs, without a checksum) is no longer read: fit the posterior again".into()));
         }
         if cfg["version"].as_u64() != Some(VERSION) {
             return Err(bad(format!("posterior format version {} is not supported (expected {VERSION})", cfg["version"])));
