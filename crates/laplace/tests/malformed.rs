@@ -147,6 +147,7 @@ fn check<T>(stats: &mut Stats, what: &str, path: &Path, f: impl FnOnce() -> lapl
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(_)) => stats.accepted += 1,
         Ok(Err(e)) => {
+            stats.over_budget += usize::from(matches!(e, laplace::Error::Memory(_)));
             let msg = e.to_string();
             let name = path.file_name().unwrap().to_string_lossy();
             if !msg.contains(name.as_ref()) {
@@ -164,6 +165,8 @@ fn check<T>(stats: &mut Stats, what: &str, path: &Path, f: impl FnOnce() -> lapl
 struct Stats {
     runs: usize,
     accepted: usize,
+    /// Refused by the memory budget (declared sizes, geometry).
+    over_budget: usize,
     panics: Vec<String>,
     unnamed: Vec<String>,
 }
@@ -238,6 +241,32 @@ fn ten_thousand_malformed_inputs_never_panic_and_errors_name_the_file() {
         std::fs::write(&path, m.mutate(seed)).unwrap();
         check(&mut stats, "spec", &path, || Sequential::load(&path, weights, None, &dev));
     }
+    // Graph specs with every op family (the op tests' literal models),
+    // through the fuzz entry point: zero weights of the shapes they ask for.
+    let mut graph_seeds = Vec::new();
+    for file in ["graph_ops.rs", "transformer_ops.rs"] {
+        let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(file)).unwrap();
+        for chunk in src.split("r#\"").skip(1) {
+            let lit = chunk.split("\"#").next().unwrap();
+            if lit.starts_with("{\"format\": \"laplace-graph\"") && !lit.contains("{{") {
+                graph_seeds.push(lit.as_bytes().to_vec());
+            }
+        }
+    }
+    assert!(graph_seeds.len() >= 5, "found {} graph specs", graph_seeds.len());
+    for seed in &graph_seeds {
+        assert!(laplace::fuzzing::spec(seed).is_ok(), "a seed spec builds");
+    }
+    let spec_path = Path::new("graph spec");
+    for i in 0..2000 {
+        let bytes = m.mutate(&graph_seeds[i % graph_seeds.len()]);
+        stats.runs += 1;
+        match catch_unwind(AssertUnwindSafe(|| laplace::fuzzing::spec(&bytes))) {
+            Ok(Ok(())) => stats.accepted += 1,
+            Ok(Err(e)) => stats.over_budget += usize::from(matches!(e, laplace::Error::Memory(_))),
+            Err(_) => stats.panics.push(format!("{spec_path:?}: {}", String::from_utf8_lossy(&bytes))),
+        }
+    }
     let mut tampered_accepted = Vec::new();
     for i in 0..2000 {
         let path = dir.join(format!("p{}.safetensors", i % 7));
@@ -258,10 +287,11 @@ fn ten_thousand_malformed_inputs_never_panic_and_errors_name_the_file() {
     let _ = std::panic::take_hook();
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
-        "malformed inputs: {} runs, {} accepted, {} refused, {} panics",
+        "malformed inputs: {} runs, {} accepted, {} refused ({} by the memory budget), {} panics",
         stats.runs,
         stats.accepted,
         stats.runs - stats.accepted - stats.panics.len(),
+        stats.over_budget,
         stats.panics.len()
     );
     assert!(stats.runs >= 10_000, "only {} runs", stats.runs);
@@ -270,6 +300,7 @@ fn ten_thousand_malformed_inputs_never_panic_and_errors_name_the_file() {
     assert!(tampered_accepted.is_empty(), "tampered posteriors accepted: {tampered_accepted:?}");
     // The generators reach both verdicts: the test is not vacuous.
     assert!(stats.accepted > 100 && stats.runs - stats.accepted > 5000, "accepted {}", stats.accepted);
+    assert!(stats.over_budget >= 10, "only {} inputs met the memory budget", stats.over_budget);
 }
 
 /// The fuzz targets (`fuzz/`, their own workspace) compile on stable.
@@ -306,4 +337,14 @@ fn fuzzing_entry_points_refuse_hostile_bytes() {
     let pad = br#"{"input_shape":[1,8,8],"layers":[{"type":"Conv2d","in_channels":1,"out_channels":1,"kernel_size":3,"padding":1000000}]}"#;
     let e = laplace::fuzzing::spec(pad).unwrap_err().to_string();
     assert!(e.contains("sliding window") && e.contains("1000000"), "{e}");
+    // expand and repeat build an index map of their output while the model is built.
+    for (op, attrs) in [("expand", r#"{"shape": [-1, 100000000, -1]}"#), ("repeat", r#"{"repeats": [1, 100000000, 1]}"#)] {
+        let g = format!(
+            r#"{{"format": "laplace-graph", "version": 1, "inputs": [{{"name": "x", "shape": [3, 4], "dtype": "float"}}], "parameters": [],
+              "nodes": [{{"name": "r", "op": "reshape", "inputs": ["x"], "attrs": {{"shape": [3, 1, 4]}}}},
+                        {{"name": "e", "op": "{op}", "inputs": ["r"], "attrs": {attrs}}}], "output": "e"}}"#
+        );
+        let e = laplace::fuzzing::spec(g.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains(&format!("{op} to per-sample shape [3, 100000000, 4] needs 9.6 GB")), "{e}");
+    }
 }
