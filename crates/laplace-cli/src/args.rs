@@ -1,6 +1,6 @@
 //! Arguments shared by the subcommands, and loading what they name.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use laplace::tensor::{DType, Device};
@@ -68,6 +68,15 @@ impl From<LikelihoodArg> for laplace::Likelihood {
 }
 
 impl Inputs {
+    /// The input files, named by their flags (for [`check_out`]).
+    pub fn paths<'a>(&'a self, subset: Option<&'a SubsetArgs>) -> Vec<(&'static str, &'a Path)> {
+        let mut v = vec![("--model", self.model.as_path()), ("--weights", self.weights.as_path()), ("--data", self.data.as_path())];
+        if let Some(p) = subset.and_then(|s| s.subnetwork.as_deref()) {
+            v.push(("--subnetwork", p));
+        }
+        v
+    }
+
     /// Load the model and the data (inputs in the compute dtype).
     pub fn load(&self) -> laplace::Result<(Sequential, Dataset)> {
         let dev = Device::Cpu;
@@ -106,4 +115,10 @@ impl SubsetArgs {
             (None, false) => Subset::All,
         })
     }
+}
+
+/// Refuse an `--out` that names one of the inputs or an existing file that
+/// is not a regular file (a device, FIFO, directory), before any work.
+pub fn check_out(out: &Path, inputs: &[(&str, &Path)]) -> laplace::Result<()> {
+    laplace::io::output::check_output(out, inputs)
 }

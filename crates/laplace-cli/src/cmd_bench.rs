@@ -85,6 +85,9 @@ pub fn run(a: &BenchArgs) -> laplace::Result<()> {
         // Read by candle's matrix kernels and rayon when they first start.
         std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
     }
+    if let Some(out) = &a.out {
+        crate::args::check_out(out, &a.inputs.paths(Some(&a.spec.subset)))?;
+    }
     let (model, data) = a.inputs.load()?;
     let kind = match a.quantity {
         QuantityArg::Curvature => a.spec.kind(a.mc.samples),
@@ -140,7 +143,7 @@ pub fn run(a: &BenchArgs) -> laplace::Result<()> {
         );
     }
     if let Some(out) = &a.out {
-        laplace::io::write_safetensors(out, &result)?;
+        laplace::io::write_results(out, &result, &[])?;
     }
     Ok(())
 }

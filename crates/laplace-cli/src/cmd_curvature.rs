@@ -127,9 +127,10 @@ impl CurvatureSpec {
 }
 
 pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
+    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset)))?;
     let (model, data) = a.inputs.load()?;
     let bar = crate::progress::TerminalBar::new(true);
     let curv = a.spec.curvature(&model, a.mc.samples)?.with_monitor(&bar);
     let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
-    laplace::io::write_safetensors_with_metadata(&a.out, &out, &metadata)
+    laplace::io::write_results(&a.out, &out, &metadata)
 }

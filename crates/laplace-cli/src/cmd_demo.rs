@@ -42,13 +42,15 @@ pub struct DemoArgs {
 
 /// Load an embedded .npz through a temporary file (numpy archives are read from paths).
 fn load_npz(bytes: &[u8], name: &str, dtype: DType) -> laplace::Result<Dataset> {
-    let dir = std::env::temp_dir().join(format!("laplace-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| laplace::Error::Io { path: dir.clone(), source: e })?;
-    let path = dir.join(name);
+    // A fresh directory with a random name, created exclusively (mode 0700):
+    // a predictable name could be pre-planted as a symlink. Removed on drop.
+    let dir = tempfile::Builder::new()
+        .prefix("laplace-demo-")
+        .tempdir()
+        .map_err(|e| laplace::Error::Io { path: std::env::temp_dir(), source: e })?;
+    let path = dir.path().join(name);
     std::fs::write(&path, bytes).map_err(|e| laplace::Error::Io { path: path.clone(), source: e })?;
-    let data = Dataset::load(&path, dtype, &Device::Cpu);
-    let _ = std::fs::remove_dir_all(&dir);
-    data
+    Dataset::load(&path, dtype, &Device::Cpu)
 }
 
 fn sum(t: &Tensor) -> laplace::Result<f64> {

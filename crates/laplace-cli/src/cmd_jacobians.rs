@@ -33,17 +33,19 @@ pub struct GradientsArgs {
 }
 
 pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
+    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset)))?;
     let (model, data) = a.inputs.load()?;
     let subset = a.subset.subset(&model)?;
     // The likelihood plays no part in Jacobians.
     let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?;
     let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
-    laplace::io::write_safetensors(&a.out, &[("J".into(), j), ("f".into(), f)])
+    laplace::io::write_results(&a.out, &[("J".into(), j), ("f".into(), f)], &[])
 }
 
 pub fn run_gradients(a: &GradientsArgs) -> laplace::Result<()> {
+    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset)))?;
     let (model, data) = a.inputs.load()?;
     let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset(&model)?)?;
     let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
-    laplace::io::write_safetensors(&a.out, &[("G".into(), g), ("loss".into(), loss)])
+    laplace::io::write_results(&a.out, &[("G".into(), g), ("loss".into(), loss)], &[])
 }

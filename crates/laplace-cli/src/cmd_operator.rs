@@ -63,6 +63,7 @@ pub enum EstimatorArg {
 }
 
 pub fn run_eigen(a: &EigenArgs) -> laplace::Result<()> {
+    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset)))?;
     let (model, data) = a.inputs.load()?;
     let curv = a.spec.curvature(&model, a.mc.samples)?;
     let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
@@ -70,13 +71,17 @@ pub fn run_eigen(a: &EigenArgs) -> laplace::Result<()> {
     let like = model.parameter_vector()?;
     let (vals, vecs) = ep.to_tensors(&like)?;
     let iters = Tensor::new(&[ep.iterations as i64], model.device())?;
-    laplace::io::write_safetensors(
+    laplace::io::write_results(
         &a.out,
         &[("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)],
+        &[],
     )
 }
 
 pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
+    if let Some(out) = &a.out {
+        crate::args::check_out(out, &a.inputs.paths(Some(&a.spec.subset)))?;
+    }
     let (model, data) = a.inputs.load()?;
     let curv = a.spec.curvature(&model, a.mc_samples)?;
     let samples = a.samples as usize;
@@ -94,9 +99,12 @@ pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
             hutchpp_trace(&op, samples, a.spec.seed)?
         }
     };
+    if !trace.is_finite() {
+        return Err(laplace::Error::NonFinite(format!("the trace estimate is {trace}")));
+    }
     if let Some(out) = &a.out {
         let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
-        laplace::io::write_safetensors(out, &[("trace".into(), t)])?;
+        laplace::io::write_results(out, &[("trace".into(), t)], &[])?;
     }
     if a.json {
         println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));

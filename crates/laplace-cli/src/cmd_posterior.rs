@@ -179,6 +179,10 @@ fn link(a: LinkArg, samples: usize, seed: u64) -> Link {
 }
 
 pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
+    let mut inputs = vec![("--model", a.model.as_path()), ("--weights", a.weights.as_path()), ("--data", a.data.as_path())];
+    inputs.extend(a.val.as_deref().map(|p| ("--val", p)));
+    inputs.extend(a.subnetwork.as_deref().map(|p| ("--subnetwork", p)));
+    crate::args::check_out(&a.out, &inputs)?;
     let dev = Device::Cpu;
     let dtype = a.dtype.map(|d| match d {
         DTypeArg::F32 => DType::F32,
@@ -260,6 +264,11 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         None => {}
     }
     let lml = post.evidence()?;
+    if !lml.is_finite() {
+        return Err(laplace::Error::NonFinite(format!(
+            "the log marginal likelihood is {lml}; nothing was written (a larger --prior-precision keeps the posterior precision invertible)"
+        )));
+    }
     post.save(&a.out)?;
     if a.json {
         println!(
@@ -311,10 +320,17 @@ fn predictions(post: &Posterior, data: &Dataset, a: &PredictArgs) -> laplace::Re
 }
 
 pub fn run_predict(a: &PredictArgs) -> laplace::Result<()> {
+    crate::args::check_out(&a.out, &[("--posterior", a.posterior.as_path()), ("--data", a.data.as_path())])?;
     let post = Posterior::load(&a.posterior)?;
     let data = Dataset::load_with_labels(&a.data, &a.label_key, post.model().dtype(), &Device::Cpu)?;
     let out = predictions(&post, &data, a)?;
-    laplace::io::write_safetensors(&a.out, &out)
+    laplace::io::write_results(&a.out, &out, &[]).map_err(|e| match e {
+        laplace::Error::NonFinite(m) => laplace::Error::NonFinite(format!(
+            "{m}: the posterior's variance overflows this model's arithmetic; increase the prior precision{}",
+            if a.pred_type == PredTypeArg::Nn || a.link == LinkArg::Mc { ", or predict in f64 (fit with --dtype f64)" } else { "" }
+        )),
+        other => other,
+    })
 }
 
 pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
@@ -334,6 +350,14 @@ pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
         out: PathBuf::new(),
     };
     let la = predictions(&post, &data, &pa)?;
+    for (key, t) in &la {
+        if let Some(i) = tensor::first_non_finite(t)? {
+            return Err(laplace::Error::NonFinite(format!(
+                "Laplace prediction {key:?} holds a non-finite value at index {:?}: the posterior's variance overflows; increase the prior precision",
+                tensor::unravel(i, t.dims())
+            )));
+        }
+    }
     match post.likelihood {
         Likelihood::Classification => {
             let labels = tensor::to_vec_i64(&y)?;

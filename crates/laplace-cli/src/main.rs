@@ -21,8 +21,19 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "laplace", version, about = "Curvature of neural-network losses (GGN, Fisher, EF, Jacobians) for PyTorch-exported models")]
 struct Cli {
+    /// Most memory any one allocation that an input asks for may take (8G,
+    /// 512M, bytes; default 3/4 of the available memory: MemAvailable, the
+    /// cgroup limit or the address-space limit, whichever is lowest). Larger
+    /// requests (a file header's shape, a full (P, P) matrix, --samples) are
+    /// refused with an error naming the quantity and its size.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory_limit)]
+    memory_limit: Option<u64>,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_memory_limit(s: &str) -> Result<u64, String> {
+    laplace::budget::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -77,6 +88,9 @@ fn main() -> ExitCode {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
     let cli = Cli::parse();
+    if let Some(bytes) = cli.memory_limit {
+        laplace::budget::set_limit(bytes);
+    }
     let result = match cli.command {
         Command::Curvature(a) => cmd_curvature::run(&a),
         Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),

@@ -32,6 +32,11 @@ pub enum Error {
     #[error("numerical error: {0}")]
     NonFinite(String),
 
+    /// An input asks for more memory than the budget allows
+    /// ([`budget`](crate::budget)): the message names the quantity and the bytes.
+    #[error("memory: {0}")]
+    Memory(String),
+
     /// A [`Monitor`](crate::pass::Monitor) stopped the computation (Ctrl-C).
     #[error("interrupted: {0}")]
     Interrupted(String),
@@ -61,6 +66,23 @@ impl From<candle_core::Error> for Error {
 }
 
 impl Error {
+    /// The same error with `what` (a file) in front of its message, unless
+    /// the message already names it: every error about a file says which.
+    pub fn in_file(self, what: &dyn std::fmt::Display) -> Self {
+        let what = what.to_string();
+        let pre = |m: String| if m.contains(&what) { m } else { format!("{what}: {m}") };
+        match self {
+            Error::Spec(m) => Error::Spec(pre(m)),
+            Error::Weights(m) => Error::Weights(pre(m)),
+            Error::Data(m) => Error::Data(pre(m)),
+            Error::Invalid(m) => Error::Invalid(pre(m)),
+            Error::NonFinite(m) => Error::NonFinite(pre(m)),
+            Error::Memory(m) => Error::Memory(pre(m)),
+            Error::Tensor(e) => Error::Data(pre(format!("tensor operation: {e}"))),
+            other => other,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

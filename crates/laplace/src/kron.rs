@@ -240,6 +240,8 @@ impl Kron {
 
     /// The dense block-diagonal `(P, P)` matrix (for tests and small models).
     pub fn to_matrix(&self) -> Result<Tensor> {
+        let p = self.n_params()?;
+        crate::budget::check(&format!("the dense Kronecker matrix for P = {p}"), &[p, p], 8)?;
         let blocks = self
             .blocks
             .iter()

@@ -32,10 +32,12 @@
 //! output-space pieces. [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.
 
+pub mod budget;
 pub mod curvature;
 pub mod data;
 pub mod engine;
 pub mod error;
+pub mod fuzzing;
 pub mod inputs;
 pub mod io;
 pub mod kron;

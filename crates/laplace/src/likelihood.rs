@@ -160,7 +160,7 @@ impl Likelihood {
         }
         let (m, c) = f.dims2()?;
         let scale = 1.0 / (samples as f64).sqrt();
-        let mut rows = Vec::with_capacity(m * samples * c);
+        let mut rows = crate::budget::try_vec::<f64>(&format!("{samples} Monte-Carlo samples of {m} points × {c} outputs"), m.saturating_mul(samples).saturating_mul(c))?;
         match self {
             // g = p − e_ỹ, ỹ ~ Categorical(p)
             Likelihood::Classification => {

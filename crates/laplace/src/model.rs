@@ -81,6 +81,7 @@ impl Model {
         let mut ids: HashMap<&str, usize> = HashMap::new();
         let mut shapes = Vec::new();
         for inp in &spec.inputs {
+            crate::budget::check(&format!("input {:?} of per-sample shape {:?}", inp.name, inp.shape), &inp.shape, dtype.size_in_bytes())?;
             ids.insert(&inp.name, shapes.len());
             shapes.push(inp.shape.clone());
         }
@@ -90,6 +91,9 @@ impl Model {
             let inputs: Vec<usize> = ns.inputs.iter().map(|n| ids[n.as_str()]).collect();
             let in_shapes: Vec<&[usize]> = inputs.iter().map(|&v| shapes[v].as_slice()).collect();
             let op = nn::build(ns, &label, &in_shapes, &mut weights, dtype, device)?;
+            // Every value of one sample must fit the memory budget (huge
+            // padding, expand or repeat sizes stop here, not in an abort).
+            crate::budget::check(&format!("{label}: its output of per-sample shape {:?}", op.out_shape()), op.out_shape(), dtype.size_in_bytes())?;
             ids.insert(&ns.name, shapes.len());
             shapes.push(op.out_shape().to_vec());
             nodes.push(Node { op, inputs, label });
@@ -127,11 +131,19 @@ impl Model {
 
     /// Load `model.json` (either form) and a safetensors state dict.
     pub fn load(spec_path: impl AsRef<Path>, weights_path: impl AsRef<Path>, dtype: Option<DType>, device: &Device) -> Result<Self> {
-        let spec_path = spec_path.as_ref();
+        let (spec_path, weights_path) = (spec_path.as_ref(), weights_path.as_ref());
+        let size = std::fs::metadata(spec_path).map_err(|e| crate::Error::io(spec_path, e))?.len();
+        crate::budget::current().check(&format!("reading {}", spec_path.display()), Some(size))?;
         let text = std::fs::read_to_string(spec_path).map_err(|e| crate::Error::io(spec_path, e))?;
-        let spec = ModelSpec::from_json(&text)?;
-        let weights = crate::io::read_safetensors(weights_path.as_ref(), device)?;
-        Self::new(spec, weights, dtype, device)
+        // Errors name the file they are about.
+        let named = |e: crate::Error| match e {
+            e @ (crate::Error::Spec(_) | crate::Error::Memory(_)) => e.in_file(&spec_path.display()),
+            crate::Error::Weights(m) => crate::Error::Weights(format!("{}: {m} (model {})", weights_path.display(), spec_path.display())),
+            other => other,
+        };
+        let spec = ModelSpec::from_json(&text).map_err(named)?;
+        let weights = crate::io::read_safetensors(weights_path, device)?;
+        Self::new(spec, weights, dtype, device).map_err(named)
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -171,6 +183,11 @@ impl Model {
     /// The last node that reads value `v`.
     pub fn last_use(&self, v: usize) -> Option<usize> {
         self.last_use[v]
+    }
+
+    /// The per-sample size (elements) of the largest value of the graph.
+    pub fn widest_value(&self) -> usize {
+        self.shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(1)
     }
 
     /// Per-sample input shape (of the first input).

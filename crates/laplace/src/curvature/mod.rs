@@ -101,8 +101,20 @@ const DEFAULT_CHUNK_ELEMS: usize = 1 << 24;
 
 impl<'m> Curvature<'m> {
     pub fn new(model: &'m Sequential, likelihood: Likelihood, kind: CurvatureKind, subset: &Subset) -> Result<Self> {
-        if let CurvatureKind::FisherMc { samples: 0, .. } = kind {
-            bail!(Invalid, "the Monte-Carlo Fisher needs at least one sample");
+        if let CurvatureKind::FisherMc { samples, .. } = kind {
+            if samples == 0 {
+                bail!(Invalid, "the Monte-Carlo Fisher needs at least one sample");
+            }
+            // One point's K = samples output rows travel back through every
+            // value of the graph and become K per-sample gradients of its
+            // P parameters; the backward pass holds about three such
+            // temporaries at once. Batches shrink to one point, no further.
+            let (w, p) = (model.widest_value(), model.n_params());
+            crate::budget::check(
+                &format!("--samples {samples} (Monte-Carlo Fisher, one point: 3 × {samples} rows × ({w} values of the widest layer + {p} parameters))"),
+                &[3, samples, w.saturating_add(p)],
+                model.dtype().size_in_bytes(),
+            )?;
         }
         Ok(Curvature {
             model,
@@ -212,6 +224,7 @@ impl<'m> Curvature<'m> {
     /// Σ_n ℓ_n `(1,)` and the dense curvature H `(P, P)`, accumulated from
     /// per-sample gradients a chunk of samples at a time.
     pub fn full(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        self.check_full_size()?;
         if self.kind == CurvatureKind::Hessian {
             // Hessian-vector products with identity columns, a block at a time.
             let p = self.selection.len();
@@ -339,6 +352,18 @@ impl<'m> Curvature<'m> {
     pub fn matmat(&self, batch: &Batch, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (loss, hv) = products::matmat(self, batch, v)?;
         Ok((loss, check_finite(hv, "curvature-vector products")?))
+    }
+
+    /// Refuse a dense `(P, P)` result that does not fit the memory budget.
+    pub fn check_full_size(&self) -> Result<()> {
+        let p = self.selection.len();
+        let what = match self.kind {
+            CurvatureKind::Ggn => "GGN",
+            CurvatureKind::FisherMc { .. } => "Fisher",
+            CurvatureKind::Ef => "empirical Fisher",
+            CurvatureKind::Hessian => "Hessian",
+        };
+        crate::budget::check(&format!("full {what} for P = {p}"), &[p, p], self.model.dtype().size_in_bytes())
     }
 
     /// The bound on temporaries, in elements.

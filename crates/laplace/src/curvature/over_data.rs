@@ -37,6 +37,7 @@ impl Curvature<'_> {
     /// `full` summed over the data set in batches of `batch_size` points.
     pub fn full_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
         data.targets()?;
+        self.check_full_size()?;
         let acc = fold_batches(data, batch_size, self.monitor, "full curvature", None, |acc, o, n| {
             accumulate(acc, self.full(&data.batch(o, n)?)?, add_pair)
         })?;
@@ -65,6 +66,8 @@ impl Curvature<'_> {
     /// `jacobians` (or `last_layer_jacobians` with `last_layer`) of every
     /// point: J `(N, C, P)` and f `(N, C)`.
     pub fn jacobians_over(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
+        let (n, c, p) = (data.len(), self.model().n_outputs(), self.n_params());
+        crate::budget::check(&format!("Jacobians J (N, C, P) = ({n}, {c}, {p})"), &[n, c, p], self.model().dtype().size_in_bytes())?;
         let single = data.batch_ranges(batch_size.max(1)).len() == 1;
         let (j, fs) = fold_batches(data, batch_size, self.monitor, "Jacobians", (None, Vec::new()), |(out, mut fs), o, n| {
             let x = data.inputs(o, n)?;
@@ -78,6 +81,8 @@ impl Curvature<'_> {
     /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`.
     pub fn gradients_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
         let y = data.targets()?;
+        let (n, p) = (data.len(), self.n_params());
+        crate::budget::check(&format!("per-sample gradients G (N, P) = ({n}, {p})"), &[n, p], self.model().dtype().size_in_bytes())?;
         let single = data.batch_ranges(batch_size.max(1)).len() == 1;
         let (g, loss) = fold_batches(data, batch_size, self.monitor, "gradients", (None, None), |(out, loss), o, n| {
             let (g, l) = self.gradients(&data.inputs(o, n)?, &y.narrow(0, o, n)?)?;

@@ -70,6 +70,7 @@ impl FlatGather {
                 _ => Err(format!("cannot expand per-sample shape {x:?} to {shape:?}")),
             })
             .collect::<std::result::Result<_, _>>()?;
+        check_map_size("expand", &out)?;
         let st = strides(&xp);
         let map: Vec<usize> = (0..out.iter().product())
             .map(|o| unravel(o, &out).iter().zip(&xp).zip(&st).map(|((&i, &d), &s)| if d == 1 { 0 } else { i * s }).sum())
@@ -83,7 +84,12 @@ impl FlatGather {
             return Err(format!("repeats {repeats:?} must be positive, one per per-sample axis of {x:?} (or more)"));
         }
         let xp: Vec<usize> = [vec![1; repeats.len() - x.len()], x.to_vec()].concat();
-        let out: Vec<usize> = xp.iter().zip(repeats).map(|(&d, &r)| d * r).collect();
+        let out: Vec<usize> = xp
+            .iter()
+            .zip(repeats)
+            .map(|(&d, &r)| d.checked_mul(r).ok_or_else(|| format!("repeats {repeats:?} of per-sample shape {x:?} overflow")))
+            .collect::<std::result::Result<_, _>>()?;
+        check_map_size("repeat", &out)?;
         let st = strides(&xp);
         let map: Vec<usize> = (0..out.iter().product())
             .map(|o| unravel(o, &out).iter().zip(&xp).zip(&st).map(|((&i, &d), &s)| (i % d) * s).sum())
@@ -199,4 +205,10 @@ impl Op for FlatGather {
     fn is_linear_map(&self) -> bool {
         true
     }
+}
+
+/// Refuse an index map of `out` (one `usize` per element) beyond the memory
+/// budget, before it is built.
+fn check_map_size(op: &str, out: &[usize]) -> std::result::Result<(), String> {
+    crate::budget::check(&format!("{op} to per-sample shape {out:?}"), out, std::mem::size_of::<usize>()).map_err(|e| e.to_string())
 }

@@ -108,7 +108,12 @@ const MAX_WINDOW_TABLE: usize = 1 << 31;
 pub(crate) fn check_window_size(ctx: &super::LayerCtx, window: &Window, channels: usize) -> Result<()> {
     let dims = [channels, window.kernel[0], window.kernel[1], window.out_hw[0], window.out_hw[1]];
     match dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) {
-        Some(n) if n <= MAX_WINDOW_TABLE => Ok(()),
+        Some(n) if n <= MAX_WINDOW_TABLE => crate::budget::check(
+            &format!("its sliding-window index table ({channels} channels × {:?} kernel × {:?} positions)", window.kernel, window.out_hw),
+            &[n],
+            std::mem::size_of::<usize>(),
+        )
+        .map_err(|e| ctx.spec_err(e.to_string())),
         _ => Err(ctx.spec_err(format!(
             "its sliding window needs {channels} channels × {:?} kernel × {:?} output positions of patch \
              entries per sample, more than {MAX_WINDOW_TABLE} (padding {:?}, stride {:?})",

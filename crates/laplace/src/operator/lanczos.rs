@@ -37,6 +37,7 @@ pub fn lanczos_top_k(op: &dyn LinearOperator, k: usize, tol: f64, max_iter: usiz
     if k == 0 || k > p {
         bail!(Invalid, "top-k needs 1 ≤ k ≤ {p} (the number of parameters), got {k}");
     }
+    crate::budget::check(&format!("the Lanczos basis ({} vectors of P = {p})", max_iter.clamp(1, p) + 1), &[max_iter.clamp(1, p) + 1, p], 8)?;
     let mut rng = Rng::new(seed);
     let mut q: Vec<f64> = (0..p).map(|_| rng.normal()).collect();
     let n0 = norm(&q);

@@ -34,6 +34,8 @@ pub fn hutchinson_trace(op: &dyn LinearOperator, samples: usize, seed: u64) -> R
         bail!(Invalid, "the trace estimator needs at least one sample");
     }
     let p = op.dim();
+    // The probes, their products and a copy: three (samples, P) arrays.
+    crate::budget::check(&format!("{samples} probe vectors of P = {p}"), &[3, samples, p], 8)?;
     let v = rademacher(samples, p, seed);
     let av = products(op, &v, samples)?;
     Ok(v.iter().zip(&av).map(|(a, b)| a * b).sum::<f64>() / samples as f64)
@@ -45,6 +47,8 @@ pub fn hutchinson_diag(op: &dyn LinearOperator, samples: usize, seed: u64) -> Re
         bail!(Invalid, "the diagonal estimator needs at least one sample");
     }
     let p = op.dim();
+    // The probes, their products and a copy: three (samples, P) arrays.
+    crate::budget::check(&format!("{samples} probe vectors of P = {p}"), &[3, samples, p], 8)?;
     let v = rademacher(samples, p, seed);
     let av = products(op, &v, samples)?;
     let mut d = vec![0.0; p];
@@ -63,6 +67,8 @@ pub fn hutchpp_trace(op: &dyn LinearOperator, samples: usize, seed: u64) -> Resu
         bail!(Invalid, "Hutch++ needs at least 3 samples (products), got {samples}");
     }
     let p = op.dim();
+    // The probes, their products and a copy: three (samples, P) arrays.
+    crate::budget::check(&format!("{samples} probe vectors of P = {p}"), &[3, samples, p], 8)?;
     let k = (samples / 3).min(p);
     let g = samples - 2 * k;
     // Sketch: Q = orth(A Ω), Ω Rademacher (k, p).

@@ -23,9 +23,7 @@ pub struct RegressionMetrics {
 /// Metrics of class probabilities `(N, C)` against labels.
 pub fn classification(probs: &Tensor, labels: &[i64]) -> Result<ClassificationMetrics> {
     let (n, c) = probs.dims2()?;
-    if labels.len() != n {
-        bail!(Data, "{} labels for {n} predictions", labels.len());
-    }
+    check_labels(labels, n, c)?;
     let p = tensor::to_vec_f64(probs)?;
     let (mut correct, mut nll, mut brier) = (0usize, 0.0, 0.0);
     let mut conf = Vec::with_capacity(n);
@@ -42,9 +40,24 @@ pub fn classification(probs: &Tensor, labels: &[i64]) -> Result<ClassificationMe
     Ok(ClassificationMetrics { accuracy: correct as f64 / nf, nll: nll / nf, ece: ece(&conf, 15), brier: brier / nf })
 }
 
+/// One label per prediction, each a class index in [0, C).
+fn check_labels(labels: &[i64], n: usize, c: usize) -> Result<()> {
+    if labels.len() != n {
+        bail!(Data, "{} labels for {n} predictions", labels.len());
+    }
+    if c == 0 {
+        bail!(Data, "predictions have no classes");
+    }
+    if let Some(i) = labels.iter().position(|&y| y < 0 || y as u64 >= c as u64) {
+        bail!(Data, "label y[{i}] = {} is not a class index in [0, {c})", labels[i]);
+    }
+    Ok(())
+}
+
 /// Expected calibration error: Σ_bins (|bin|/N) |accuracy(bin) − confidence(bin)|,
 /// bins (k/B, (k+1)/B] of the top-class confidence.
 pub fn ece(conf: &[(f64, bool)], bins: usize) -> f64 {
+    let bins = bins.max(1);
     let mut count = vec![0usize; bins];
     let mut acc = vec![0.0; bins];
     let mut cs = vec![0.0; bins];
@@ -61,6 +74,10 @@ pub fn ece(conf: &[(f64, bool)], bins: usize) -> f64 {
 /// Per-bin (confidence, accuracy, count) of a reliability diagram.
 pub fn reliability(probs: &Tensor, labels: &[i64], bins: usize) -> Result<Vec<(f64, f64, usize)>> {
     let (n, c) = probs.dims2()?;
+    check_labels(labels, n, c)?;
+    if bins == 0 {
+        bail!(Invalid, "a reliability diagram needs at least one bin");
+    }
     let p = tensor::to_vec_f64(probs)?;
     let mut count = vec![0usize; bins];
     let mut acc = vec![0.0; bins];

@@ -141,6 +141,27 @@ pub struct Posterior {
     pub kron_damping: bool,
 }
 
+/// The smallest prior precision accepted: 1e-30. Coordinates the data do
+/// not constrain (zero curvature) get posterior variance 1/δ, and every
+/// predictive multiplies it by squared Jacobian entries: with δ ≥ 1e-30
+/// that stays finite for any |J|² below 1e278, and sampled weights
+/// (std 1/√δ ≤ 1e15) stay within float32. A smaller δ — a subnormal such as
+/// 1e-320 above all, whose reciprocal is infinite — turns predictions into
+/// NaN; no meaningful prior is that flat (prior std > 1e15). The marginal-
+/// likelihood optimizer stays above e^-40 ≈ 4e-18 on its own.
+pub const MIN_PRIOR_PRECISION: f64 = 1e-30;
+
+fn prior_precision_message(bad: f64) -> String {
+    if bad > 0.0 && bad < MIN_PRIOR_PRECISION {
+        format!(
+            "prior precision {bad:e} underflows: the posterior precision of parameters without curvature would be \
+             numerically singular (variance 1/{bad:e}); use ≥ {MIN_PRIOR_PRECISION:e}"
+        )
+    } else {
+        format!("prior precision must be positive and finite (≥ {MIN_PRIOR_PRECISION:e}), got {bad}")
+    }
+}
+
 /// θ* on the subset, and the parameter tensor (group) of every coordinate.
 pub(crate) fn subset_values(model: &Sequential, subset: &Subset) -> Result<(Vec<f64>, Vec<usize>, usize)> {
     let theta = tensor::to_vec_f64(&model.parameter_vector()?)?;
@@ -193,16 +214,11 @@ impl Posterior {
     }
 
     /// [`fit`](Self::fit), reporting its passes over `data` to `monitor`
-    /// (a progress bar; it may stop the fit with [`Error::Interrupted`](crate::Error::Interrupted)).
+    /// (a progress bar; it may stop the fit with [`Error::Interrupted`]).
     pub fn fit_monitored(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions, monitor: &dyn Monitor) -> Result<Self> {
-        if !(opts.sigma_noise > 0.0 && opts.sigma_noise.is_finite()) {
-            bail!(Invalid, "sigma_noise must be positive, got {}", opts.sigma_noise);
-        }
-        if likelihood == Likelihood::Classification && opts.sigma_noise != 1.0 {
-            bail!(Invalid, "sigma_noise is only defined for regression (got {} with classification)", opts.sigma_noise);
-        }
-        if !(opts.temperature > 0.0 && opts.temperature.is_finite()) {
-            bail!(Invalid, "temperature must be positive, got {}", opts.temperature);
+        file::check_hyperparameters(likelihood, opts.sigma_noise, opts.temperature)?;
+        if let Some(bad) = opts.prior_precision.iter().find(|v| !(**v >= MIN_PRIOR_PRECISION && v.is_finite())) {
+            bail!(Invalid, "{}", prior_precision_message(*bad));
         }
         if opts.structure == Structure::Kron && matches!(opts.subset, Subset::Subnetwork(_)) {
             bail!(Invalid, "a Kronecker posterior needs whole parameter tensors: use full or diag for a subnetwork");
@@ -211,6 +227,9 @@ impl Posterior {
         let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor);
         let (loss, fitted) = match opts.structure {
             Structure::Full => {
+                // H, its f64 copy and eigenvectors, and the eigensolver's workspace.
+                let p = mean.len();
+                crate::budget::check(&format!("a full posterior for P = {p} (H, its eigenvectors and workspace)"), &[3, p, p], 8)?;
                 let (l, h) = curv.full_over(data, opts.batch_size)?;
                 let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
                 let fitted = Fitted::Full { h, eigvals: tensor::to_vec_f64(&vals)?, eigvecs: tensor::to_faer(&vecs)? };
@@ -309,8 +328,8 @@ impl Posterior {
     /// scalar, one value per group (parameter tensor), or one per parameter.
     pub fn prior_diag(&self, precision: &[f64]) -> Result<Vec<f64>> {
         let p = self.n_params();
-        if let Some(bad) = precision.iter().find(|v| !(**v > 0.0 && v.is_finite())) {
-            bail!(Invalid, "prior precision must be positive and finite, got {bad}");
+        if let Some(bad) = precision.iter().find(|v| !(**v >= MIN_PRIOR_PRECISION && v.is_finite())) {
+            bail!(Invalid, "{}", prior_precision_message(*bad));
         }
         Ok(match precision.len() {
             1 => vec![precision[0]; p],
@@ -353,6 +372,7 @@ impl Posterior {
         let s = self.h_factor(self.sigma_noise);
         let dev = self.model.device();
         let p = self.n_params();
+        crate::budget::check(&format!("the dense posterior precision for P = {p}"), &[p, p], 8)?;
         let dense_h = match &self.fitted {
             Fitted::Full { h, .. } => h.to_dtype(tensor::DType::F64)?,
             Fitted::Diag { h } => {

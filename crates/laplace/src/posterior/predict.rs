@@ -84,7 +84,7 @@ impl Posterior {
             Fitted::Full { h, eigvals, eigvecs } => {
                 if p0.iter().all(|v| *v == p0[0]) {
                     // P⁻¹ = Q diag(1/(sλ + δ)) Qᵀ: A = J Q diag(1/√(sλ + δ)).
-                    let scale: Vec<f64> = eigvals.iter().map(|l| 1.0 / (s * l + p0[0]).sqrt()).collect();
+                    let scale: Vec<f64> = inverse_sqrt_precision(eigvals, s, p0[0])?;
                     let q = tensor::from_faer(eigvecs.as_ref(), DType::F64, dev)?;
                     let scale = tensor::from_f64(scale, &[1, p], DType::F64, dev)?;
                     let a = j.reshape((n * c, p))?.matmul(&q)?.broadcast_mul(&scale)?;
@@ -192,7 +192,11 @@ impl Posterior {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Tensor> {
         let p = self.n_params();
         let mut rng = Rng::new(seed);
-        let z: Vec<f64> = (0..n * p).map(|_| rng.normal()).collect();
+        // The draws, their tensor, the scaled samples and their host copy
+        // (nn_predictive) live at once: four (n, P) arrays of f64.
+        crate::budget::check(&format!("{n} posterior samples of P = {p} parameters (4 copies while drawing)"), &[4, n, p], 8)?;
+        let mut z = crate::budget::try_vec::<f64>(&format!("{n} posterior samples of P = {p} parameters"), n.saturating_mul(p))?;
+        z.extend((0..n * p).map(|_| rng.normal()));
         let dev = self.model.device().clone();
         let z = tensor::from_f64(z, &[n, p], DType::F64, &dev)?;
         let s = self.h_factor(self.sigma_noise);
@@ -206,7 +210,7 @@ impl Posterior {
             Fitted::Full { h, eigvals, eigvecs } => {
                 if p0.iter().all(|v| *v == p0[0]) {
                     // θ − θ* = Q diag(1/√(sλ + δ)) z.
-                    let sd: Vec<f64> = eigvals.iter().map(|l| 1.0 / (s * l + p0[0]).sqrt()).collect();
+                    let sd: Vec<f64> = inverse_sqrt_precision(eigvals, s, p0[0])?;
                     let q = tensor::from_faer(eigvecs.as_ref(), DType::F64, dev)?;
                     z.broadcast_mul(&tensor::from_f64(sd, &[1, p], DType::F64, dev)?)?.matmul(&q.t()?)?
                 } else {
@@ -388,4 +392,21 @@ fn psd_sqrt(a: &Tensor) -> Result<Mat<f64>> {
     let q = tensor::to_faer(&q)?;
     let n = l.len();
     Ok(Mat::from_fn(n, n, |i, j| q[(i, j)] * l[j].max(0.0).sqrt()))
+}
+
+/// 1/√(sλ + δ) for the eigenvalues λ of H, or an error if the posterior
+/// precision is not positive definite (an exact Hessian with negative
+/// curvature, or a prior too weak to lift round-off below zero).
+fn inverse_sqrt_precision(eigvals: &[f64], s: f64, delta: f64) -> Result<Vec<f64>> {
+    eigvals
+        .iter()
+        .map(|l| {
+            let e = s * l + delta;
+            if e > 0.0 && e.is_finite() {
+                Ok(1.0 / e.sqrt())
+            } else {
+                bail!(NonFinite, "the posterior precision is not positive definite (eigenvalue {e:e}); increase the prior precision")
+            }
+        })
+        .collect()
 }

@@ -653,8 +653,10 @@ fn parse_functional(label: &str, op: &str, attrs: Map<String, Value>, n_inputs: 
                 .take("data")
                 .and_then(|v| v.as_array().and_then(|l| l.iter().map(Value::as_f64).collect::<Option<Vec<_>>>()))
                 .ok_or_else(|| a.err("\"data\" must be a list of numbers".into()))?;
-            if data.len() != shape.iter().product::<usize>() {
-                return Err(a.err(format!("\"data\" has {} numbers, shape {shape:?} needs {}", data.len(), shape.iter().product::<usize>())));
+            let need = crate::budget::numel(&shape);
+            if need != Some(data.len() as u64) {
+                let need = need.map_or("more than 2^64".to_string(), |n| n.to_string());
+                return Err(a.err(format!("\"data\" has {} numbers, shape {shape:?} needs {need}", data.len())));
             }
             OpSpec::Constant { shape, data }
         }

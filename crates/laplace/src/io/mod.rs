@@ -2,17 +2,26 @@
 //! `.npy` (index lists). Part of the candle boundary (see [`crate::tensor`]).
 //!
 //! Results are written atomically (a temporary file in the same directory,
-//! then a rename), so a failed run never leaves a half-written output.
+//! then a rename), so a failed run never leaves a half-written output; see
+//! [`output`] for what an output path may be.
+
+pub mod npy;
+pub mod output;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{bail, Error, Result};
 use crate::tensor::{self, Device, Tensor};
 
-/// All tensors of a safetensors file.
+/// All tensors of a safetensors file (its size checked against the memory
+/// budget first; the file is memory-mapped, so the tensors are its only copy).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    crate::budget::current().check(&format!("reading {}", path.display()), Some(size))?;
+    // SAFETY: read-only map, dropped before we return (see `npy::read_npy`).
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
         Error::Data(format!("{}: not a readable safetensors file: {e}", path.display()))
     })
@@ -24,27 +33,15 @@ pub fn read_safetensors_bytes(bytes: &[u8], device: &Device) -> Result<HashMap<S
         .map_err(|e| Error::Data(format!("not a readable safetensors buffer: {e}")))
 }
 
-/// All arrays of a numpy `.npz` archive (uncompressed or deflated).
+/// All arrays of a numpy `.npz` archive (stored or deflated; CRC-32
+/// checked; every declared size checked before allocation: [`npy`]).
 pub fn read_npz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    if !path.exists() {
-        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
-    }
-    let arrays = Tensor::read_npz(path)
-        .map_err(|e| Error::Data(format!("{}: not a readable .npz archive: {e}", path.display())))?;
-    arrays
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(device)?)))
-        .collect()
+    npy::read_npz(path, device)
 }
 
 /// One numpy `.npy` array.
 pub fn read_npy(path: &Path, device: &Device) -> Result<Tensor> {
-    if !path.exists() {
-        return Err(Error::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
-    }
-    let t = Tensor::read_npy(path)
-        .map_err(|e| Error::Data(format!("{}: not a readable .npy array: {e}", path.display())))?;
-    Ok(t.to_device(device)?)
+    npy::read_npy(path, device)
 }
 
 /// A tensor file by extension: `.npz` or `.safetensors`.
@@ -91,39 +88,34 @@ pub fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>>
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
-/// Write tensors to a safetensors file, atomically.
+/// Write tensors to a safetensors file, atomically. Values are written as
+/// they are (tests use this to make bad files); results go through
+/// [`write_results`].
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     write_safetensors_with_metadata(path, tensors, &[])
 }
 
-/// Write tensors and string metadata (the header's `__metadata__`) to a
-/// safetensors file, atomically.
+/// [`write_safetensors`] with string metadata (the header's `__metadata__`).
 pub fn write_safetensors_with_metadata(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
-    let map: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let info: Option<HashMap<String, String>> = (!metadata.is_empty()).then(|| metadata.iter().cloned().collect());
-    let tmp = temp_path(path);
-    safetensors::serialize_to_file(map, info, &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        match e {
-            safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
-            other => Error::Invalid(format!("cannot write {}: {other}", path.display())),
-        }
-    })?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    output::write_atomically(path, |file| output::write_safetensors_to(file, tensors, metadata))
 }
 
-/// A sibling temporary file: `dir/.name.tmp-<pid>`.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = format!(".{name}.tmp-{}", std::process::id());
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(tmp),
-        _ => PathBuf::from(tmp),
+/// Write a command's results: every float tensor is checked for NaN and
+/// infinity first ([`Error::NonFinite`] naming the key and the first bad
+/// index), so no non-finite number leaves the program unannounced; then as
+/// [`write_safetensors_with_metadata`].
+pub fn write_results(path: &Path, tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<()> {
+    for (key, t) in tensors {
+        if tensor::is_compute_dtype(t.dtype()) {
+            if let Some(pos) = tensor::first_non_finite(t)? {
+                bail!(
+                    NonFinite,
+                    "output {key:?} of {} holds a non-finite value at index {:?}; nothing was written",
+                    path.display(),
+                    tensor::unravel(pos, t.dims())
+                );
+            }
+        }
     }
+    write_safetensors_with_metadata(path, tensors, metadata)
 }
