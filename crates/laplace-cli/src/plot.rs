@@ -1,238 +1,449 @@
-//! A tiny raster plotter for the demo's figures: an RGB canvas with lines,
-//! filled rectangles and a 5×7 bitmap font (digits, capitals and a few
-//! signs), written as PNG with stored (uncompressed) deflate blocks. No
-//! dependencies: the demo must build and run anywhere, fonts included.
+//! The demo's figures, drawn with `plotters` and written twice: as a
+//! compressed PNG and as an SVG.
+//!
+//! Text uses DejaVu Sans, embedded (a subset, `fonts/`, with its license):
+//! plotters' `ab_glyph` font path needs no system fonts or fontconfig, so the
+//! figures look the same on any machine, CI included. plotters 0.3.7 places
+//! each ab_glyph glyph at its ink box and drops the side bearings (letters
+//! crowd and spaces vanish), so PNG text goes through [`GlyphText`], which
+//! lays glyphs out on their advances. Legends are drawn in a strip of their
+//! own above the panels, so they can never cover data.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
 
-pub type Rgb = [u8; 3];
+use ab_glyph::{Font, FontRef, ScaleFont};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters_backend::{BackendColor, BackendCoord, BackendStyle, BackendTextStyle, DrawingErrorKind};
 
-pub const WHITE: Rgb = [255, 255, 255];
-pub const BLACK: Rgb = [0, 0, 0];
-pub const GREY: Rgb = [190, 190, 190];
-pub const BLUE: Rgb = [31, 119, 180];
-pub const ORANGE: Rgb = [255, 127, 14];
-pub const GREEN: Rgb = [44, 160, 44];
-pub const RED: Rgb = [214, 39, 40];
+/// DejaVu Sans, subset to Latin-1, Greek and a few symbols (see `fonts/README.md`).
+const FONT: &[u8] = include_bytes!("../fonts/DejaVuSans-subset.ttf");
+const FAMILY: &str = "sans-serif";
 
-pub struct Canvas {
-    pub width: usize,
-    pub height: usize,
-    pixels: Vec<Rgb>,
+/// Tableau colours, as matplotlib's defaults: familiar and colour-blind friendly enough.
+pub const PALETTE: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+const GREY: RGBColor = RGBColor(120, 120, 120);
+
+/// Everything a figure can fail with, as text (plotters' errors are generic over the backend).
+type DrawResult = Result<(), String>;
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // The bytes are compiled in and tested (`figures_render`): a failure is a build defect.
+        if plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_err() {
+            panic!("the embedded font does not parse");
+        }
+    });
 }
 
-/// 5×7 glyphs, one byte per row, bit 4 = leftmost column.
-fn glyph(c: char) -> [u8; 7] {
-    match c.to_ascii_uppercase() {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        _ => [0; 7],
+fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+fn font(size: f64) -> TextStyle<'static> {
+    (FAMILY, size).into_font().into()
+}
+
+/// A figure that any plotters backend can draw.
+pub trait Figure {
+    /// Width and height in pixels (the SVG uses the same numbers).
+    fn size(&self) -> (u32, u32);
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult;
+}
+
+/// Write `fig` as `<stem>.png` and `<stem>.svg` (each through a temporary
+/// file and a rename, so that a failure leaves no half-written figure).
+pub fn save(fig: &impl Figure, stem: &Path) -> laplace::Result<[PathBuf; 2]> {
+    register_font();
+    let (w, h) = fig.size();
+    let fail = |what: &str, e: String| laplace::Error::Invalid(format!("drawing {}: {what}: {e}", stem.display()));
+
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
+    {
+        let font = FontRef::try_from_slice(FONT).map_err(|e| fail("PNG", err(e)))?;
+        let root = GlyphText { inner: BitMapBackend::with_buffer(&mut rgb, (w, h)), font }.into_drawing_area();
+        root.fill(&WHITE).map_err(err).and_then(|_| fig.draw(&root)).map_err(|e| fail("PNG", e))?;
+        root.present().map_err(|e| fail("PNG", err(e)))?;
+    }
+    let png_path = stem.with_extension("png");
+    write_atomic(&png_path, &encode_png(&rgb, w, h).map_err(|e| fail("PNG", err(e)))?)?;
+
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(err).and_then(|_| fig.draw(&root)).map_err(|e| fail("SVG", e))?;
+        root.present().map_err(|e| fail("SVG", err(e)))?;
+    }
+    let svg_path = stem.with_extension("svg");
+    write_atomic(&svg_path, svg.as_bytes())?;
+    Ok([png_path, svg_path])
+}
+
+/// A bitmap backend whose text is laid out on glyph advances (with kerning)
+/// and rasterized by ab_glyph; everything else is the bitmap backend's.
+struct GlyphText<'a> {
+    inner: BitMapBackend<'a>,
+    font: FontRef<'static>,
+}
+
+type Drawn<'a> = Result<(), DrawingErrorKind<<BitMapBackend<'a> as DrawingBackend>::ErrorType>>;
+
+impl GlyphText<'_> {
+    /// Width and height (ascent − descent) of `text` at `size` pixels.
+    fn layout(&self, text: &str, size: f64) -> (f32, f32) {
+        let f = self.font.as_scaled(size as f32);
+        let mut prev = None;
+        let mut w = 0.0;
+        for c in text.chars() {
+            let id = f.glyph_id(c);
+            if let Some(p) = prev {
+                w += f.kern(p, id);
+            }
+            w += f.h_advance(id);
+            prev = Some(id);
+        }
+        (w, f.ascent() - f.descent())
     }
 }
 
-impl Canvas {
-    pub fn new(width: usize, height: usize) -> Self {
-        Canvas { width, height, pixels: vec![WHITE; width * height] }
+impl<'a> DrawingBackend for GlyphText<'a> {
+    type ErrorType = <BitMapBackend<'a> as DrawingBackend>::ErrorType;
+
+    fn get_size(&self) -> (u32, u32) {
+        self.inner.get_size()
+    }
+    fn ensure_prepared(&mut self) -> Drawn<'a> {
+        self.inner.ensure_prepared()
+    }
+    fn present(&mut self) -> Drawn<'a> {
+        self.inner.present()
+    }
+    fn draw_pixel(&mut self, p: BackendCoord, c: BackendColor) -> Drawn<'a> {
+        self.inner.draw_pixel(p, c)
+    }
+    fn draw_line<S: BackendStyle>(&mut self, from: BackendCoord, to: BackendCoord, s: &S) -> Drawn<'a> {
+        self.inner.draw_line(from, to, s)
+    }
+    fn draw_rect<S: BackendStyle>(&mut self, a: BackendCoord, b: BackendCoord, s: &S, fill: bool) -> Drawn<'a> {
+        self.inner.draw_rect(a, b, s, fill)
+    }
+    fn draw_path<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(&mut self, path: I, s: &S) -> Drawn<'a> {
+        self.inner.draw_path(path, s)
+    }
+    fn draw_circle<S: BackendStyle>(&mut self, c: BackendCoord, r: u32, s: &S, fill: bool) -> Drawn<'a> {
+        self.inner.draw_circle(c, r, s, fill)
+    }
+    fn fill_polygon<S: BackendStyle, I: IntoIterator<Item = BackendCoord>>(&mut self, v: I, s: &S) -> Drawn<'a> {
+        self.inner.fill_polygon(v, s)
+    }
+    fn blit_bitmap(&mut self, pos: BackendCoord, size: (u32, u32), src: &[u8]) -> Drawn<'a> {
+        self.inner.blit_bitmap(pos, size, src)
     }
 
-    pub fn set(&mut self, x: i64, y: i64, c: Rgb) {
-        if x >= 0 && y >= 0 && (x as usize) < self.width && (y as usize) < self.height {
-            self.pixels[y as usize * self.width + x as usize] = c;
+    fn estimate_text_size<T: BackendTextStyle>(&self, text: &str, style: &T) -> Result<(u32, u32), DrawingErrorKind<Self::ErrorType>> {
+        let (w, h) = self.layout(text, style.size());
+        Ok((w.ceil() as u32, h.ceil() as u32))
+    }
+
+    fn draw_text<T: BackendTextStyle>(&mut self, text: &str, style: &T, pos: BackendCoord) -> Drawn<'a> {
+        let color = style.color();
+        let (width, height) = self.layout(text, style.size());
+        // Offset of the text box's top-left corner from the anchor.
+        let dx = match style.anchor().h_pos {
+            HPos::Left => 0.0,
+            HPos::Center => -width / 2.0,
+            HPos::Right => -width,
+        };
+        let dy = match style.anchor().v_pos {
+            VPos::Top => 0.0,
+            VPos::Center => -height / 2.0,
+            VPos::Bottom => -height,
+        };
+        let trans = style.transform();
+        let f = self.font.as_scaled(style.size() as f32);
+        let mut pixels = Vec::new();
+        let (mut caret, mut prev) = (0.0f32, None);
+        for c in text.chars() {
+            let id = f.glyph_id(c);
+            if let Some(p) = prev {
+                caret += f.kern(p, id);
+            }
+            let glyph = id.with_scale_and_position(f.scale(), ab_glyph::point(dx + caret, dy + f.ascent()));
+            if let Some(outline) = f.outline_glyph(glyph) {
+                let b = outline.px_bounds();
+                outline.draw(|x, y, cov| pixels.push((b.min.x as i32 + x as i32, b.min.y as i32 + y as i32, cov)));
+            }
+            caret += f.h_advance(id);
+            prev = Some(id);
         }
-    }
-
-    pub fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb) {
-        for y in y0.min(y1)..=y0.max(y1) {
-            for x in x0.min(x1)..=x0.max(x1) {
-                self.set(x, y, c);
+        let (w, h) = self.get_size();
+        for (x, y, cov) in pixels {
+            let (x, y) = trans.transform(x, y);
+            let (x, y) = (pos.0 + x, pos.1 + y);
+            if cov > 0.0 && x >= 0 && y >= 0 && x < w as i32 && y < h as i32 {
+                self.inner.draw_pixel((x, y), BackendColor { alpha: color.alpha * f64::from(cov.min(1.0)), rgb: color.rgb })?;
             }
         }
+        Ok(())
     }
+}
 
-    /// A line of width `w` (Bresenham, thickened).
-    pub fn line(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb, w: i64) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            self.rect(x - w / 2, y - w / 2, x + (w - 1) / 2, y + (w - 1) / 2, c);
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
+/// 8-bit RGB PNG, best compression (flat-coloured plots shrink ~50×).
+fn encode_png(rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
+    enc.set_filter(png::FilterType::Paeth);
+    let mut writer = enc.write_header()?;
+    writer.write_image_data(rgb)?;
+    writer.finish()?;
+    Ok(out)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> laplace::Result<()> {
+    let io = |e| laplace::Error::Io { path: path.to_path_buf(), source: e };
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The figure's title and a legend strip under it; returns the area left for the panels.
+fn header<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, legend: &[(&str, Swatch)]) -> Result<DrawingArea<DB, Shift>, String> {
+    let (w, _) = root.dim_in_pixel();
+    let (top, rest) = root.split_vertically(72);
+    top.draw(&Text::new(title.to_string(), (w as i32 / 2, 8), font(20.0).pos(Pos::new(HPos::Center, VPos::Top))))
+        .map_err(err)?;
+    // Legend entries centred as a row: measure them first.
+    let style = font(15.0);
+    let widths: Vec<i32> = legend
+        .iter()
+        .map(|(label, _)| top.estimate_text_size(label, &style).map(|(tw, _)| tw as i32 + 34).map_err(err))
+        .collect::<Result<_, _>>()?;
+    let gap = 24;
+    let total: i32 = widths.iter().sum::<i32>() + gap * (widths.len() as i32 - 1).max(0);
+    let (mut x, y) = (w as i32 / 2 - total / 2, 48);
+    for ((label, swatch), width) in legend.iter().zip(&widths) {
+        swatch.draw(&top, x, y)?;
+        top.draw(&Text::new(label.to_string(), (x + 28, y), style.pos(Pos::new(HPos::Left, VPos::Center)))).map_err(err)?;
+        x += width + gap;
     }
+    Ok(rest)
+}
 
-    /// Text with its top-left corner at (x, y), glyphs scaled by `s`.
-    pub fn text(&mut self, x: i64, y: i64, s: i64, c: Rgb, text: &str) {
-        for (i, ch) in text.chars().enumerate() {
-            let g = glyph(ch);
-            for (r, row) in g.iter().enumerate() {
-                for col in 0..5 {
-                    if row & (0x10 >> col) != 0 {
-                        let px = x + (i as i64 * 6 + col) * s;
-                        let py = y + r as i64 * s;
-                        self.rect(px, py, px + s - 1, py + s - 1, c);
-                    }
+/// What a legend entry shows.
+#[derive(Clone, Copy)]
+pub enum Swatch {
+    Box(RGBColor),
+    Dot(RGBColor),
+    Dashed(RGBColor),
+    /// A sample of text, as the figure writes it.
+    Label(&'static str),
+}
+
+impl Swatch {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>, x: i32, y: i32) -> DrawResult {
+        match *self {
+            Swatch::Box(c) => area.draw(&Rectangle::new([(x, y - 7), (x + 20, y + 7)], c.mix(0.8).filled())),
+            Swatch::Dot(c) => area.draw(&Circle::new((x + 10, y), 5, c.filled())),
+            Swatch::Label(t) => area.draw(&Text::new(t, (x + 10, y), font(13.0).pos(Pos::new(HPos::Center, VPos::Center)))),
+            Swatch::Dashed(c) => {
+                for k in 0..3 {
+                    area.draw(&PathElement::new(vec![(x + 8 * k, y), (x + 8 * k + 5, y)], Color::stroke_width(&c, 2))).map_err(err)?;
                 }
+                return Ok(());
             }
         }
+        .map_err(err)
+    }
+}
+
+/// One method's reliability diagram: per-bin (mean confidence, accuracy,
+/// count) of the top-class confidence, as `metrics::reliability` computes them.
+pub struct ReliabilityPanel {
+    pub title: String,
+    pub bins: Vec<(f64, f64, usize)>,
+}
+
+/// Reliability diagrams side by side: accuracy per confidence bin as bars,
+/// the bin's mean confidence as a dot (the gap between them is the
+/// miscalibration), the diagonal, and the number of points above each bar.
+pub struct Reliability {
+    pub title: String,
+    pub panels: Vec<ReliabilityPanel>,
+}
+
+impl Figure for Reliability {
+    fn size(&self) -> (u32, u32) {
+        (20 + 400 * self.panels.len() as u32, 500)
     }
 
-    /// Width in pixels of `text` at scale `s`.
-    pub fn text_width(text: &str, s: i64) -> i64 {
-        text.chars().count() as i64 * 6 * s
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
+        let legend = [
+            ("accuracy in the bin", Swatch::Box(PALETTE[0])),
+            ("mean confidence in the bin", Swatch::Dot(PALETTE[3])),
+            ("perfect calibration", Swatch::Dashed(GREY)),
+            ("points in the bin", Swatch::Label("n")),
+        ];
+        let rest = header(root, &self.title, &legend)?;
+        let areas = rest.margin(0, 0, 10, 10).split_evenly((1, self.panels.len()));
+        for (panel, area) in self.panels.iter().zip(&areas) {
+            let mut chart = ChartBuilder::on(area)
+                .caption(&panel.title, font(17.0))
+                .margin(12)
+                .x_label_area_size(44)
+                .y_label_area_size(54)
+                // Headroom above 1 for the counts over full bars.
+                .build_cartesian_2d(0f64..1f64, 0f64..1.12f64)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .y_labels(7)
+                .y_label_formatter(&|v| if *v <= 1.0 + 1e-9 { format!("{v:.1}") } else { String::new() })
+                .x_labels(6)
+                .x_label_formatter(&|v| format!("{v:.1}"))
+                .x_desc("confidence (top-class probability)")
+                .y_desc("accuracy")
+                .label_style(font(13.0))
+                .axis_desc_style(font(14.0))
+                .light_line_style(WHITE)
+                .bold_line_style(RGBColor(225, 225, 225))
+                .draw()
+                .map_err(err)?;
+            let k = panel.bins.len().max(1) as f64;
+            let filled: Vec<(usize, &(f64, f64, usize))> = panel.bins.iter().enumerate().filter(|(_, b)| b.2 > 0).collect();
+            chart
+                .draw_series(filled.iter().map(|(i, b)| {
+                    let x0 = *i as f64 / k;
+                    Rectangle::new([(x0 + 0.008, 0.0), (x0 + 1.0 / k - 0.008, b.1)], PALETTE[0].mix(0.8).filled())
+                }))
+                .map_err(err)?;
+            chart
+                .draw_series(DashedLineSeries::new([(0.0, 0.0), (1.0, 1.0)], 6, 4, Color::stroke_width(&GREY, 2)))
+                .map_err(err)?;
+            chart.draw_series(filled.iter().map(|(_, b)| Circle::new((b.0, b.0), 4, PALETTE[3].filled()))).map_err(err)?;
+            chart
+                .draw_series(filled.iter().map(|(i, b)| {
+                    let centre = (*i as f64 + 0.5) / k;
+                    // Above the bar and its confidence dot, whichever is higher.
+                    Text::new(b.2.to_string(), (centre, b.1.max(b.0) + 0.02), font(12.0).pos(Pos::new(HPos::Center, VPos::Bottom)))
+                }))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// One method's confidence histograms: named sets of top-class confidences.
+pub struct ConfidencePanel {
+    pub title: String,
+    pub sets: Vec<Vec<f64>>,
+}
+
+/// Histograms of the top-class confidence, one panel per method, one bar
+/// colour per input set (in-distribution and out-of-distribution), as the
+/// fraction of each set per bin.
+pub struct ConfidenceHistograms {
+    pub title: String,
+    pub set_names: Vec<String>,
+    pub panels: Vec<ConfidencePanel>,
+    pub bins: usize,
+}
+
+impl Figure for ConfidenceHistograms {
+    fn size(&self) -> (u32, u32) {
+        (20 + 400 * self.panels.len() as u32, 480)
     }
 
-    /// Write as an 8-bit RGB PNG.
-    pub fn save_png(&self, path: &Path) -> std::io::Result<()> {
-        let mut raw = Vec::with_capacity(self.height * (1 + 3 * self.width));
-        for y in 0..self.height {
-            raw.push(0); // filter: none
-            for x in 0..self.width {
-                raw.extend_from_slice(&self.pixels[y * self.width + x]);
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult {
+        let legend: Vec<(&str, Swatch)> = self.set_names.iter().enumerate().map(|(i, n)| (n.as_str(), Swatch::Box(PALETTE[i % 4]))).collect();
+        let rest = header(root, &self.title, &legend)?;
+        let areas = rest.margin(0, 0, 10, 10).split_evenly((1, self.panels.len()));
+        let bins = self.bins.max(1);
+        for (panel, area) in self.panels.iter().zip(&areas) {
+            let mut chart = ChartBuilder::on(area)
+                .caption(&panel.title, font(17.0))
+                .margin(12)
+                .x_label_area_size(44)
+                .y_label_area_size(54)
+                .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .x_labels(6)
+                .x_label_formatter(&|v| format!("{v:.1}"))
+                .y_label_formatter(&|v| format!("{v:.1}"))
+                .x_desc("confidence (top-class probability)")
+                .y_desc("fraction of the set")
+                .label_style(font(13.0))
+                .axis_desc_style(font(14.0))
+                .light_line_style(WHITE)
+                .bold_line_style(RGBColor(225, 225, 225))
+                .draw()
+                .map_err(err)?;
+            let n_sets = panel.sets.len().max(1) as f64;
+            let width = 1.0 / bins as f64;
+            for (s, conf) in panel.sets.iter().enumerate() {
+                let hist = histogram(conf, bins);
+                let color = PALETTE[s % 4];
+                chart
+                    .draw_series(hist.iter().enumerate().filter(|(_, f)| **f > 0.0).map(|(b, f)| {
+                        let x0 = b as f64 * width + 0.006 + s as f64 * (width - 0.012) / n_sets;
+                        let x1 = x0 + (width - 0.012) / n_sets;
+                        Rectangle::new([(x0, 0.0), (x1, *f)], color.mix(0.85).filled())
+                    }))
+                    .map_err(err)?;
             }
         }
-        let mut png = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&(self.width as u32).to_be_bytes());
-        ihdr.extend_from_slice(&(self.height as u32).to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit, RGB
-        chunk(&mut png, b"IHDR", &ihdr);
-        chunk(&mut png, b"IDAT", &zlib_stored(&raw));
-        chunk(&mut png, b"IEND", &[]);
-        let tmp = path.with_extension("png.tmp");
-        std::fs::write(&tmp, &png)?;
-        std::fs::rename(&tmp, path)
+        Ok(())
     }
 }
 
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
+/// Fraction of `values` in each of `bins` equal-width bins (k/B, (k+1)/B]
+/// of [0, 1] (the first bin also takes 0), as the ECE bins.
+pub fn histogram(values: &[f64], bins: usize) -> Vec<f64> {
+    let mut h = vec![0.0; bins];
+    for v in values {
+        h[((v * bins as f64).ceil() as usize).clamp(1, bins) - 1] += 1.0;
+    }
+    let n = values.len().max(1) as f64;
+    h.iter().map(|c| c / n).collect()
 }
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A zlib stream of stored (uncompressed) deflate blocks.
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let chunks: Vec<&[u8]> = data.chunks(65535).collect();
-    for (i, c) in chunks.iter().enumerate() {
-        out.push(u8::from(i + 1 == chunks.len()));
-        out.extend_from_slice(&(c.len() as u16).to_le_bytes());
-        out.extend_from_slice(&(!(c.len() as u16)).to_le_bytes());
-        out.extend_from_slice(c);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + u32::from(x)) % 65521;
-        b = (b + a) % 65521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
-}
-
-/// Plot frame: maps data coordinates in [0, 1]² to a panel of the canvas.
-pub struct Panel {
-    pub x0: i64,
-    pub y0: i64,
-    pub w: i64,
-    pub h: i64,
-}
-
-impl Panel {
-    pub fn px(&self, x: f64) -> i64 {
-        self.x0 + (x.clamp(0.0, 1.0) * self.w as f64).round() as i64
+    #[test]
+    fn histogram_bins_like_the_ece() {
+        // (0, .5] and (.5, 1]; 0.5 itself belongs to the first bin, 0 too.
+        assert_eq!(histogram(&[0.0, 0.5, 0.51, 1.0], 2), vec![0.5, 0.5]);
     }
 
-    pub fn py(&self, y: f64) -> i64 {
-        self.y0 + self.h - (y.clamp(0.0, 1.0) * self.h as f64).round() as i64
-    }
-
-    /// Axes with ticks 0, 0.2, ..., 1 on both, labels and a title.
-    pub fn axes(&self, cv: &mut Canvas, title: &str, xlabel: &str, ylabel: &str, yticks_max: f64) {
-        for i in 0..=5 {
-            let t = i as f64 / 5.0;
-            cv.line(self.px(t), self.y0, self.px(t), self.y0 + self.h, GREY, 1);
-            cv.line(self.x0, self.py(t), self.x0 + self.w, self.py(t), GREY, 1);
-            let xl = format!("{t:.1}");
-            cv.text(self.px(t) - Canvas::text_width(&xl, 2) / 2, self.y0 + self.h + 8, 2, BLACK, &xl);
-            let yl = format!("{:.1}", t * yticks_max);
-            cv.text(self.x0 - Canvas::text_width(&yl, 2) - 8, self.py(t) - 7, 2, BLACK, &yl);
-        }
-        cv.line(self.x0, self.y0, self.x0, self.y0 + self.h, BLACK, 2);
-        cv.line(self.x0, self.y0 + self.h, self.x0 + self.w, self.y0 + self.h, BLACK, 2);
-        cv.text(self.x0 + (self.w - Canvas::text_width(title, 2)) / 2, self.y0 - 26, 2, BLACK, title);
-        cv.text(self.x0 + (self.w - Canvas::text_width(xlabel, 2)) / 2, self.y0 + self.h + 32, 2, BLACK, xlabel);
-        // Vertical label, one character per line.
-        let top = self.y0 + (self.h - ylabel.len() as i64 * 16) / 2;
-        for (i, ch) in ylabel.chars().enumerate() {
-            cv.text(self.x0 - 78, top + i as i64 * 16, 2, BLACK, &ch.to_string());
-        }
+    #[test]
+    fn figures_render() {
+        let dir = std::env::temp_dir().join(format!("laplace-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rel = Reliability {
+            title: "reliability".into(),
+            panels: vec![ReliabilityPanel { title: "MAP".into(), bins: vec![(0.0, 0.0, 0), (0.9, 0.8, 5)] }],
+        };
+        let [png, svg] = save(&rel, &dir.join("r")).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let decoder = png::Decoder::new(std::io::Cursor::new(&bytes));
+        let info = decoder.read_info().unwrap().info().clone();
+        assert_eq!((info.width, info.height), rel.size());
+        // Compressed: far below the 3 bytes per pixel of the raw image.
+        assert!(bytes.len() < (info.width * info.height) as usize / 4, "{} bytes", bytes.len());
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(text.starts_with("<svg") && text.contains("perfect calibration") && text.contains("\n5\n"), "{text}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -267,18 +267,76 @@ fn bad_input_exits_non_zero_names_the_problem_and_writes_nothing() {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
+/// P(in > out) + ½ P(tie), by counting pairs: an independent AUROC.
+fn auroc_by_pairs(inside: &[f64], outside: &[f64]) -> f64 {
+    let mut wins = 0.0;
+    for a in inside {
+        for b in outside {
+            wins += if a > b { 1.0 } else if a == b { 0.5 } else { 0.0 };
+        }
+    }
+    wins / (inside.len() * outside.len()) as f64
+}
+
+fn top_confidences(probs: &Tensor) -> Vec<f64> {
+    let (n, c) = probs.dims2().unwrap();
+    let p = tensor::to_vec_f64(probs).unwrap();
+    (0..n).map(|i| p[i * c..(i + 1) * c].iter().cloned().fold(0.0, f64::max)).collect()
+}
+
 #[test]
-fn demo_runs_and_agrees_with_laplace_torch() {
+fn demo_agrees_with_laplace_torch_and_its_table_is_what_the_library_computes() {
     let tmp = scratch("demo");
     let o = laplace(&["demo", "--out-dir", p(&tmp)]);
     assert_ok(&o);
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(s.contains("all agree within"), "{s}");
-    assert!(s.contains("GGN diagonal"), "{s}");
-    assert!(s.contains("Laplace KFAC") && s.contains("Laplace last layer"), "{s}");
-    for f in ["reliability.png", "uncertainty.png"] {
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.join("metrics.json")).unwrap()).unwrap();
+    let methods = json["methods"].as_array().unwrap();
+    let keys: Vec<&str> = methods.iter().map(|m| m["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["map", "last_layer", "all_weights"]);
+
+    // Every number of the table, recomputed from the saved probabilities.
+    let pred = read(&tmp.join("predictions.safetensors"));
+    let labels = tensor::to_vec_i64(&pred["labels"]).unwrap();
+    assert_eq!(labels.len(), 360);
+    for m in methods {
+        let key = m["key"].as_str().unwrap();
+        let probs = &pred[&format!("{key}.test")];
+        let rows = tensor::to_vec_f64(&probs.sum(1).unwrap()).unwrap();
+        assert!(rows.iter().all(|r| (r - 1.0).abs() < 1e-9), "{key}: probabilities sum to 1");
+        let got = laplace::posterior::metrics::classification(probs, &labels).unwrap();
+        for (name, v) in [("accuracy", got.accuracy), ("nll", got.nll), ("ece", got.ece), ("brier", got.brier)] {
+            assert!((m[name].as_f64().unwrap() - v).abs() <= 1e-12, "{key} {name}: {} vs {v}", m[name]);
+        }
+        let label = m["label"].as_str().unwrap();
+        let line = s.lines().find(|l| l.trim_start().starts_with(label) && l.contains('|')).unwrap_or_else(|| panic!("no table row {label}:\n{s}"));
+        assert!(line.contains(&format!("{:.4}", got.nll)) && line.contains(&format!("{:.4}", got.ece)), "{line}");
+        let inside = top_confidences(probs);
+        for set in ["rotated", "noise"] {
+            let outside = top_confidences(&pred[&format!("{key}.{set}")]);
+            let auc = auroc_by_pairs(&inside, &outside);
+            let reported = m["ood"][set]["auroc"].as_f64().unwrap();
+            assert!(reported > 0.0 && reported <= 1.0, "{key} {set}: AUROC {reported}");
+            assert!((reported - auc).abs() < 1e-12, "{key} {set}: AUROC {reported} vs {auc}");
+            let mean = outside.iter().sum::<f64>() / outside.len() as f64;
+            assert!((m["ood"][set]["mean_confidence"].as_f64().unwrap() - mean).abs() < 1e-12);
+            assert!(line.contains(&format!("{auc:.3}")), "{line}");
+        }
+    }
+    // The MAP network is near-certain on noise; a posterior is less so.
+    let noise_conf = |i: usize| methods[i]["ood"]["noise"]["mean_confidence"].as_f64().unwrap();
+    assert!(noise_conf(1) < noise_conf(0) && noise_conf(2) < noise_conf(0), "{s}");
+
+    for f in ["reliability.png", "confidence.png", "reliability.svg", "confidence.svg"] {
         let bytes = std::fs::read(tmp.join(f)).unwrap();
-        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f} is a PNG");
+        if f.ends_with(".png") {
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f} is a PNG");
+        } else {
+            assert!(bytes.starts_with(b"<svg"), "{f} is an SVG");
+        }
+        // Compressed: the old uncompressed PNGs were 1.4 and 2.5 MB.
+        assert!(bytes.len() < 200_000, "{f}: {} bytes", bytes.len());
         assert!(s.contains(f), "the demo prints the path of {f}");
     }
     let _ = std::fs::remove_dir_all(&tmp);
