@@ -8,6 +8,7 @@ use laplace::curvature::KfacApprox;
 use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
+use crate::parallel::Job;
 
 /// Named output tensors, and string metadata, of a safetensors output.
 pub type Named = Vec<(String, Tensor)>;
@@ -110,7 +111,10 @@ impl CurvatureSpec {
                     KfacApproxArg::Expand => KfacApprox::Expand,
                     KfacApproxArg::Reduce => KfacApprox::Reduce,
                 };
-                let n = self.n_data.map_or(data.len(), |n| n as usize);
+                let n = match self.n_data {
+                    Some(n) => n as usize,
+                    None => curv.n_data(data)?,
+                };
                 let (loss, kron) = curv.kron_over(data, batch_size, n, approx)?;
                 let mut out = vec![("loss".to_string(), loss)];
                 for (b, fs) in kron.blocks.into_iter().enumerate() {
@@ -126,10 +130,10 @@ impl CurvatureSpec {
     }
 }
 
-pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
-    let (model, data) = a.inputs.load()?;
-    let bar = crate::progress::TerminalBar::new(true);
-    let curv = a.spec.curvature(&model, a.mc.samples)?.with_monitor(&bar);
+pub fn run(a: &CurvatureArgs, job: &Job) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load_on(job)?;
+    let bar = crate::progress::TerminalBar::new(job.is_root());
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_monitor(&bar).with_communicator(job.comm());
     let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
-    laplace::io::write_safetensors_with_metadata(&a.out, &out, &metadata)
+    job.on_root(|| laplace::io::write_safetensors_with_metadata(&a.out, &out, &metadata))
 }

@@ -7,6 +7,7 @@ use clap::Args;
 use laplace::{Curvature, CurvatureKind, Likelihood, Subset};
 
 use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
+use crate::parallel::Job;
 
 #[derive(Args, Debug)]
 pub struct JacobiansArgs {
@@ -32,18 +33,19 @@ pub struct GradientsArgs {
     pub out: PathBuf,
 }
 
-pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
-    let (model, data) = a.inputs.load()?;
-    let subset = a.subset.subset(&model)?;
+pub fn run_jacobians(a: &JacobiansArgs, job: &Job) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load_on(job)?;
+    let subset = job.agreed(|| a.subset.subset(&model))?;
     // The likelihood plays no part in Jacobians.
-    let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?;
+    let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?.with_communicator(job.comm());
     let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
-    laplace::io::write_safetensors(&a.out, &[("J".into(), j), ("f".into(), f)])
+    job.on_root(|| laplace::io::write_safetensors(&a.out, &[("J".into(), j), ("f".into(), f)]))
 }
 
-pub fn run_gradients(a: &GradientsArgs) -> laplace::Result<()> {
-    let (model, data) = a.inputs.load()?;
-    let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset(&model)?)?;
+pub fn run_gradients(a: &GradientsArgs, job: &Job) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load_on(job)?;
+    let subset = job.agreed(|| a.subset.subset(&model))?;
+    let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &subset)?.with_communicator(job.comm());
     let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
-    laplace::io::write_safetensors(&a.out, &[("G".into(), g), ("loss".into(), loss)])
+    job.on_root(|| laplace::io::write_safetensors(&a.out, &[("G".into(), g), ("loss".into(), loss)]))
 }

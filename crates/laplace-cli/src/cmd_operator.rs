@@ -9,6 +9,7 @@ use laplace::tensor::{self, Tensor};
 
 use crate::args::Inputs;
 use crate::cmd_curvature::{CurvatureSpec, McSamples};
+use crate::parallel::Job;
 
 #[derive(Args, Debug)]
 pub struct EigenArgs {
@@ -62,23 +63,26 @@ pub enum EstimatorArg {
     Hutchpp,
 }
 
-pub fn run_eigen(a: &EigenArgs) -> laplace::Result<()> {
-    let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model, a.mc.samples)?;
+pub fn run_eigen(a: &EigenArgs, job: &Job) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load_on(job)?;
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_communicator(job.comm());
     let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+    // Replicated on every rank: the products are sums over ranks, the same bits everywhere.
     let ep = lanczos_top_k(&op, a.top_k as usize, a.tol, a.max_iter, a.spec.seed)?;
     let like = model.parameter_vector()?;
     let (vals, vecs) = ep.to_tensors(&like)?;
     let iters = Tensor::new(&[ep.iterations as i64], model.device())?;
-    laplace::io::write_safetensors(
-        &a.out,
-        &[("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)],
-    )
+    job.on_root(|| {
+        laplace::io::write_safetensors(
+            &a.out,
+            &[("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)],
+        )
+    })
 }
 
-pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
-    let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model, a.mc_samples)?;
+pub fn run_trace(a: &TraceArgs, job: &Job) -> laplace::Result<()> {
+    let (model, data) = a.inputs.load_on(job)?;
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc_samples))?.with_communicator(job.comm());
     let samples = a.samples as usize;
     let trace = match a.estimator {
         EstimatorArg::Exact => {
@@ -94,14 +98,16 @@ pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
             hutchpp_trace(&op, samples, a.spec.seed)?
         }
     };
-    if let Some(out) = &a.out {
-        let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
-        laplace::io::write_safetensors(out, &[("trace".into(), t)])?;
-    }
-    if a.json {
-        println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));
-    } else {
-        println!("{trace}");
-    }
-    Ok(())
+    job.on_root(|| {
+        if let Some(out) = &a.out {
+            let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
+            laplace::io::write_safetensors(out, &[("trace".into(), t)])?;
+        }
+        if a.json {
+            println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));
+        } else {
+            println!("{trace}");
+        }
+        Ok(())
+    })
 }

@@ -12,6 +12,7 @@ use laplace::tensor::{self, DType, Device};
 use laplace::{CurvatureKind, Dataset, Likelihood, Subset};
 
 use crate::args::{subset_from_globs, DTypeArg, LikelihoodArg};
+use crate::parallel::Job;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubsetArg {
@@ -178,31 +179,35 @@ fn link(a: LinkArg, samples: usize, seed: u64) -> Link {
     }
 }
 
-pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
+pub fn run_fit(a: &FitArgs, job: &Job) -> laplace::Result<()> {
     let dev = Device::Cpu;
     let dtype = a.dtype.map(|d| match d {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F64 => DType::F64,
     });
-    let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
-    let data = Dataset::load_with_labels(&a.data, &a.label_key, model.dtype(), &dev)?;
+    // Everything read from files, agreed across ranks; then rank r holds shard r.
+    let (model, data, subset) = job.agreed(|| {
+        let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
+        let data = job.load_data(&a.data, &a.label_key, model.dtype(), &dev)?;
+        let subset = match (a.subset, &a.subnetwork, &a.params) {
+            (SubsetArg::All, None, None) => Subset::All,
+            (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
+            (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
+            (SubsetArg::Subnetwork, None, Some(globs)) => subset_from_globs(&model, globs)?,
+            (SubsetArg::Subnetwork, None, None) => {
+                return Err(laplace::Error::Invalid(
+                    "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),
+                ))
+            }
+            _ => {
+                return Err(laplace::Error::Invalid(
+                    "--subnetwork and --params need --subset subnetwork".into(),
+                ))
+            }
+        };
+        Ok((model, data, subset))
+    })?;
     let likelihood: Likelihood = a.likelihood.into();
-    let subset = match (a.subset, &a.subnetwork, &a.params) {
-        (SubsetArg::All, None, None) => Subset::All,
-        (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
-        (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
-        (SubsetArg::Subnetwork, None, Some(globs)) => subset_from_globs(&model, globs)?,
-        (SubsetArg::Subnetwork, None, None) => {
-            return Err(laplace::Error::Invalid(
-                "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),
-            ))
-        }
-        _ => {
-            return Err(laplace::Error::Invalid(
-                "--subnetwork and --params need --subset subnetwork".into(),
-            ))
-        }
-    };
     let structure = match a.structure {
         PosteriorStructureArg::Full => Structure::Full,
         PosteriorStructureArg::Diag => Structure::Diag,
@@ -232,52 +237,57 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         temperature: a.temperature,
         ..FitOptions::default()
     };
-    let bar = crate::progress::TerminalBar::new(!a.json);
-    let mut post = Posterior::fit_monitored(model, &data, likelihood, &opts, &bar)?;
-    // Expand a scalar start to the requested structure.
-    post.prior_precision = match prior_structure {
-        PriorStructure::Scalar => vec![a.prior_precision],
-        PriorStructure::Layerwise => vec![a.prior_precision; post.n_groups()],
-        PriorStructure::Diagonal => vec![a.prior_precision; post.n_params()],
-    };
-    match a.optimize_prior {
-        Some(OptimizeArg::Marglik) => {
-            let mo = MarglikOptions {
-                prior_structure,
-                optimize_sigma: a.optimize_sigma,
-                init_prior_precision: a.prior_precision,
-                ..MarglikOptions::default()
-            };
-            post.optimize_marglik(&mo)?;
+    let bar = crate::progress::TerminalBar::new(!a.json && job.is_root());
+    // The curvature of the whole data set, on every rank.
+    let mut post = Posterior::fit_distributed(model, &data, likelihood, &opts, &bar, job.comm())?;
+    // The prior optimization, the evidence and the file: rank 0's, after the
+    // passes over data every rank took part in.
+    job.on_root(|| {
+        // Expand a scalar start to the requested structure.
+        post.prior_precision = match prior_structure {
+            PriorStructure::Scalar => vec![a.prior_precision],
+            PriorStructure::Layerwise => vec![a.prior_precision; post.n_groups()],
+            PriorStructure::Diagonal => vec![a.prior_precision; post.n_params()],
+        };
+        match a.optimize_prior {
+            Some(OptimizeArg::Marglik) => {
+                let mo = MarglikOptions {
+                    prior_structure,
+                    optimize_sigma: a.optimize_sigma,
+                    init_prior_precision: a.prior_precision,
+                    ..MarglikOptions::default()
+                };
+                post.optimize_marglik(&mo)?;
+            }
+            Some(OptimizeArg::Gridsearch) => {
+                let Some(val) = &a.val else {
+                    return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
+                };
+                let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
+                post.optimize_gridsearch(&val, None, a.batch_size)?;
+            }
+            None => {}
         }
-        Some(OptimizeArg::Gridsearch) => {
-            let Some(val) = &a.val else {
-                return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
-            };
-            let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
-            post.optimize_gridsearch(&val, None, a.batch_size)?;
+        let lml = post.evidence()?;
+        post.save(&a.out)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"log_marginal_likelihood": lml, "prior_precision": post.prior_precision,
+                    "sigma_noise": post.sigma_noise, "n_data": post.n_data, "n_params": post.n_params()})
+            );
+        } else {
+            println!(
+                "fitted {} posterior over {} parameters on {} points: log marginal likelihood {lml:.6}, prior precision {:?}{}",
+                post.structure.name(),
+                post.n_params(),
+                post.n_data,
+                post.prior_precision,
+                if likelihood == Likelihood::Regression { format!(", sigma_noise {:.6}", post.sigma_noise) } else { String::new() }
+            );
         }
-        None => {}
-    }
-    let lml = post.evidence()?;
-    post.save(&a.out)?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"log_marginal_likelihood": lml, "prior_precision": post.prior_precision,
-                "sigma_noise": post.sigma_noise, "n_data": post.n_data, "n_params": post.n_params()})
-        );
-    } else {
-        println!(
-            "fitted {} posterior over {} parameters on {} points: log marginal likelihood {lml:.6}, prior precision {:?}{}",
-            post.structure.name(),
-            post.n_params(),
-            post.n_data,
-            post.prior_precision,
-            if likelihood == Likelihood::Regression { format!(", sigma_noise {:.6}", post.sigma_noise) } else { String::new() }
-        );
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Predictions over a data set, in batches.

@@ -11,6 +11,9 @@ mod cmd_demo;
 mod cmd_jacobians;
 mod cmd_operator;
 mod cmd_posterior;
+#[cfg(feature = "mpi")]
+mod mpi_comm;
+mod parallel;
 mod plot;
 mod progress;
 
@@ -78,22 +81,50 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Curvature(a) => cmd_curvature::run(&a),
-        Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),
-        Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
-        Command::Eigen(a) => cmd_operator::run_eigen(&a),
-        Command::Trace(a) => cmd_operator::run_trace(&a),
-        Command::Fit(a) => cmd_posterior::run_fit(&a),
-        Command::Predict(a) => cmd_posterior::run_predict(&a),
-        Command::Evaluate(a) => cmd_posterior::run_evaluate(&a),
-        Command::Demo(a) => cmd_demo::run(&a),
-        Command::Bench(a) => cmd_bench::run(&a),
+        Command::Curvature(a) => on_job(|job| cmd_curvature::run(&a, job)),
+        Command::Jacobians(a) => on_job(|job| cmd_jacobians::run_jacobians(&a, job)),
+        Command::Gradients(a) => on_job(|job| cmd_jacobians::run_gradients(&a, job)),
+        Command::Eigen(a) => on_job(|job| cmd_operator::run_eigen(&a, job)),
+        Command::Trace(a) => on_job(|job| cmd_operator::run_trace(&a, job)),
+        Command::Fit(a) => on_job(|job| cmd_posterior::run_fit(&a, job)),
+        Command::Predict(a) => report(cmd_posterior::run_predict(&a)),
+        Command::Evaluate(a) => report(cmd_posterior::run_evaluate(&a)),
+        Command::Demo(a) => report(cmd_demo::run(&a)),
+        Command::Bench(a) => report(cmd_bench::run(&a)),
     };
+    if result {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Print an error on stderr; whether the command succeeded.
+fn report(result: laplace::Result<()>) -> bool {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => true,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            false
         }
     }
+}
+
+/// Run a data-parallel subcommand on this process's [`parallel::Job`]. Its
+/// errors are agreed across ranks, so rank 0 reports them for all; every
+/// rank fails. Rank 0 reports before the job (MPI) ends: the others cannot
+/// leave `MPI_Finalize` before rank 0 enters it, and once one rank has exited
+/// non-zero `mpirun` stops the rest.
+fn on_job(run: impl FnOnce(&parallel::Job) -> laplace::Result<()>) -> bool {
+    let job = match parallel::Job::start() {
+        Ok(job) => job,
+        Err(e) => return report(Err(e)),
+    };
+    let result = run(&job);
+    let ok = match result {
+        Err(_) if !job.is_root() => false,
+        other => report(other),
+    };
+    drop(job);
+    ok
 }

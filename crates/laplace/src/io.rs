@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{bail, Error, Result};
 use crate::tensor::{self, Device, Tensor};
 
+pub mod rows;
+
 /// All tensors of a safetensors file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
