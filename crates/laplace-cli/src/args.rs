@@ -6,6 +6,8 @@ use clap::{Args, ValueEnum};
 use laplace::tensor::{DType, Device};
 use laplace::{Dataset, Sequential, Subset};
 
+use crate::parallel::Job;
+
 /// Model, weights and data.
 #[derive(Args, Debug, Clone)]
 pub struct Inputs {
@@ -52,20 +54,6 @@ pub enum DTypeArg {
     F64,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum LikelihoodArg {
-    Classification,
-    Regression,
-}
-
-impl From<LikelihoodArg> for laplace::Likelihood {
-    fn from(l: LikelihoodArg) -> Self {
-        match l {
-            LikelihoodArg::Classification => laplace::Likelihood::Classification,
-            LikelihoodArg::Regression => laplace::Likelihood::Regression,
-        }
-    }
-}
 
 impl Inputs {
     /// The input files, named by their flags (for [`check_out`]).
@@ -79,14 +67,22 @@ impl Inputs {
 
     /// Load the model and the data (inputs in the compute dtype).
     pub fn load(&self) -> laplace::Result<(Sequential, Dataset)> {
-        let dev = Device::Cpu;
-        let dtype = self.dtype.map(|d| match d {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::F64 => DType::F64,
-        });
-        let model = Sequential::load(&self.model, &self.weights, dtype, &dev)?;
-        let data = Dataset::load_with_labels(&self.data, &self.label_key, model.dtype(), &dev)?;
-        Ok((model, data))
+        self.load_on(&Job::single())
+    }
+
+    /// Load the model and this rank's shard of the data, agreed across the
+    /// job's ranks.
+    pub fn load_on(&self, job: &Job) -> laplace::Result<(Sequential, Dataset)> {
+        job.agreed(|| {
+            let dev = Device::Cpu;
+            let dtype = self.dtype.map(|d| match d {
+                DTypeArg::F32 => DType::F32,
+                DTypeArg::F64 => DType::F64,
+            });
+            let model = Sequential::load(&self.model, &self.weights, dtype, &dev)?;
+            let data = job.load_data(&self.data, &self.label_key, model.dtype(), &dev)?;
+            Ok((model, data))
+        })
     }
 
     pub fn batch_size(&self) -> usize {

@@ -7,7 +7,8 @@ use laplace::tensor::Tensor;
 use laplace::curvature::KfacApprox;
 use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
 
-use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
+use crate::args::{Inputs, SubsetArgs};
+use crate::parallel::Job;
 
 /// Named output tensors, and string metadata, of a safetensors output.
 pub type Named = Vec<(String, Tensor)>;
@@ -18,12 +19,14 @@ pub type Metadata = Vec<(String, String)>;
 pub struct CurvatureSpec {
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// The loss the curvature is of.
     #[arg(long, value_enum)]
-    pub likelihood: LikelihoodArg,
+    pub likelihood: laplace::Likelihood,
     /// ggn: exact generalized Gauss-Newton; fisher-mc: Monte-Carlo Fisher; ef: empirical Fisher;
     /// hessian: the exact Hessian (full or diag).
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: CurvatureArg,
+    /// full: the (P, P) matrix; diag: its diagonal (P,); kron: Kronecker factors per parameter tensor (KFAC).
     #[arg(long, value_enum, default_value = "diag")]
     pub structure: StructureArg,
     /// Seed of the Monte-Carlo draws (fisher-mc); each point has its own stream.
@@ -31,17 +34,12 @@ pub struct CurvatureSpec {
     pub seed: u64,
     /// KFAC treatment of convolution positions (structure kron).
     #[arg(long, value_enum, default_value = "expand")]
-    pub kfac_approx: KfacApproxArg,
+    pub kfac_approx: KfacApprox,
     /// N of the KFAC input factors A = (1/N) Σ a aᵀ (structure kron; default: points in the data).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub n_data: Option<u64>,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum KfacApproxArg {
-    Expand,
-    Reduce,
-}
 
 /// Monte-Carlo samples per point for fisher-mc (`--samples`; `trace` calls it `--mc-samples`).
 #[derive(Args, Debug, Clone)]
@@ -95,7 +93,7 @@ impl CurvatureSpec {
 
     /// The curvature object for `model`.
     pub fn curvature<'m>(&self, model: &'m Sequential, mc_samples: u64) -> laplace::Result<Curvature<'m>> {
-        Curvature::new(model, self.likelihood.into(), self.kind(mc_samples), &self.subset.subset(model)?)
+        Curvature::new(model, self.likelihood, self.kind(mc_samples), &self.subset.subset(model)?)
     }
 
     /// Loss and curvature over `data`, as named output tensors, and the
@@ -106,11 +104,11 @@ impl CurvatureSpec {
             StructureArg::Full => curv.full_over(data, batch_size)?,
             StructureArg::Diag => curv.diag_over(data, batch_size)?,
             StructureArg::Kron => {
-                let approx = match self.kfac_approx {
-                    KfacApproxArg::Expand => KfacApprox::Expand,
-                    KfacApproxArg::Reduce => KfacApprox::Reduce,
+                let approx = self.kfac_approx;
+                let n = match self.n_data {
+                    Some(n) => n as usize,
+                    None => curv.n_data(data)?,
                 };
-                let n = self.n_data.map_or(data.len(), |n| n as usize);
                 let (loss, kron) = curv.kron_over(data, batch_size, n, approx)?;
                 let mut out = vec![("loss".to_string(), loss)];
                 for (b, fs) in kron.blocks.into_iter().enumerate() {
@@ -126,11 +124,12 @@ impl CurvatureSpec {
     }
 }
 
-pub fn run(a: &CurvatureArgs) -> laplace::Result<()> {
-    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset)))?;
-    let (model, data) = a.inputs.load()?;
-    let bar = crate::progress::TerminalBar::new(true);
-    let curv = a.spec.curvature(&model, a.mc.samples)?.with_monitor(&bar);
+pub fn run(a: &CurvatureArgs, job: &Job) -> laplace::Result<String> {
+    job.agreed(|| crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset))))?;
+    let (model, data) = a.inputs.load_on(job)?;
+    let bar = crate::progress::TerminalBar::new(job.is_root());
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_monitor(&bar).with_communicator(job.comm());
     let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
-    laplace::io::write_results(&a.out, &out, &metadata)
+    job.on_root(|| laplace::io::write_results(&a.out, &out, &metadata))?;
+    Ok(format!("{} ({} points)", crate::summary::wrote(&a.out, &out), curv.n_data(&data)?))
 }

@@ -13,7 +13,6 @@
 //! histograms. The example is compiled into the binary, so the demo runs
 //! anywhere; every pass over data shows a progress bar on a terminal.
 
-use std::path::Path;
 use std::time::Instant;
 
 use clap::Args;
@@ -82,8 +81,7 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(f64::MIN_POSITIVE)
 }
 
-pub fn run(a: &DemoArgs) -> laplace::Result<()> {
-    let t_start = Instant::now();
+pub fn run(a: &DemoArgs) -> laplace::Result<String> {
     let dtype = match a.dtype {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F64 => DType::F64,
@@ -108,9 +106,9 @@ pub fn run(a: &DemoArgs) -> laplace::Result<()> {
     );
 
     check_curvature(&model, &train, &test, a.batch_size, dtype, &bar)?;
-    compare_posteriors(a, model, &train, &test, &bar)?;
-    println!("\n  total {:.1} s", t_start.elapsed().as_secs_f64());
-    Ok(())
+    let written = compare_posteriors(a, model, &train, &test, &bar)?;
+    let names: Vec<String> = written.iter().filter_map(|p| Some(p.file_name()?.to_string_lossy().into_owned())).collect();
+    Ok(format!("wrote {}: {}", a.out_dir.display(), names.join(", ")))
 }
 
 /// Part 1: the curvatures behind the posteriors, checked against the
@@ -308,7 +306,7 @@ fn methods() -> [Method; 2] {
 }
 
 /// Part 2: MAP vs Laplace on held-out digits and on inputs unlike any digit.
-fn compare_posteriors(a: &DemoArgs, model: Sequential, train: &Dataset, test: &Dataset, bar: &dyn Monitor) -> laplace::Result<()> {
+fn compare_posteriors(a: &DemoArgs, model: Sequential, train: &Dataset, test: &Dataset, bar: &dyn Monitor) -> laplace::Result<Vec<std::path::PathBuf>> {
     let labels = tensor::to_vec_i64(test.targets()?)?;
     let sets = EvalSets {
         names: ["held-out digits", "rotated digits", "uniform noise"],
@@ -442,7 +440,7 @@ fn changed_predictions(a: &Tensor, b: &Tensor) -> laplace::Result<usize> {
 /// `metrics.json` (the table), `predictions.safetensors` (every method's
 /// probabilities on every set, and the labels: the table can be recomputed
 /// from it) and the figures.
-fn write_outputs(a: &DemoArgs, rows: &[Row], sets: &EvalSets, labels: &[i64]) -> laplace::Result<()> {
+fn write_outputs(a: &DemoArgs, rows: &[Row], sets: &EvalSets, labels: &[i64]) -> laplace::Result<Vec<std::path::PathBuf>> {
     let dir = &a.out_dir;
     std::fs::create_dir_all(dir).map_err(|e| laplace::Error::Io { path: dir.clone(), source: e })?;
     let json = serde_json::json!({
@@ -500,12 +498,7 @@ fn write_outputs(a: &DemoArgs, rows: &[Row], sets: &EvalSets, labels: &[i64]) ->
     let mut written = vec![metrics_path, pred_path];
     written.extend(plot::save(&reliability, &dir.join("reliability"))?);
     written.extend(plot::save(&histograms, &dir.join("confidence"))?);
-    println!("\n  wrote {}", written.iter().map(|p| display(p)).collect::<Vec<_>>().join("\n        "));
-    Ok(())
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use laplace::{Curvature, CurvatureKind, Likelihood, Subset};
 
-use crate::args::{Inputs, LikelihoodArg, SubsetArgs};
+use crate::args::{Inputs, SubsetArgs};
+use crate::parallel::Job;
 
 #[derive(Args, Debug)]
 pub struct JacobiansArgs {
@@ -25,27 +26,33 @@ pub struct GradientsArgs {
     pub inputs: Inputs,
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// The loss whose per-sample gradients are taken.
     #[arg(long, value_enum)]
-    pub likelihood: LikelihoodArg,
+    pub likelihood: laplace::Likelihood,
     /// Output safetensors: G (N, P) and loss (1,).
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: PathBuf,
 }
 
-pub fn run_jacobians(a: &JacobiansArgs) -> laplace::Result<()> {
-    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset)))?;
-    let (model, data) = a.inputs.load()?;
-    let subset = a.subset.subset(&model)?;
+pub fn run_jacobians(a: &JacobiansArgs, job: &Job) -> laplace::Result<String> {
+    job.agreed(|| crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset))))?;
+    let (model, data) = a.inputs.load_on(job)?;
+    let subset = job.agreed(|| a.subset.subset(&model))?;
     // The likelihood plays no part in Jacobians.
-    let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?;
+    let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?.with_communicator(job.comm());
     let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
-    laplace::io::write_results(&a.out, &[("J".into(), j), ("f".into(), f)], &[])
+    let out = [("J".into(), j), ("f".into(), f)];
+    job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
+    Ok(crate::summary::wrote(&a.out, &out))
 }
 
-pub fn run_gradients(a: &GradientsArgs) -> laplace::Result<()> {
-    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset)))?;
-    let (model, data) = a.inputs.load()?;
-    let curv = Curvature::new(&model, a.likelihood.into(), CurvatureKind::Ef, &a.subset.subset(&model)?)?;
+pub fn run_gradients(a: &GradientsArgs, job: &Job) -> laplace::Result<String> {
+    job.agreed(|| crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.subset))))?;
+    let (model, data) = a.inputs.load_on(job)?;
+    let subset = job.agreed(|| a.subset.subset(&model))?;
+    let curv = Curvature::new(&model, a.likelihood, CurvatureKind::Ef, &subset)?.with_communicator(job.comm());
     let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
-    laplace::io::write_results(&a.out, &[("G".into(), g), ("loss".into(), loss)], &[])
+    let out = [("G".into(), g), ("loss".into(), loss)];
+    job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
+    Ok(crate::summary::wrote(&a.out, &out))
 }

@@ -9,6 +9,7 @@ use laplace::tensor::{self, Tensor};
 
 use crate::args::Inputs;
 use crate::cmd_curvature::{CurvatureSpec, McSamples};
+use crate::parallel::Job;
 
 #[derive(Args, Debug)]
 pub struct EigenArgs {
@@ -38,6 +39,7 @@ pub struct TraceArgs {
     pub inputs: Inputs,
     #[command(flatten)]
     pub spec: CurvatureSpec,
+    /// exact: the sum of the exact diagonal; hutchinson / hutchpp: matrix-free estimates from --samples probes.
     #[arg(long, value_enum, default_value = "exact")]
     pub estimator: EstimatorArg,
     /// Probe vectors (operator products) of the randomized estimators.
@@ -62,28 +64,27 @@ pub enum EstimatorArg {
     Hutchpp,
 }
 
-pub fn run_eigen(a: &EigenArgs) -> laplace::Result<()> {
-    crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset)))?;
-    let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model, a.mc.samples)?;
+pub fn run_eigen(a: &EigenArgs, job: &Job) -> laplace::Result<String> {
+    job.agreed(|| crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset))))?;
+    let (model, data) = a.inputs.load_on(job)?;
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_communicator(job.comm());
     let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+    // Replicated on every rank: the products are sums over ranks, the same bits everywhere.
     let ep = lanczos_top_k(&op, a.top_k as usize, a.tol, a.max_iter, a.spec.seed)?;
     let like = model.parameter_vector()?;
     let (vals, vecs) = ep.to_tensors(&like)?;
     let iters = Tensor::new(&[ep.iterations as i64], model.device())?;
-    laplace::io::write_results(
-        &a.out,
-        &[("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)],
-        &[],
-    )
+    let out = [("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)];
+    job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
+    Ok(format!("{} (Lanczos: {} iterations)", crate::summary::wrote(&a.out, &out), ep.iterations))
 }
 
-pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
+pub fn run_trace(a: &TraceArgs, job: &Job) -> laplace::Result<String> {
     if let Some(out) = &a.out {
-        crate::args::check_out(out, &a.inputs.paths(Some(&a.spec.subset)))?;
+        job.agreed(|| crate::args::check_out(out, &a.inputs.paths(Some(&a.spec.subset))))?;
     }
-    let (model, data) = a.inputs.load()?;
-    let curv = a.spec.curvature(&model, a.mc_samples)?;
+    let (model, data) = a.inputs.load_on(job)?;
+    let curv = job.agreed(|| a.spec.curvature(&model, a.mc_samples))?.with_communicator(job.comm());
     let samples = a.samples as usize;
     let trace = match a.estimator {
         EstimatorArg::Exact => {
@@ -99,17 +100,23 @@ pub fn run_trace(a: &TraceArgs) -> laplace::Result<()> {
             hutchpp_trace(&op, samples, a.spec.seed)?
         }
     };
+    // The same bits on every rank (the products are sums over ranks).
     if !trace.is_finite() {
         return Err(laplace::Error::NonFinite(format!("the trace estimate is {trace}")));
     }
-    if let Some(out) = &a.out {
-        let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
-        laplace::io::write_results(out, &[("trace".into(), t)], &[])?;
-    }
-    if a.json {
-        println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));
-    } else {
-        println!("{trace}");
-    }
-    Ok(())
+    job.on_root(|| {
+        if let Some(out) = &a.out {
+            let t = tensor::from_f64(vec![trace], &[1], model.dtype(), model.device())?;
+            laplace::io::write_results(out, &[("trace".into(), t)], &[])?;
+        }
+        if a.json {
+            println!("{}", serde_json::json!({"trace": trace, "estimator": format!("{:?}", a.estimator).to_lowercase(), "n_params": curv.n_params()}));
+        } else {
+            println!("{trace}");
+        }
+        Ok(())
+    })?;
+    let estimator = format!("{:?}", a.estimator).to_lowercase();
+    let wrote = a.out.as_ref().map_or(String::new(), |o| format!("; wrote {}", o.display()));
+    Ok(format!("trace over {} parameters by {estimator}{wrote}", curv.n_params()))
 }

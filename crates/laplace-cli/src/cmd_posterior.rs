@@ -5,13 +5,15 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use laplace::posterior::marglik::{MarglikOptions, PriorStructure};
+use laplace::pass::fold_batches;
 use laplace::posterior::metrics;
 use laplace::posterior::predict::Link;
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device};
 use laplace::{CurvatureKind, Dataset, Likelihood, Subset};
 
-use crate::args::{subset_from_globs, DTypeArg, LikelihoodArg};
+use crate::args::{subset_from_globs, DTypeArg};
+use crate::parallel::Job;
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SubsetArg {
@@ -41,17 +43,13 @@ pub enum OptimizeArg {
     Gridsearch,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PriorStructureArg {
-    Scalar,
-    Layerwise,
-    Diagonal,
-}
 
 #[derive(Args, Debug)]
 pub struct FitArgs {
+    /// Model spec (JSON: a graph from tools/laplace_export.py, or input_shape and torch.nn layers).
     #[arg(long, value_name = "M.json")]
     pub model: PathBuf,
+    /// Weights at the MAP: safetensors with the module's state_dict names.
     #[arg(long, value_name = "W.safetensors")]
     pub weights: PathBuf,
     /// Training data (.npz / .safetensors with x, or one array per named
@@ -61,8 +59,10 @@ pub struct FitArgs {
     /// The data array holding the targets (HuggingFace batches call it "labels").
     #[arg(long, value_name = "KEY", default_value = "y")]
     pub label_key: String,
+    /// The loss the network was trained with.
     #[arg(long, value_enum)]
-    pub likelihood: LikelihoodArg,
+    pub likelihood: Likelihood,
+    /// Which parameters get a posterior (the rest stay at the MAP).
     #[arg(long, value_enum, default_value = "all")]
     pub subset: SubsetArg,
     /// Parameter indices of the subnetwork (int64 .npy), with --subset subnetwork.
@@ -71,11 +71,13 @@ pub struct FitArgs {
     /// The subnetwork as parameter-name globs ('fc.*,layer4.*'), with --subset subnetwork.
     #[arg(long, value_name = "GLOBS")]
     pub params: Option<String>,
+    /// How the posterior precision is stored: full (P, P), diagonal, Kronecker factors (KFAC) or low rank.
     #[arg(long, value_enum)]
     pub structure: PosteriorStructureArg,
     /// Rank of the low-rank structure (top eigenpairs of the curvature).
     #[arg(long, default_value_t = 10)]
     pub rank: usize,
+    /// The curvature in the posterior precision: GGN, Monte-Carlo Fisher or empirical Fisher.
     #[arg(long, value_enum, default_value = "ggn")]
     pub curvature: PostCurvatureArg,
     /// Monte-Carlo samples (fisher-mc).
@@ -84,8 +86,10 @@ pub struct FitArgs {
     /// Initial (or fixed) prior precision.
     #[arg(long, default_value_t = 1.0)]
     pub prior_precision: f64,
+    /// The prior precision's shape when optimized: one value, one per parameter tensor, or one per parameter.
     #[arg(long, value_enum, default_value = "scalar")]
-    pub prior_structure: PriorStructureArg,
+    pub prior_structure: PriorStructure,
+    /// Tune the prior precision: by the marginal likelihood, or by NLL on --val (default: keep --prior-precision).
     #[arg(long, value_enum)]
     pub optimize_prior: Option<OptimizeArg>,
     /// Validation data for --optimize-prior gridsearch.
@@ -97,15 +101,19 @@ pub struct FitArgs {
     /// Optimize σ together with the prior by the marginal likelihood (regression).
     #[arg(long)]
     pub optimize_sigma: bool,
+    /// Temperature T of the posterior: the likelihood's curvature is divided by T (T < 1 sharpens).
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
+    /// Points per batch of the curvature pass.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Compute dtype (default: the dtype of the weights).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// Print a JSON summary.
+    /// Print the result as JSON on stdout (log marginal likelihood, prior precision, σ, N, P).
     #[arg(long)]
     pub json: bool,
+    /// Output posterior file (safetensors, read by predict, evaluate and laplace_rs).
     #[arg(long, value_name = "POSTERIOR.safetensors")]
     pub out: PathBuf,
 }
@@ -127,6 +135,7 @@ pub enum LinkArg {
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
+    /// A posterior written by fit.
     #[arg(long, value_name = "POSTERIOR.safetensors")]
     pub posterior: PathBuf,
     /// Inputs (.npz / .safetensors with x, or one array per named model input;
@@ -136,35 +145,44 @@ pub struct PredictArgs {
     /// The data array holding the targets (HuggingFace batches call it "labels").
     #[arg(long, value_name = "KEY", default_value = "y")]
     pub label_key: String,
+    /// glm: the linearized network's predictive (closed form or a link); nn: Monte-Carlo over sampled weights.
     #[arg(long, value_enum, default_value = "glm")]
     pub pred_type: PredTypeArg,
+    /// Link approximation of the GLM predictive for classification (bridge-norm: the normalized Laplace bridge).
     #[arg(long, value_enum, default_value = "probit")]
     pub link: LinkArg,
     /// Samples of the MC link or the nn predictive.
     #[arg(long, default_value_t = 100)]
     pub samples: usize,
+    /// Seed of the Monte-Carlo samples (each batch has its own stream).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Points per predictive batch.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    /// probs (N, C) for classification; mean, var (N, C) for regression.
+    /// Output safetensors: probs (N, C) for classification; mean, var (N, C) for regression.
     #[arg(long, value_name = "PRED.safetensors")]
     pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
 pub struct EvaluateArgs {
+    /// A posterior written by fit.
     #[arg(long, value_name = "POSTERIOR.safetensors")]
     pub posterior: PathBuf,
+    /// Test data with targets (.npz / .safetensors with x, or one array per named model input, and y).
     #[arg(long, value_name = "TEST.npz")]
     pub data: PathBuf,
     /// The data array holding the targets (HuggingFace batches call it "labels").
     #[arg(long, value_name = "KEY", default_value = "y")]
     pub label_key: String,
+    /// Link approximation of the GLM predictive (classification).
     #[arg(long, value_enum, default_value = "probit")]
     pub link: LinkArg,
+    /// Points per predictive batch.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Print the metrics as JSON on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -178,35 +196,39 @@ fn link(a: LinkArg, samples: usize, seed: u64) -> Link {
     }
 }
 
-pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
+pub fn run_fit(a: &FitArgs, job: &Job) -> laplace::Result<String> {
     let mut inputs = vec![("--model", a.model.as_path()), ("--weights", a.weights.as_path()), ("--data", a.data.as_path())];
     inputs.extend(a.val.as_deref().map(|p| ("--val", p)));
     inputs.extend(a.subnetwork.as_deref().map(|p| ("--subnetwork", p)));
-    crate::args::check_out(&a.out, &inputs)?;
+    job.agreed(|| crate::args::check_out(&a.out, &inputs))?;
     let dev = Device::Cpu;
     let dtype = a.dtype.map(|d| match d {
         DTypeArg::F32 => DType::F32,
         DTypeArg::F64 => DType::F64,
     });
-    let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
-    let data = Dataset::load_with_labels(&a.data, &a.label_key, model.dtype(), &dev)?;
-    let likelihood: Likelihood = a.likelihood.into();
-    let subset = match (a.subset, &a.subnetwork, &a.params) {
-        (SubsetArg::All, None, None) => Subset::All,
-        (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
-        (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
-        (SubsetArg::Subnetwork, None, Some(globs)) => subset_from_globs(&model, globs)?,
-        (SubsetArg::Subnetwork, None, None) => {
-            return Err(laplace::Error::Invalid(
-                "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),
-            ))
-        }
-        _ => {
-            return Err(laplace::Error::Invalid(
-                "--subnetwork and --params need --subset subnetwork".into(),
-            ))
-        }
-    };
+    // Everything read from files, agreed across ranks; then rank r holds shard r.
+    let (model, data, subset) = job.agreed(|| {
+        let model = laplace::Sequential::load(&a.model, &a.weights, dtype, &dev)?;
+        let data = job.load_data(&a.data, &a.label_key, model.dtype(), &dev)?;
+        let subset = match (a.subset, &a.subnetwork, &a.params) {
+            (SubsetArg::All, None, None) => Subset::All,
+            (SubsetArg::LastLayer, None, None) => Subset::LastLayer,
+            (SubsetArg::Subnetwork, Some(p), _) => Subset::Subnetwork(laplace::io::read_indices(p)?),
+            (SubsetArg::Subnetwork, None, Some(globs)) => subset_from_globs(&model, globs)?,
+            (SubsetArg::Subnetwork, None, None) => {
+                return Err(laplace::Error::Invalid(
+                    "--subset subnetwork needs --subnetwork IDX.npy or --params GLOBS".into(),
+                ))
+            }
+            _ => {
+                return Err(laplace::Error::Invalid(
+                    "--subnetwork and --params need --subset subnetwork".into(),
+                ))
+            }
+        };
+        Ok((model, data, subset))
+    })?;
+    let likelihood: Likelihood = a.likelihood;
     let structure = match a.structure {
         PosteriorStructureArg::Full => Structure::Full,
         PosteriorStructureArg::Diag => Structure::Diag,
@@ -218,11 +240,7 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         PostCurvatureArg::Ef => CurvatureKind::Ef,
         PostCurvatureArg::FisherMc => CurvatureKind::FisherMc { samples: a.samples, seed: 0 },
     };
-    let prior_structure = match a.prior_structure {
-        PriorStructureArg::Scalar => PriorStructure::Scalar,
-        PriorStructureArg::Layerwise => PriorStructure::Layerwise,
-        PriorStructureArg::Diagonal => PriorStructure::Diagonal,
-    };
+    let prior_structure = a.prior_structure;
     if a.optimize_sigma && a.optimize_prior != Some(OptimizeArg::Marglik) {
         return Err(laplace::Error::Invalid("--optimize-sigma needs --optimize-prior marglik".into()));
     }
@@ -236,63 +254,71 @@ pub fn run_fit(a: &FitArgs) -> laplace::Result<()> {
         temperature: a.temperature,
         ..FitOptions::default()
     };
-    let bar = crate::progress::TerminalBar::new(!a.json);
-    let mut post = Posterior::fit_monitored(model, &data, likelihood, &opts, &bar)?;
-    // Expand a scalar start to the requested structure.
-    post.prior_precision = match prior_structure {
-        PriorStructure::Scalar => vec![a.prior_precision],
-        PriorStructure::Layerwise => vec![a.prior_precision; post.n_groups()],
-        PriorStructure::Diagonal => vec![a.prior_precision; post.n_params()],
-    };
-    match a.optimize_prior {
-        Some(OptimizeArg::Marglik) => {
-            let mo = MarglikOptions {
-                prior_structure,
-                optimize_sigma: a.optimize_sigma,
-                init_prior_precision: a.prior_precision,
-                ..MarglikOptions::default()
-            };
-            post.optimize_marglik(&mo)?;
+    let bar = crate::progress::TerminalBar::new(!a.json && job.is_root());
+    // The curvature of the whole data set, on every rank.
+    let mut post = Posterior::fit_distributed(model, &data, likelihood, &opts, &bar, job.comm())?;
+    // The prior optimization, the evidence and the file: rank 0's, after the
+    // passes over data every rank took part in.
+    let mut summary = String::new();
+    job.on_root(|| {
+        // Expand a scalar start to the requested structure.
+        post.prior_precision = match prior_structure {
+            PriorStructure::Scalar => vec![a.prior_precision],
+            PriorStructure::Layerwise => vec![a.prior_precision; post.n_groups()],
+            PriorStructure::Diagonal => vec![a.prior_precision; post.n_params()],
+        };
+        match a.optimize_prior {
+            Some(OptimizeArg::Marglik) => {
+                let mo = MarglikOptions {
+                    prior_structure,
+                    optimize_sigma: a.optimize_sigma,
+                    init_prior_precision: a.prior_precision,
+                    ..MarglikOptions::default()
+                };
+                post.optimize_marglik(&mo)?;
+            }
+            Some(OptimizeArg::Gridsearch) => {
+                let Some(val) = &a.val else {
+                    return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
+                };
+                let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
+                post.optimize_gridsearch(&val, None, a.batch_size)?;
+            }
+            None => {}
         }
-        Some(OptimizeArg::Gridsearch) => {
-            let Some(val) = &a.val else {
-                return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
-            };
-            let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
-            post.optimize_gridsearch(&val, None, a.batch_size)?;
+        let lml = post.evidence()?;
+        if !lml.is_finite() {
+            return Err(laplace::Error::NonFinite(format!(
+                "the log marginal likelihood is {lml}; nothing was written (a larger --prior-precision keeps the posterior precision invertible)"
+            )));
         }
-        None => {}
-    }
-    let lml = post.evidence()?;
-    if !lml.is_finite() {
-        return Err(laplace::Error::NonFinite(format!(
-            "the log marginal likelihood is {lml}; nothing was written (a larger --prior-precision keeps the posterior precision invertible)"
-        )));
-    }
-    post.save(&a.out)?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"log_marginal_likelihood": lml, "prior_precision": post.prior_precision,
-                "sigma_noise": post.sigma_noise, "n_data": post.n_data, "n_params": post.n_params()})
-        );
-    } else {
-        println!(
-            "fitted {} posterior over {} parameters on {} points: log marginal likelihood {lml:.6}, prior precision {:?}{}",
+        post.save(&a.out)?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"log_marginal_likelihood": lml, "prior_precision": post.prior_precision,
+                    "sigma_noise": post.sigma_noise, "n_data": post.n_data, "n_params": post.n_params()})
+            );
+        }
+        summary = format!(
+            "wrote {}: {} posterior over {} parameters on {} points, log marginal likelihood {lml:.6}, prior precision {:?}{}",
+            a.out.display(),
             post.structure.name(),
             post.n_params(),
             post.n_data,
             post.prior_precision,
             if likelihood == Likelihood::Regression { format!(", sigma_noise {:.6}", post.sigma_noise) } else { String::new() }
         );
-    }
-    Ok(())
+        Ok(())
+    })?;
+    Ok(summary)
 }
 
-/// Predictions over a data set, in batches.
+/// Predictions over a data set, in batches (one pass, with a progress bar).
 fn predictions(post: &Posterior, data: &Dataset, a: &PredictArgs) -> laplace::Result<Vec<(String, tensor::Tensor)>> {
-    let (mut first, mut second) = (Vec::new(), Vec::new());
-    for (o, n) in data.batch_ranges(a.batch_size) {
+    let bar = crate::progress::TerminalBar::new(true);
+    let init = (Vec::new(), Vec::new());
+    let (first, second) = fold_batches(data, a.batch_size, &bar, "predictive", init, |(mut first, mut second), o, n| {
         let x = data.inputs(o, n)?;
         let seed = a.seed.wrapping_add(o as u64);
         match (post.likelihood, a.pred_type) {
@@ -309,7 +335,8 @@ fn predictions(post: &Posterior, data: &Dataset, a: &PredictArgs) -> laplace::Re
                 second.push(v.expect("regression has a variance"));
             }
         }
-    }
+        Ok((first, second))
+    })?;
     Ok(match post.likelihood {
         Likelihood::Classification => vec![("probs".into(), tensor::Tensor::cat(&first, 0)?)],
         Likelihood::Regression => vec![
@@ -319,12 +346,18 @@ fn predictions(post: &Posterior, data: &Dataset, a: &PredictArgs) -> laplace::Re
     })
 }
 
-pub fn run_predict(a: &PredictArgs) -> laplace::Result<()> {
+pub fn run_predict(a: &PredictArgs) -> laplace::Result<String> {
     crate::args::check_out(&a.out, &[("--posterior", a.posterior.as_path()), ("--data", a.data.as_path())])?;
     let post = Posterior::load(&a.posterior)?;
     let data = Dataset::load_with_labels(&a.data, &a.label_key, post.model().dtype(), &Device::Cpu)?;
     let out = predictions(&post, &data, a)?;
-    laplace::io::write_results(&a.out, &out, &[]).map_err(|e| match e {
+    write_predictions(a, &out)?;
+    Ok(crate::summary::wrote(&a.out, &out))
+}
+
+/// Write `predict`'s output, explaining a non-finite prediction.
+fn write_predictions(a: &PredictArgs, out: &[(String, tensor::Tensor)]) -> laplace::Result<()> {
+    laplace::io::write_results(&a.out, out, &[]).map_err(|e| match e {
         laplace::Error::NonFinite(m) => laplace::Error::NonFinite(format!(
             "{m}: the posterior's variance overflows this model's arithmetic; increase the prior precision{}",
             if a.pred_type == PredTypeArg::Nn || a.link == LinkArg::Mc { ", or predict in f64 (fit with --dtype f64)" } else { "" }
@@ -333,7 +366,7 @@ pub fn run_predict(a: &PredictArgs) -> laplace::Result<()> {
     })
 }
 
-pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
+pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<String> {
     let post = Posterior::load(&a.posterior)?;
     let data = Dataset::load_with_labels(&a.data, &a.label_key, post.model().dtype(), &Device::Cpu)?;
     let y = data.targets()?.clone();
@@ -390,5 +423,5 @@ pub fn run_evaluate(a: &EvaluateArgs) -> laplace::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(format!("evaluated the {} posterior of {} on {} points", post.structure.name(), a.posterior.display(), data.len()))
 }

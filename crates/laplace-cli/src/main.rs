@@ -11,8 +11,12 @@ mod cmd_demo;
 mod cmd_jacobians;
 mod cmd_operator;
 mod cmd_posterior;
+#[cfg(feature = "mpi")]
+mod mpi_comm;
+mod parallel;
 mod plot;
 mod progress;
+mod summary;
 
 use std::process::ExitCode;
 
@@ -28,6 +32,10 @@ struct Cli {
     /// refused with an error naming the quantity and its size.
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_memory_limit)]
     memory_limit: Option<u64>,
+    /// Print nothing on success but the results themselves (no summary line,
+    /// no progress bars); errors are still printed.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -91,23 +99,95 @@ fn main() -> ExitCode {
     if let Some(bytes) = cli.memory_limit {
         laplace::budget::set_limit(bytes);
     }
-    let result = match cli.command {
-        Command::Curvature(a) => cmd_curvature::run(&a),
-        Command::Jacobians(a) => cmd_jacobians::run_jacobians(&a),
-        Command::Gradients(a) => cmd_jacobians::run_gradients(&a),
-        Command::Eigen(a) => cmd_operator::run_eigen(&a),
-        Command::Trace(a) => cmd_operator::run_trace(&a),
-        Command::Fit(a) => cmd_posterior::run_fit(&a),
-        Command::Predict(a) => cmd_posterior::run_predict(&a),
-        Command::Evaluate(a) => cmd_posterior::run_evaluate(&a),
-        Command::Demo(a) => cmd_demo::run(&a),
-        Command::Bench(a) => cmd_bench::run(&a),
+    let start = std::time::Instant::now();
+    let quiet = cli.quiet;
+    if quiet {
+        progress::silence();
+    }
+    let done = |result: laplace::Result<String>| report(result, quiet, start);
+    let ok = match cli.command {
+        Command::Curvature(a) => on_job(|job| cmd_curvature::run(&a, job), quiet, start),
+        Command::Jacobians(a) => on_job(|job| cmd_jacobians::run_jacobians(&a, job), quiet, start),
+        Command::Gradients(a) => on_job(|job| cmd_jacobians::run_gradients(&a, job), quiet, start),
+        Command::Eigen(a) => on_job(|job| cmd_operator::run_eigen(&a, job), quiet, start),
+        Command::Trace(a) => on_job(|job| cmd_operator::run_trace(&a, job), quiet, start),
+        Command::Fit(a) => on_job(|job| cmd_posterior::run_fit(&a, job), quiet, start),
+        Command::Predict(a) => done(cmd_posterior::run_predict(&a)),
+        Command::Evaluate(a) => done(cmd_posterior::run_evaluate(&a)),
+        Command::Demo(a) => done(cmd_demo::run(&a)),
+        Command::Bench(a) => done(cmd_bench::run(&a)),
     };
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Print the summary line (unless `quiet`) or the error on stderr; whether
+/// the command succeeded.
+fn report(result: laplace::Result<String>, quiet: bool, start: std::time::Instant) -> bool {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(summary) => {
+            if !quiet && !summary.is_empty() {
+                eprintln!("{}", summary::line(&summary, start.elapsed()));
+            }
+            true
+        }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            false
         }
+    }
+}
+
+/// Run a data-parallel subcommand on this process's [`parallel::Job`]. Its
+/// errors are agreed across ranks, so rank 0 reports them for all; every
+/// rank fails. Rank 0 reports before the job (MPI) ends: the others cannot
+/// leave `MPI_Finalize` before rank 0 enters it, and once one rank has exited
+/// non-zero `mpirun` stops the rest. Only rank 0 prints the summary.
+fn on_job(run: impl FnOnce(&parallel::Job) -> laplace::Result<String>, quiet: bool, start: std::time::Instant) -> bool {
+    let job = match parallel::Job::start() {
+        Ok(job) => job,
+        Err(e) => return report(Err(e), quiet, start),
+    };
+    let result = run(&job);
+    let ok = match result {
+        Err(_) if !job.is_root() => false,
+        other => report(other, quiet || !job.is_root(), start),
+    };
+    drop(job);
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` of every subcommand describes every flag, and flags and their
+    /// values are spelled one way: kebab-case (`--bridge-norm`, never `_`).
+    #[test]
+    fn every_flag_has_help_text_and_kebab_case_spellings() {
+        let kebab = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        let cli = Cli::command();
+        let (mut missing, mut badly_spelled) = (Vec::new(), Vec::new());
+        let globals: Vec<_> = cli.get_arguments().map(|a| (String::new(), a)).collect();
+        let subs = cli.get_subcommands().flat_map(|s| s.get_arguments().map(move |a| (s.get_name().to_string(), a)));
+        for (sub, arg) in globals.into_iter().chain(subs) {
+            let id = arg.get_id().as_str();
+            if arg.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            let name = format!("{sub} --{}", arg.get_long().unwrap_or(id));
+            if arg.get_help().is_none_or(|h| h.to_string().trim().is_empty()) {
+                missing.push(name.clone());
+            }
+            if !arg.get_long().is_some_and(kebab) || !arg.get_possible_values().iter().all(|v| kebab(v.get_name())) {
+                badly_spelled.push(name);
+            }
+        }
+        assert!(missing.is_empty(), "flags without help text: {missing:?}");
+        assert!(badly_spelled.is_empty(), "flags or values not in kebab-case: {badly_spelled:?}");
     }
 }

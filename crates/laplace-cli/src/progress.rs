@@ -2,10 +2,19 @@
 
 use std::io::IsTerminal;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use laplace::pass::Monitor;
+
+/// Set by `--quiet`: no bar anywhere in this process.
+static SILENCED: AtomicBool = AtomicBool::new(false);
+
+/// Turn every progress bar of this process off (`--quiet`).
+pub fn silence() {
+    SILENCED.store(true, Ordering::Relaxed);
+}
 
 /// Draws `what [#####-----] done/total  elapsed` on stderr, one line per pass.
 /// Silent when stderr is not a terminal (logs, pipes) or when turned off.
@@ -16,7 +25,8 @@ pub struct TerminalBar {
 
 impl TerminalBar {
     pub fn new(on: bool) -> Self {
-        TerminalBar { on: on && std::io::stderr().is_terminal(), pass: Mutex::new(None) }
+        let on = on && !SILENCED.load(Ordering::Relaxed) && std::io::stderr().is_terminal();
+        TerminalBar { on, pass: Mutex::new(None) }
     }
 
     fn draw(&self, done: usize) {

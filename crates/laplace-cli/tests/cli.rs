@@ -328,6 +328,10 @@ fn demo_agrees_with_laplace_torch_and_its_table_is_what_the_library_computes() {
     let noise_conf = |i: usize| methods[i]["ood"]["noise"]["mean_confidence"].as_f64().unwrap();
     assert!(noise_conf(1) < noise_conf(0) && noise_conf(2) < noise_conf(0), "{s}");
 
+    // The one-line summary on stderr: what was written where, and the time.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let summary = err.lines().last().unwrap_or_default().to_string();
+    assert!(summary.starts_with(&format!("wrote {}: metrics.json, predictions.safetensors", tmp.display())) && summary.ends_with(" s"), "{summary:?}");
     for f in ["reliability.png", "confidence.png", "reliability.svg", "confidence.svg"] {
         let bytes = std::fs::read(tmp.join(f)).unwrap();
         if f.ends_with(".png") {
@@ -337,7 +341,7 @@ fn demo_agrees_with_laplace_torch_and_its_table_is_what_the_library_computes() {
         }
         // Compressed: the old uncompressed PNGs were 1.4 and 2.5 MB.
         assert!(bytes.len() < 200_000, "{f}: {} bytes", bytes.len());
-        assert!(s.contains(f), "the demo prints the path of {f}");
+        assert!(summary.contains(f), "the demo's summary names {f}: {summary:?}");
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
@@ -534,4 +538,48 @@ fn huggingface_models_through_the_cli() {
         assert_ok(&o);
         assert!(String::from_utf8_lossy(&o.stdout).contains("Laplace"));
     }
+}
+
+/// Every subcommand ends with one summary line on stderr (what it wrote,
+/// with shapes, and the time); `--quiet` leaves stderr empty and the results
+/// (files, stdout) unchanged.
+#[test]
+fn every_subcommand_summarizes_its_result_and_quiet_silences_it() {
+    let tmp = scratch("summary");
+    let dir = fixture("cls_cnn");
+    let out = |name: &str| p(&tmp.join(name)).to_string();
+    let with = |cmd: &str, extra: &[&str]| {
+        let mut a = base(cmd, &dir);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let post = out("post.safetensors");
+    let data = p(&dir.join("data.npz")).to_string();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (with("curvature", &["--likelihood", "classification", "--out", &out("h.safetensors")]), format!("wrote {}: loss (1,), H (", out("h.safetensors"))),
+        (with("jacobians", &["--out", &out("j.safetensors")]), format!("wrote {}: J (", out("j.safetensors"))),
+        (with("gradients", &["--likelihood", "classification", "--out", &out("g.safetensors")]), format!("wrote {}: G (", out("g.safetensors"))),
+        (with("eigen", &["--likelihood", "classification", "--top-k", "2", "--out", &out("e.safetensors")]), format!("wrote {}: eigenvalues (2,), eigenvectors (2, ", out("e.safetensors"))),
+        (with("trace", &["--likelihood", "classification"]), "trace over ".into()),
+        (with("fit", &["--likelihood", "classification", "--structure", "diag", "--out", &post]), format!("wrote {post}: diag posterior over ")),
+        (
+            vec!["predict".into(), "--posterior".into(), post.clone(), "--data".into(), data.clone(), "--out".into(), out("p.safetensors")],
+            format!("wrote {}: probs (", out("p.safetensors")),
+        ),
+        (vec!["evaluate".into(), "--posterior".into(), post.clone(), "--data".into(), data.clone()], "evaluated the diag posterior of ".into()),
+    ];
+    for (args, start) in cases {
+        let o = run(args.clone());
+        assert_ok(&o);
+        let err = String::from_utf8_lossy(&o.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert!(last.starts_with(&start) && last.ends_with(" s") && last.contains(" in "), "{args:?}: summary {last:?}, expected {start:?}…");
+        let mut quiet = args.clone();
+        quiet.insert(1, "--quiet".into());
+        let q = run(quiet);
+        assert_ok(&q);
+        assert!(q.stderr.is_empty(), "{args:?} --quiet printed {:?}", String::from_utf8_lossy(&q.stderr));
+        assert_eq!(q.stdout, o.stdout, "{args:?}: --quiet changes stdout");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
 }

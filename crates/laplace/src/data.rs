@@ -27,7 +27,37 @@ impl Dataset {
     /// [`Dataset::load`] with the targets under `label_key` (`labels`, as
     /// HuggingFace batches name them).
     pub fn load_with_labels(path: &Path, label_key: &str, dtype: DType, device: &Device) -> Result<Self> {
-        let mut arrays = crate::io::read_tensors(path, device)?;
+        Self::from_arrays(path, crate::io::read_tensors(path, device)?, label_key, dtype)
+    }
+
+    /// Part `part` of `parts` of a data file: the contiguous block of points
+    /// [`distributed::split`](crate::distributed::split) gives that rank,
+    /// reading only its rows where the format allows
+    /// ([`crate::io::rows`]). An error when there are fewer points than parts.
+    pub fn load_part(path: &Path, label_key: &str, part: usize, parts: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let reader = crate::io::rows::RowReader::open(path)?;
+        let shapes = reader.shapes()?;
+        let Some((first, shape)) = shapes.iter().find(|(k, _)| k != label_key) else {
+            bail!(Data, "{}: no input arrays (only {label_key:?}); expected \"x\" or one array per model input", path.display());
+        };
+        let n = match shape.first() {
+            Some(&n) if n >= 1 => n,
+            _ => bail!(Data, "{}: {first:?} has shape {shape:?}; expected (N, *shape) with N ≥ 1", path.display()),
+        };
+        if let Some((k, s)) = shapes.iter().find(|(_, s)| s.first() != Some(&n)) {
+            let what = if k == label_key { "targets" } else { "input" };
+            bail!(Data, "{}: {what} {k:?} has shape {s:?} but {first:?} has {n} points", path.display());
+        }
+        if parts > n {
+            bail!(Invalid, "{}: {n} points cannot be split over {parts} processes (run at most {n})", path.display());
+        }
+        let rows = crate::distributed::split(n, part, parts);
+        Self::from_arrays(path, reader.read(rows, device)?, label_key, dtype)
+    }
+
+    /// A data set from a file's arrays: targets under `label_key`, every other
+    /// array an input.
+    fn from_arrays(path: &Path, mut arrays: std::collections::HashMap<String, Tensor>, label_key: &str, dtype: DType) -> Result<Self> {
         let y = arrays.remove(label_key);
         let mut keys: Vec<String> = arrays.keys().cloned().collect();
         keys.sort();

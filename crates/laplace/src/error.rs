@@ -41,6 +41,11 @@ pub enum Error {
     #[error("interrupted: {0}")]
     Interrupted(String),
 
+    /// Another process of a data-parallel job failed (see
+    /// [`distributed`](crate::distributed)): its rank and its error's message.
+    #[error("rank {rank}: {message}")]
+    Rank { rank: usize, message: String },
+
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

@@ -29,12 +29,14 @@
 //! per op, [`model`] connects them into a graph, [`inputs`] binds a batch to
 //! its inputs, [`engine`] walks it,
 //! [`curvature`] turns them into quantities, [`likelihood`] supplies the
-//! output-space pieces. [`tensor`] and [`io`] are the only places that talk
+//! output-space pieces, [`pass`] is the one loop over a data set and
+//! [`distributed`] combines its parts across processes (data parallelism). [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.
 
 pub mod budget;
 pub mod curvature;
 pub mod data;
+pub mod distributed;
 pub mod engine;
 pub mod error;
 pub mod fuzzing;

@@ -15,9 +15,14 @@ use crate::error::{bail, Error, Result};
 use crate::rng::Rng;
 use crate::tensor::{self, DType, Tensor, D};
 
+/// The loss: cross-entropy on softmax outputs, or squared error (a
+/// Gaussian with noise σ).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Likelihood {
+    /// Cross-entropy of integer class labels against softmax(f).
     Classification,
+    /// ½‖y − f‖² (per point), a Gaussian likelihood with σ = 1.
     Regression,
 }
 

@@ -28,9 +28,12 @@ use crate::tensor::{self, Tensor};
 
 /// How Conv2d weight-sharing positions enter the factors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum KfacApprox {
+    /// Every spatial position is a data point of the factors (KFAC-expand).
     #[default]
     Expand,
+    /// Positions are summed (inputs averaged) first (KFAC-reduce).
     Reduce,
 }
 

@@ -30,6 +30,7 @@ pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Su
 
 use std::str::FromStr;
 
+use crate::distributed::Communicator;
 use crate::engine::{self, Tape};
 use crate::inputs::Inputs;
 use crate::kron::Kron;
@@ -94,6 +95,9 @@ pub struct Curvature<'m> {
     chunk_elems: usize,
     /// Told about every pass over a data set (`*_over`, the curvature operator).
     monitor: &'m dyn Monitor,
+    /// The processes the data set is split over; every pass over a data set
+    /// combines its part with theirs ([`crate::distributed`]).
+    comm: &'m dyn Communicator,
 }
 
 /// Default bound on temporaries: 2^24 elements (128 MiB in f64).
@@ -124,6 +128,7 @@ impl<'m> Curvature<'m> {
             selection: ParamSelection::new(model, subset)?,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
             monitor: &crate::pass::SILENT,
+            comm: &crate::distributed::SINGLE_PROCESS,
         })
     }
 
@@ -136,6 +141,20 @@ impl<'m> Curvature<'m> {
     /// The monitor of passes over data sets.
     pub fn monitor(&self) -> &'m dyn Monitor {
         self.monitor
+    }
+
+    /// Combine every pass over a data set (`*_over`, the curvature operator)
+    /// across the ranks of `comm`: the data set given to a pass is then this
+    /// rank's shard (rank r holds the r-th contiguous block of points), and the
+    /// pass returns the result of the whole data set on every rank.
+    pub fn with_communicator(mut self, comm: &'m dyn Communicator) -> Self {
+        self.comm = comm;
+        self
+    }
+
+    /// The processes passes over data sets are combined across.
+    pub fn communicator(&self) -> &'m dyn Communicator {
+        self.comm
     }
 
     /// Bound the temporaries of `full` and `diag` to about `elems` elements.

@@ -1,9 +1,16 @@
 //! Quantities over a whole [`Dataset`], batch by batch: curvatures and
 //! losses are sums over batches, per-sample quantities are concatenated.
 //! Every pass is one [`fold_batches`], reported to the curvature's monitor.
+//!
+//! With a communicator of several ranks ([`Curvature::with_communicator`])
+//! `data` is this rank's shard: each pass folds it with the batches' global
+//! offsets (so Monte-Carlo draws do not depend on the split), [`agree`]s on the
+//! outcome, and combines the parts: sums for curvatures, factors and losses,
+//! row gathers for Jacobians and gradients.
 
-use super::{Curvature, KfacApprox};
+use super::{Batch, Curvature, KfacApprox};
 use crate::data::Dataset;
+use crate::distributed::{self, agree, Shard};
 use crate::error::Result;
 use crate::kron::Kron;
 use crate::pass::{accumulate, fold_batches};
@@ -33,62 +40,121 @@ fn write_batch_rows(out: Option<Tensor>, part: Tensor, offset: usize, n: usize, 
     Ok(Some(dst))
 }
 
+/// Points `offset..offset + len` of this rank's shard, with their global offset.
+fn shard_batch(data: &Dataset, shard: Shard, offset: usize, len: usize) -> Result<Batch> {
+    let mut batch = data.batch(offset, len)?;
+    batch.offset += shard.start;
+    Ok(batch)
+}
+
 impl Curvature<'_> {
+    /// Where `data` (this rank's shard) sits in the whole data set
+    /// (collective across the curvature's communicator).
+    pub fn shard(&self, data: &Dataset) -> Result<Shard> {
+        distributed::shard_of(self.comm, data.len())
+    }
+
+    /// The number of points of the whole data set: `data.len()` summed over
+    /// ranks (collective). The N of KFAC's input factors.
+    pub fn n_data(&self, data: &Dataset) -> Result<usize> {
+        Ok(self.shard(data)?.total)
+    }
+
+    /// This rank's pass over its shard, agreed across ranks.
+    fn local_pass<T>(&self, data: &Dataset, pass: impl FnOnce(Shard) -> Result<T>) -> Result<T> {
+        let shard = self.shard(data)?;
+        agree(self.comm, pass(shard))
+    }
+
+    /// Loss and curvature of this rank's shard, summed over ranks.
+    fn sum_pair(&self, (loss, h): (Tensor, Tensor)) -> Result<(Tensor, Tensor)> {
+        let mut s = distributed::sum_tensors(self.comm, vec![loss, h])?;
+        let h = s.pop().expect("two tensors");
+        Ok((s.pop().expect("two tensors"), h))
+    }
+
     /// `full` summed over the data set in batches of `batch_size` points.
     pub fn full_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
-        data.targets()?;
-        self.check_full_size()?;
-        let acc = fold_batches(data, batch_size, self.monitor, "full curvature", None, |acc, o, n| {
-            accumulate(acc, self.full(&data.batch(o, n)?)?, add_pair)
+        let local = self.local_pass(data, |shard| {
+            data.targets()?;
+            self.check_full_size()?;
+            let acc = fold_batches(data, batch_size, self.monitor, "full curvature", None, |acc, o, n| {
+                accumulate(acc, self.full(&shard_batch(data, shard, o, n)?)?, add_pair)
+            })?;
+            Ok(acc.expect("a data set has at least one point"))
         })?;
-        Ok(acc.expect("a data set has at least one point"))
+        self.sum_pair(local)
     }
 
     /// `diag` summed over the data set in batches of `batch_size` points.
     pub fn diag_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
-        data.targets()?;
-        let acc = fold_batches(data, batch_size, self.monitor, "curvature diagonal", None, |acc, o, n| {
-            accumulate(acc, self.diag(&data.batch(o, n)?)?, add_pair)
+        let local = self.local_pass(data, |shard| {
+            data.targets()?;
+            let acc = fold_batches(data, batch_size, self.monitor, "curvature diagonal", None, |acc, o, n| {
+                accumulate(acc, self.diag(&shard_batch(data, shard, o, n)?)?, add_pair)
+            })?;
+            Ok(acc.expect("a data set has at least one point"))
         })?;
-        Ok(acc.expect("a data set has at least one point"))
+        self.sum_pair(local)
     }
 
     /// `kron` over the data set: factor-wise sums over batches, A normalized
-    /// by `n_data` (usually the number of points in `data`).
+    /// by `n_data` (usually the number of points in the whole data set,
+    /// [`Curvature::n_data`]).
     pub fn kron_over(&self, data: &Dataset, batch_size: usize, n_data: usize, approx: KfacApprox) -> Result<(Tensor, Kron)> {
-        data.targets()?;
-        let acc = fold_batches(data, batch_size, self.monitor, "Kronecker factors", None, |acc, o, n| {
-            accumulate(acc, self.kron(&data.batch(o, n)?, n_data, approx)?, |(l0, k0), (l, k)| Ok(((l0 + l)?, k0.add(&k)?)))
+        let (loss, kron) = self.local_pass(data, |shard| {
+            data.targets()?;
+            let acc = fold_batches(data, batch_size, self.monitor, "Kronecker factors", None, |acc, o, n| {
+                let part = self.kron(&shard_batch(data, shard, o, n)?, n_data, approx)?;
+                accumulate(acc, part, |(l0, k0), (l, k)| Ok(((l0 + l)?, k0.add(&k)?)))
+            })?;
+            Ok(acc.expect("a data set has at least one point"))
         })?;
-        Ok(acc.expect("a data set has at least one point"))
+        if self.comm.size() == 1 {
+            return Ok((loss, kron));
+        }
+        // The loss and every factor, in one reduction.
+        let shapes: Vec<usize> = kron.blocks.iter().map(Vec::len).collect();
+        let flat: Vec<Tensor> = std::iter::once(loss).chain(kron.blocks.into_iter().flatten()).collect();
+        let mut summed = distributed::sum_tensors(self.comm, flat)?.into_iter();
+        let loss = summed.next().expect("the loss");
+        let blocks = shapes.iter().map(|&k| summed.by_ref().take(k).collect()).collect();
+        Ok((loss, Kron::new(blocks)?))
     }
 
     /// `jacobians` (or `last_layer_jacobians` with `last_layer`) of every
     /// point: J `(N, C, P)` and f `(N, C)`.
     pub fn jacobians_over(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
-        let (n, c, p) = (data.len(), self.model().n_outputs(), self.n_params());
-        crate::budget::check(&format!("Jacobians J (N, C, P) = ({n}, {c}, {p})"), &[n, c, p], self.model().dtype().size_in_bytes())?;
-        let single = data.batch_ranges(batch_size.max(1)).len() == 1;
-        let (j, fs) = fold_batches(data, batch_size, self.monitor, "Jacobians", (None, Vec::new()), |(out, mut fs), o, n| {
-            let x = data.inputs(o, n)?;
-            let (j, f) = if last_layer { self.last_layer_jacobians(&x)? } else { self.jacobians(&x)? };
-            fs.push(f);
-            Ok((write_batch_rows(out, j, o, data.len(), single)?, fs))
+        let (j, f) = self.local_pass(data, |shard| {
+            // Rank 0 gathers every rank's rows.
+            let (n, c, p) = (shard.total, self.model().n_outputs(), self.n_params());
+            crate::budget::check(&format!("Jacobians J (N, C, P) = ({n}, {c}, {p})"), &[n, c, p], self.model().dtype().size_in_bytes())?;
+            let single = data.len() <= batch_size.max(1);
+            let (j, fs) = fold_batches(data, batch_size, self.monitor, "Jacobians", (None, Vec::new()), |(out, mut fs), o, n| {
+                let x = data.inputs(o, n)?;
+                let (j, f) = if last_layer { self.last_layer_jacobians(&x)? } else { self.jacobians(&x)? };
+                fs.push(f);
+                Ok((write_batch_rows(out, j, o, data.len(), single)?, fs))
+            })?;
+            Ok((j.expect("a data set has at least one point"), Tensor::cat(&fs, 0)?))
         })?;
-        Ok((j.expect("a data set has at least one point"), Tensor::cat(&fs, 0)?))
+        Ok((distributed::gather_rows(self.comm, j)?, distributed::gather_rows(self.comm, f)?))
     }
 
     /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`.
     pub fn gradients_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
-        let y = data.targets()?;
-        let (n, p) = (data.len(), self.n_params());
-        crate::budget::check(&format!("per-sample gradients G (N, P) = ({n}, {p})"), &[n, p], self.model().dtype().size_in_bytes())?;
-        let single = data.batch_ranges(batch_size.max(1)).len() == 1;
-        let (g, loss) = fold_batches(data, batch_size, self.monitor, "gradients", (None, None), |(out, loss), o, n| {
-            let (g, l) = self.gradients(&data.inputs(o, n)?, &y.narrow(0, o, n)?)?;
-            let loss = accumulate(loss, l, |a, b| Ok((a + b)?))?;
-            Ok((write_batch_rows(out, g, o, data.len(), single)?, loss))
+        let (g, loss) = self.local_pass(data, |shard| {
+            let (n, p) = (shard.total, self.n_params());
+            crate::budget::check(&format!("per-sample gradients G (N, P) = ({n}, {p})"), &[n, p], self.model().dtype().size_in_bytes())?;
+            let y = data.targets()?;
+            let single = data.len() <= batch_size.max(1);
+            let (g, loss) = fold_batches(data, batch_size, self.monitor, "gradients", (None, None), |(out, loss), o, n| {
+                let (g, l) = self.gradients(&data.inputs(o, n)?, &y.narrow(0, o, n)?)?;
+                let loss = accumulate(loss, l, |a, b| Ok((a + b)?))?;
+                Ok((write_batch_rows(out, g, o, data.len(), single)?, loss))
+            })?;
+            Ok((g.expect("a data set has at least one point"), loss.expect("a data set has at least one point")))
         })?;
-        Ok((g.expect("a data set has at least one point"), loss.expect("a data set has at least one point")))
+        Ok((distributed::gather_rows(self.comm, g)?, distributed::sum_tensor(self.comm, loss)?))
     }
 }

@@ -14,6 +14,8 @@ use std::path::Path;
 use crate::error::{bail, Error, Result};
 use crate::tensor::{self, Device, Tensor};
 
+pub mod rows;
+
 /// All tensors of a safetensors file (its size checked against the memory
 /// budget first; the file is memory-mapped, so the tensors are its only copy).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {

@@ -206,16 +206,22 @@ impl Cursor<'_> {
     }
 }
 
+/// Refuse a header whose shape does not account for exactly the `have` data
+/// bytes that follow it (before anything is allocated for the shape).
+pub fn check_data_len(h: &Header, have: usize, what: &dyn Display) -> Result<()> {
+    let need = crate::budget::bytes(&h.shape, h.dtype.size_in_bytes());
+    if need != Some(have as u64) {
+        let need = need.map_or("more than 2^64 bytes".to_string(), |n| format!("{n} bytes"));
+        return Err(bad(what, format!("its header declares shape {:?} of {:?} ({need}), but the array holds {have} bytes", h.shape, h.dtype)));
+    }
+    Ok(())
+}
+
 /// The array of the `.npy` bytes `b` (header and data), on `device`.
 pub fn array(b: &[u8], what: &dyn Display, device: &Device) -> Result<Tensor> {
     let h = parse_header(b, what)?;
     let item = h.dtype.size_in_bytes();
-    let need = crate::budget::bytes(&h.shape, item);
-    let have = (b.len() - h.data_offset) as u64;
-    if need != Some(have) {
-        let need = need.map_or("more than 2^64 bytes".to_string(), |n| format!("{n} bytes"));
-        return Err(bad(what, format!("its header declares shape {:?} of {:?} ({need}), but the array holds {have} bytes", h.shape, h.dtype)));
-    }
+    check_data_len(&h, b.len() - h.data_offset, what)?;
     crate::budget::check(&format!("{what} (shape {:?})", h.shape), &h.shape, item)?;
     let data = &b[h.data_offset..];
     if !h.fortran_order || h.shape.len() < 2 {
@@ -229,7 +235,7 @@ pub fn array(b: &[u8], what: &dyn Display, device: &Device) -> Result<Tensor> {
 }
 
 /// A memory map of the file at `path` (errors name the path).
-fn map(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: the map is read-only and dropped before we return; as with
     // any reader, a file truncated by another process while we read it
@@ -249,6 +255,23 @@ pub fn read_npz(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     read_npz_bytes(&m, &path.display(), device)
 }
 
+/// The bytes of the stored (uncompressed) archive member `f` within the
+/// archive `bytes`, bounds-checked, their CRC-32 verified; `member` names it.
+pub(crate) fn stored_member<'a, R: Read>(bytes: &'a [u8], f: &zip::read::ZipFile<'_, R>, member: &dyn Display) -> Result<&'a [u8]> {
+    let start = f.data_start().ok_or_else(|| bad(member, "no data offset"))?;
+    let slice = usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(f.size()).ok())
+        .and_then(|(s, n)| bytes.get(s..s.checked_add(n)?))
+        .filter(|_| f.compressed_size() == f.size())
+        .ok_or_else(|| bad(member, format!("declares {} bytes past the end of the archive", f.size())))?;
+    let crc = crc32fast::hash(slice);
+    if crc != f.crc32() {
+        return Err(bad(member, format!("CRC-32 mismatch (stored {:08x}, computed {crc:08x}): the archive is corrupt", f.crc32())));
+    }
+    Ok(slice)
+}
+
 /// [`read_npz`] of bytes in memory; `what` names them in errors.
 pub fn read_npz_bytes(bytes: &[u8], what: &dyn Display, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
@@ -263,20 +286,7 @@ pub fn read_npz_bytes(bytes: &[u8], what: &dyn Display, device: &Device) -> Resu
         let member = format!("{what}: member {name:?}");
         let key = name.strip_suffix(".npy").unwrap_or(&name).to_string();
         let t = match f.compression() {
-            zip::CompressionMethod::Stored => {
-                let start = f.data_start().ok_or_else(|| bad(&member, "no data offset"))?;
-                let slice = usize::try_from(start)
-                    .ok()
-                    .zip(usize::try_from(f.size()).ok())
-                    .and_then(|(s, n)| bytes.get(s..s.checked_add(n)?))
-                    .filter(|_| f.compressed_size() == f.size())
-                    .ok_or_else(|| bad(&member, format!("declares {} bytes past the end of the archive", f.size())))?;
-                let crc = crc32fast::hash(slice);
-                if crc != f.crc32() {
-                    return Err(bad(&member, format!("CRC-32 mismatch (stored {:08x}, computed {crc:08x}): the archive is corrupt", f.crc32())));
-                }
-                array(slice, &member, device)?
-            }
+            zip::CompressionMethod::Stored => array(stored_member(bytes, &f, &member)?, &member, device)?,
             zip::CompressionMethod::Deflated => {
                 let size = usize::try_from(f.size()).map_err(|_| bad(&member, "too large"))?;
                 let mut buf = crate::budget::try_vec::<u8>(&format!("{member} (deflated, {size} bytes)"), size)?;

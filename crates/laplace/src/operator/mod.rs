@@ -7,6 +7,11 @@
 //! operator has exactly the scaling and parameter layout of the matrices
 //! of [`crate::Curvature`] (a data set's operator is the sum over its
 //! batches), so applying it to the identity gives the matrix.
+//!
+//! Over several ranks ([`crate::distributed`]) a [`CurvatureOperator`]'s
+//! products are sums over the ranks' shards, identical on every rank, so the
+//! algorithms here run replicated: every rank takes the same steps with the
+//! same seed and ends with the same result.
 
 mod cg;
 mod lanczos;
@@ -18,6 +23,7 @@ pub use trace::{hutchinson_diag, hutchinson_trace, hutchpp_trace};
 
 use crate::curvature::Curvature;
 use crate::data::Dataset;
+use crate::distributed::{self, Shard};
 use crate::error::{bail, Result};
 use crate::kron::{Kron, KronDecomposed};
 use crate::tensor::{DType, Device, Tensor};
@@ -46,20 +52,25 @@ pub trait LinearOperator {
     }
 }
 
-/// A curvature (GGN, MC Fisher, EF, Hessian) summed over a data set.
+/// A curvature (GGN, MC Fisher, EF, Hessian) summed over a data set (over
+/// every rank's shard, with the curvature's communicator).
 pub struct CurvatureOperator<'a> {
     curvature: &'a Curvature<'a>,
     data: &'a Dataset,
     batch_size: usize,
+    shard: Shard,
 }
 
 impl<'a> CurvatureOperator<'a> {
+    /// Collective across the curvature's communicator.
     pub fn new(curvature: &'a Curvature<'a>, data: &'a Dataset, batch_size: usize) -> Result<Self> {
-        data.targets()?;
+        let shard = curvature.shard(data)?;
+        distributed::agree(curvature.communicator(), data.targets().map(|_| ()))?;
         Ok(CurvatureOperator {
             curvature,
             data,
             batch_size: batch_size.max(1),
+            shard,
         })
     }
 }
@@ -69,15 +80,23 @@ impl LinearOperator for CurvatureOperator<'_> {
         self.curvature.n_params()
     }
 
+    /// Collective across the curvature's communicator: every rank's shard
+    /// contributes, and every rank gets the sum.
     fn matmat(&self, v: &Tensor) -> Result<Tensor> {
-        check_rows(v, self.dim())?;
-        let v = v.to_dtype(self.dtype())?;
-        let monitor = self.curvature.monitor();
-        let acc = crate::pass::fold_batches(self.data, self.batch_size, monitor, "curvature product", None, |acc, o, n| {
-            let (_, hv) = self.curvature.matmat(&self.data.batch(o, n)?, &v)?;
-            crate::pass::accumulate(acc, hv, |a, b| Ok((a + b)?))
+        let comm = self.curvature.communicator();
+        let local = distributed::agreed(comm, || {
+            check_rows(v, self.dim())?;
+            let v = v.to_dtype(self.dtype())?;
+            let monitor = self.curvature.monitor();
+            let acc = crate::pass::fold_batches(self.data, self.batch_size, monitor, "curvature product", None, |acc, o, n| {
+                let mut batch = self.data.batch(o, n)?;
+                batch.offset += self.shard.start;
+                let (_, hv) = self.curvature.matmat(&batch, &v)?;
+                crate::pass::accumulate(acc, hv, |a, b| Ok((a + b)?))
+            })?;
+            Ok(acc.expect("a data set has at least one point"))
         })?;
-        Ok(acc.expect("a data set has at least one point"))
+        distributed::sum_tensor(comm, local)
     }
 
     fn dtype(&self) -> DType {

@@ -26,10 +26,13 @@ use crate::tensor;
 
 /// How the prior precision is parametrized when optimized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum PriorStructure {
+    /// One precision for every parameter.
     Scalar,
     /// One value per parameter tensor.
     Layerwise,
+    /// One value per parameter.
     Diagonal,
 }
 

@@ -26,6 +26,7 @@ use std::str::FromStr;
 
 use crate::curvature::{Curvature, CurvatureKind, KfacApprox, Subset};
 use crate::data::Dataset;
+use crate::distributed::{self, Communicator};
 use crate::error::{bail, Error, Result};
 use crate::kron::{Kron, KronDecomposed};
 use crate::likelihood::Likelihood;
@@ -196,14 +197,25 @@ pub(crate) fn subset_values(model: &Sequential, subset: &Subset) -> Result<(Vec<
     })
 }
 
-/// Σ_n ℓ_n over the data set at the model's parameters.
-pub(crate) fn loss_over(model: &Sequential, likelihood: Likelihood, data: &Dataset, batch_size: usize, monitor: &dyn Monitor) -> Result<f64> {
-    let y = data.targets()?;
-    fold_batches(data, batch_size, monitor, "loss", 0.0, |total, o, n| {
-        let f = model.forward(&data.inputs(o, n)?)?;
-        let t = likelihood.prepare_targets(&y.narrow(0, o, n)?, n, model.n_outputs(), model.dtype())?;
-        Ok(total + tensor::scalar_f64(&likelihood.loss(&f, &t)?)?)
-    })
+/// Σ_n ℓ_n over the data set at the model's parameters (over every rank's
+/// shard: collective across `comm`).
+pub(crate) fn loss_over(
+    model: &Sequential,
+    likelihood: Likelihood,
+    data: &Dataset,
+    batch_size: usize,
+    monitor: &dyn Monitor,
+    comm: &dyn Communicator,
+) -> Result<f64> {
+    let local = distributed::agreed(comm, || {
+        let y = data.targets()?;
+        fold_batches(data, batch_size, monitor, "loss", 0.0, |total, o, n| {
+            let f = model.forward(&data.inputs(o, n)?)?;
+            let t = likelihood.prepare_targets(&y.narrow(0, o, n)?, n, model.n_outputs(), model.dtype())?;
+            Ok(total + tensor::scalar_f64(&likelihood.loss(&f, &t)?)?)
+        })
+    })?;
+    distributed::sum_f64(comm, local)
 }
 
 impl Posterior {
@@ -216,6 +228,21 @@ impl Posterior {
     /// [`fit`](Self::fit), reporting its passes over `data` to `monitor`
     /// (a progress bar; it may stop the fit with [`Error::Interrupted`]).
     pub fn fit_monitored(model: Sequential, data: &Dataset, likelihood: Likelihood, opts: &FitOptions, monitor: &dyn Monitor) -> Result<Self> {
+        Self::fit_distributed(model, data, likelihood, opts, monitor, &crate::distributed::SINGLE_PROCESS)
+    }
+
+    /// [`fit_monitored`](Self::fit_monitored) on this rank's shard `data` of a
+    /// data set split over the ranks of `comm` (collective): the curvature is
+    /// accumulated over every shard, and every rank returns the posterior of
+    /// the whole data set.
+    pub fn fit_distributed(
+        model: Sequential,
+        data: &Dataset,
+        likelihood: Likelihood,
+        opts: &FitOptions,
+        monitor: &dyn Monitor,
+        comm: &dyn Communicator,
+    ) -> Result<Self> {
         file::check_hyperparameters(likelihood, opts.sigma_noise, opts.temperature)?;
         if let Some(bad) = opts.prior_precision.iter().find(|v| !(**v >= MIN_PRIOR_PRECISION && v.is_finite())) {
             bail!(Invalid, "{}", prior_precision_message(*bad));
@@ -224,7 +251,8 @@ impl Posterior {
             bail!(Invalid, "a Kronecker posterior needs whole parameter tensors: use full or diag for a subnetwork");
         }
         let (mean, groups, n_groups) = subset_values(&model, &opts.subset)?;
-        let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor);
+        let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor).with_communicator(comm);
+        let n_data = curv.n_data(data)?;
         let (loss, fitted) = match opts.structure {
             Structure::Full => {
                 // H, its f64 copy and eigenvectors, and the eigensolver's workspace.
@@ -240,14 +268,14 @@ impl Posterior {
                 (tensor::scalar_f64(&l)?, Fitted::Diag { h: tensor::to_vec_f64(&h)? })
             }
             Structure::Kron => {
-                let (l, kron) = curv.kron_over(data, opts.batch_size, data.len(), opts.kfac_approx)?;
+                let (l, kron) = curv.kron_over(data, opts.batch_size, n_data, opts.kfac_approx)?;
                 let decomposed = kron.decompose(opts.kron_damping)?;
                 (tensor::scalar_f64(&l)?, Fitted::Kron { kron, decomposed })
             }
             Structure::LowRank { rank } => {
                 let op = CurvatureOperator::new(&curv, data, opts.batch_size)?;
                 let ep = lanczos_top_k(&op, rank, 1e-8, 2000, 0)?;
-                let loss = loss_over(&model, likelihood, data, opts.batch_size, monitor)?;
+                let loss = loss_over(&model, likelihood, data, opts.batch_size, monitor, comm)?;
                 let p = mean.len();
                 let vectors = faer::Mat::from_fn(rank, p, |r, c| ep.vectors[r][c]);
                 (loss, Fitted::LowRank { values: ep.values.iter().map(|v| v.max(0.0)).collect(), vectors })
@@ -271,7 +299,7 @@ impl Posterior {
             n_groups,
             fitted,
             loss,
-            n_data: data.len(),
+            n_data,
             n_outputs,
             prior_precision: opts.prior_precision.clone(),
             prior_mean,

@@ -95,6 +95,7 @@ impl<M: ElementwiseMap> candle_core::CustomOp1 for MapOp<M> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{} needs a contiguous input", M::NAME)
         };
+        // Not `float_dispatch!`: each dtype has its own function (M::f32, M::f64).
         let out = match storage {
             candle_core::CpuStorage::F32(v) => candle_core::CpuStorage::F32(v[start..end].iter().map(|&x| M::f32(x)).collect()),
             candle_core::CpuStorage::F64(v) => candle_core::CpuStorage::F64(v[start..end].iter().map(|&x| M::f64(x)).collect()),

@@ -11,6 +11,29 @@ pub use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{bail, Error, Result};
 
+/// The one dtype dispatch of our CPU kernels (candle custom ops): match the
+/// storages `$s` (all f32 or all f64), bind each one's values to `$v`, bind
+/// `$wrap` to the matching `CpuStorage` variant (to wrap a result) and
+/// evaluate `$body`, the same generic code for both dtypes. Anything else is
+/// an error naming the op `$what`.
+macro_rules! float_dispatch {
+    ($what:expr; $($s:expr => $v:ident),+ ; |$wrap:ident| $body:expr) => {
+        match ($($s,)+) {
+            ($(candle_core::CpuStorage::F32($v),)+) => {
+                #[allow(unused_imports)]
+                use candle_core::CpuStorage::F32 as $wrap;
+                $body
+            }
+            ($(candle_core::CpuStorage::F64($v),)+) => {
+                #[allow(unused_imports)]
+                use candle_core::CpuStorage::F64 as $wrap;
+                $body
+            }
+            _ => candle_core::bail!("{} supports f32 and f64 tensors (all of one dtype)", $what),
+        }
+    };
+}
+
 mod elementwise;
 mod sum_sq;
 mod transpose;

@@ -90,15 +90,7 @@ impl candle_core::CustomOp2 for SumSqProducts {
         let st = ul.stride();
         let strides = [st[0], st[1], st[2]];
         let start = ul.start_offset();
-        let out = match (vs, us) {
-            (candle_core::CpuStorage::F32(v), candle_core::CpuStorage::F32(u)) => {
-                candle_core::CpuStorage::F32(kernel(&v[v0..v1], (m, a, r), &u[start..], i, strides))
-            }
-            (candle_core::CpuStorage::F64(v), candle_core::CpuStorage::F64(u)) => {
-                candle_core::CpuStorage::F64(kernel(&v[v0..v1], (m, a, r), &u[start..], i, strides))
-            }
-            _ => candle_core::bail!("sum-sq-products supports matching f32 or f64 tensors"),
-        };
+        let out = float_dispatch!("sum-sq-products"; vs => v, us => u; |Out| Out(kernel(&v[v0..v1], (m, a, r), &u[start..], i, strides)));
         Ok((out, candle_core::Shape::from((a, i))))
     }
 }

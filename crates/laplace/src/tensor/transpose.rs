@@ -210,6 +210,7 @@ impl candle_core::CustomOp1 for Transpose2d {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("transpose2d needs a contiguous input")
         };
+        // Not `float_dispatch!`: f32 has its own (SIMD-friendly) kernel.
         let out = match storage {
             candle_core::CpuStorage::F32(v) => candle_core::CpuStorage::F32(transpose_f32(&v[start..end], a, b)),
             candle_core::CpuStorage::F64(v) => candle_core::CpuStorage::F64(transpose_blocked(&v[start..end], a, b)),

@@ -192,26 +192,6 @@ fn is_cpu_float(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// The contiguous CPU slice of `storage`, as f32 or f64.
-macro_rules! float_dispatch {
-    ($storage:expr, $layout:expr, |$v:ident| $body:expr) => {{
-        let Some((start, end)) = $layout.contiguous_offsets() else {
-            candle_core::bail!("window op needs a contiguous input")
-        };
-        match $storage {
-            CpuStorage::F32(all) => {
-                let $v = &all[start..end];
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(all) => {
-                let $v = &all[start..end];
-                CpuStorage::F64($body)
-            }
-            _ => candle_core::bail!("window ops support f32 and f64"),
-        }
-    }};
-}
-
 /// Each row j of a table as maximal runs of consecutive positions r whose
 /// entries are consecutive inputs t (sentinel entries dropped). A stride-1
 /// convolution has one run per output row, so gathers and scatters become
@@ -326,7 +306,10 @@ impl CustomOp1 for Gather {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = layout.shape().dims()[0];
-        let out = float_dispatch!(storage, layout, |v| gather_kernel(v, self));
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("window gather needs a contiguous input")
+        };
+        let out = float_dispatch!("window gather"; storage => all; |Out| Out(gather_kernel(&all[start..end], self)));
         Ok((out, Shape::from((self.outer, b, self.inner))))
     }
 }
@@ -372,7 +355,10 @@ impl CustomOp1 for Scatter {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let b = layout.shape().dims()[1];
-        let out = float_dispatch!(storage, layout, |v| scatter_kernel(v, self));
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("window scatter needs a contiguous input")
+        };
+        let out = float_dispatch!("window scatter"; storage => all; |Out| Out(scatter_kernel(&all[start..end], self)));
         Ok((out, Shape::from((b, self.input_len))))
     }
 }
@@ -423,11 +409,7 @@ impl CustomOp1 for Argmax {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("window argmax needs a contiguous input")
         };
-        let out = match storage {
-            CpuStorage::F32(all) => argmax_kernel(&all[start..end], self),
-            CpuStorage::F64(all) => argmax_kernel(&all[start..end], self),
-            _ => candle_core::bail!("window ops support f32 and f64"),
-        };
+        let out = float_dispatch!("window argmax"; storage => all; |_Out| argmax_kernel(&all[start..end], self));
         let b = layout.shape().dims()[0];
         Ok((CpuStorage::U32(out), Shape::from((b, self.channels * self.positions))))
     }
@@ -470,11 +452,7 @@ impl candle_core::CustomOp2 for Pick {
         };
         let CpuStorage::U32(p) = pos else { candle_core::bail!("pick: positions must be u32") };
         let p = &p[ps..pe];
-        let out = match x {
-            CpuStorage::F32(v) => CpuStorage::F32(pick_kernel(&v[xs..xe], d, p, j)?),
-            CpuStorage::F64(v) => CpuStorage::F64(pick_kernel(&v[xs..xe], d, p, j)?),
-            _ => candle_core::bail!("window ops support f32 and f64"),
-        };
+        let out = float_dispatch!("window pick"; x => v; |Out| Out(pick_kernel(&v[xs..xe], d, p, j)?));
         Ok((out, Shape::from((b, j))))
     }
 }
@@ -519,11 +497,7 @@ impl candle_core::CustomOp2 for Unpick {
         };
         let CpuStorage::U32(p) = pos else { candle_core::bail!("unpick: positions must be u32") };
         let p = &p[ps..pe];
-        let out = match v {
-            CpuStorage::F32(x) => CpuStorage::F32(unpick_kernel(&x[vs..ve], j, k, p, self.d)?),
-            CpuStorage::F64(x) => CpuStorage::F64(unpick_kernel(&x[vs..ve], j, k, p, self.d)?),
-            _ => candle_core::bail!("window ops support f32 and f64"),
-        };
+        let out = float_dispatch!("window unpick"; v => x; |Out| Out(unpick_kernel(&x[vs..ve], j, k, p, self.d)?));
         Ok((out, Shape::from((b, k, self.d))))
     }
 }

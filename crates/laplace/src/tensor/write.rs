@@ -55,15 +55,7 @@ impl candle_core::InplaceOp2 for WriteBlock {
         let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("write_block needs contiguous tensors")
         };
-        match (s1, s2) {
-            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(s)) => {
-                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
-            }
-            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(s)) => {
-                write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col)
-            }
-            _ => candle_core::bail!("write_block supports matching f32 or f64 tensors"),
-        }
+        float_dispatch!("write_block"; s1 => d, s2 => s; |_Out| write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col));
         Ok(())
     }
 }
@@ -143,15 +135,7 @@ impl candle_core::InplaceOp3 for WriteOuter {
         else {
             candle_core::bail!("write_outer_rows needs contiguous tensors")
         };
-        match (s1, s2, s3) {
-            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(v), candle_core::CpuStorage::F32(u)) => {
-                write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self)
-            }
-            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(v), candle_core::CpuStorage::F64(u)) => {
-                write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self)
-            }
-            _ => candle_core::bail!("write_outer_rows supports matching f32 or f64 tensors"),
-        }
+        float_dispatch!("write_outer_rows"; s1 => d, s2 => v, s3 => u; |_Out| write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self));
         Ok(())
     }
 }
@@ -245,15 +229,7 @@ impl candle_core::InplaceOp3 for WriteProducts {
             candle_core::bail!("write_products_rows needs a contiguous destination and V")
         };
         let (us, u0) = (l3.stride(), l3.start_offset());
-        match (s1, s2, s3) {
-            (candle_core::CpuStorage::F32(d), candle_core::CpuStorage::F32(v), candle_core::CpuStorage::F32(u)) => {
-                write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self)
-            }
-            (candle_core::CpuStorage::F64(d), candle_core::CpuStorage::F64(v), candle_core::CpuStorage::F64(u)) => {
-                write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self)
-            }
-            _ => candle_core::bail!("write_products_rows supports matching f32 or f64 tensors"),
-        }
+        float_dispatch!("write_products_rows"; s1 => d, s2 => v, s3 => u; |_Out| write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self));
         Ok(())
     }
 }
