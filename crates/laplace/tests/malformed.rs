@@ -221,6 +221,8 @@ fn ten_thousand_malformed_inputs_never_panic_and_errors_name_the_file() {
         std::fs::write(&path, &bytes).unwrap();
         check(&mut stats, "npz", &path, || laplace::io::read_npz(&path, &dev));
         check(&mut stats, "dataset", &path, || Dataset::load(&path, DType::F64, &dev));
+        // The row reader of data-parallel runs (rank 1 of 2 reads its rows).
+        check(&mut stats, "dataset shard", &path, || Dataset::load_part(&path, "y", 1, 2, DType::F64, &dev));
     }
     for i in 0..1500 {
         let path = dir.join(format!("i{}.npy", i % 7));
@@ -232,6 +234,7 @@ fn ten_thousand_malformed_inputs_never_panic_and_errors_name_the_file() {
         let path = dir.join(format!("w{}.safetensors", i % 7));
         std::fs::write(&path, m.mutate(&st_seeds[i % st_seeds.len()])).unwrap();
         check(&mut stats, "safetensors", &path, || laplace::io::read_safetensors(&path, &dev));
+        check(&mut stats, "safetensors shard", &path, || Dataset::load_part(&path, "y", 0, 2, DType::F64, &dev));
         let spec = fx.join(["act_tanh", "cls_cnn"][i % 2]).join("model.json");
         check(&mut stats, "weights", &path, || Sequential::load(&spec, &path, None, &dev));
     }
