@@ -337,6 +337,33 @@ fn a_shard_read_from_a_file_is_those_rows() {
         let e = Dataset::load_part(path, "y", 0, n + 1, DType::F64, &Device::Cpu).err().expect("more ranks than points").to_string();
         assert!(e.contains(&format!("{n} points cannot be split over {} processes", n + 1)), "{e}");
     }
+    // Stored members are read by rows, a Fortran-ordered one (w) and
+    // deflated ones through the whole-file reader: the same rows either way.
+    for name in ["stored.npz", "deflated.npz"] {
+        let path = common::fixtures_dir().join("npz").join(name);
+        let whole = laplace::io::read_npz(&path, &Device::Cpu).unwrap();
+        let reader = laplace::io::rows::RowReader::open(&path).unwrap();
+        let shapes = reader.shapes().unwrap();
+        assert_eq!(shapes.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["mask", "w", "x", "y"], "{name}");
+        let rows = reader.read(1..2, &Device::Cpu).unwrap();
+        for (k, t) in &whole {
+            let want = t.narrow(0, 1, 1).unwrap();
+            assert_eq!(rows[k].dims(), want.dims(), "{name} {k}");
+            assert_eq!(rows[k].dtype(), t.dtype(), "{name} {k}");
+            let as_f64 = |t: &Tensor| tensor::to_vec_f64(&t.to_dtype(DType::F64).unwrap()).unwrap();
+            assert_eq!(as_f64(&rows[k]), as_f64(&want), "{name} {k}");
+        }
+        let e = reader.read(1..3, &Device::Cpu).err().expect("w has 2 rows").to_string();
+        assert!(e.contains(name) && e.contains("\"w\"") && e.contains("no rows 1..3"), "{e}");
+    }
+    // A flipped byte in a stored member's data fails its CRC-32, as in the whole-file reader.
+    let mut bytes = std::fs::read(common::fixtures_dir().join("npz/stored.npz")).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"\x93NUMPY").unwrap() + 150;
+    bytes[at] ^= 0x40;
+    let corrupt = dir.join("corrupt.npz");
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let e = laplace::io::rows::RowReader::open(&corrupt).err().expect("a CRC mismatch").to_string();
+    assert!(e.contains("corrupt.npz") && e.contains("CRC-32 mismatch"), "{e}");
     // Arrays that disagree on N are refused from the headers.
     let bad = dir.join("bad.safetensors");
     laplace::io::write_safetensors(&bad, &[("x".into(), arrays["x"].clone()), ("y".into(), arrays["y"].narrow(0, 0, 3).unwrap())]).unwrap();
