@@ -131,5 +131,5 @@ pub fn run(a: &CurvatureArgs, job: &Job) -> laplace::Result<String> {
     let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_monitor(&bar).with_communicator(job.comm());
     let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
     job.on_root(|| laplace::io::write_results(&a.out, &out, &metadata))?;
-    Ok(format!("{} ({} points)", crate::summary::wrote(&a.out, &out), curv.n_data(&data)?))
+    Ok(format!("{}; {} points", crate::summary::wrote(&a.out, &out), curv.n_data(&data)?))
 }

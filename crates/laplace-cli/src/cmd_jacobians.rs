@@ -40,10 +40,9 @@ pub fn run_jacobians(a: &JacobiansArgs, job: &Job) -> laplace::Result<String> {
     let subset = job.agreed(|| a.subset.subset(&model))?;
     // The likelihood plays no part in Jacobians.
     let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?.with_communicator(job.comm());
-    let (j, f) = curv.jacobians_over(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?;
-    let out = [("J".into(), j), ("f".into(), f)];
-    job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
-    Ok(crate::summary::wrote(&a.out, &out))
+    // Assembled on rank 0, which writes it.
+    let out = curv.jacobians_over_root(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?.map(|(j, f)| [("J".into(), j), ("f".into(), f)]);
+    write_on_root(job, &a.out, out)
 }
 
 pub fn run_gradients(a: &GradientsArgs, job: &Job) -> laplace::Result<String> {
@@ -51,8 +50,12 @@ pub fn run_gradients(a: &GradientsArgs, job: &Job) -> laplace::Result<String> {
     let (model, data) = a.inputs.load_on(job)?;
     let subset = job.agreed(|| a.subset.subset(&model))?;
     let curv = Curvature::new(&model, a.likelihood, CurvatureKind::Ef, &subset)?.with_communicator(job.comm());
-    let (g, loss) = curv.gradients_over(&data, a.inputs.batch_size())?;
-    let out = [("G".into(), g), ("loss".into(), loss)];
-    job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
-    Ok(crate::summary::wrote(&a.out, &out))
+    let out = curv.gradients_over_root(&data, a.inputs.batch_size())?.map(|(g, loss)| [("G".into(), g), ("loss".into(), loss)]);
+    write_on_root(job, &a.out, out)
+}
+
+/// Write the rows rank 0 assembled (`None` on the other ranks); the summary.
+fn write_on_root(job: &Job, path: &std::path::Path, out: Option<[(String, laplace::tensor::Tensor); 2]>) -> laplace::Result<String> {
+    job.on_root(|| laplace::io::write_results(path, out.as_ref().expect("rank 0 holds the gathered rows"), &[]))?;
+    Ok(out.map_or(String::new(), |o| crate::summary::wrote(path, &o)))
 }

@@ -76,7 +76,7 @@ pub fn run_eigen(a: &EigenArgs, job: &Job) -> laplace::Result<String> {
     let iters = Tensor::new(&[ep.iterations as i64], model.device())?;
     let out = [("eigenvalues".into(), vals), ("eigenvectors".into(), vecs), ("iterations".into(), iters)];
     job.on_root(|| laplace::io::write_results(&a.out, &out, &[]))?;
-    Ok(format!("{} (Lanczos: {} iterations)", crate::summary::wrote(&a.out, &out), ep.iterations))
+    Ok(format!("{}; {} Lanczos iterations", crate::summary::wrote(&a.out, &out), ep.iterations))
 }
 
 pub fn run_trace(a: &TraceArgs, job: &Job) -> laplace::Result<String> {

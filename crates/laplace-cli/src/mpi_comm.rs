@@ -5,7 +5,8 @@
 //!   `MPI_Allreduce`: one sum, formed once, so every rank holds the same bits
 //!   and the algorithms replicated on top of them (Lanczos, Hutchinson, the
 //!   evidence) cannot drift apart.
-//! - Gathers are one broadcast per rank, of its block, in rank order.
+//! - Gathers are one broadcast per rank, of its block, in rank order; a
+//!   gather to rank 0 (a result only rank 0 writes) is one send per rank.
 //! - Messages go in chunks of at most 2^24 elements: MPI counts are `int`.
 //! - Every collective starts with a handshake, a non-blocking all-gather of
 //!   (operation, length) polled with short sleeps. A rank that waits for a
@@ -34,6 +35,7 @@ enum Op {
     Sum = 1,
     Gather = 2,
     GatherBytes = 3,
+    GatherToRoot = 4,
 }
 
 /// `MPI_COMM_WORLD`, and MPI itself (finalized on drop).
@@ -150,6 +152,31 @@ impl Communicator for Mpi {
     fn gather(&self, local: &[f64]) -> Result<Vec<f64>> {
         let lens = self.handshake(Op::Gather, local.len())?;
         Ok(self.gather_blocks(local, &lens))
+    }
+
+    fn gather_bytes_to_root(&self, local: &[u8]) -> Result<Option<Vec<u8>>> {
+        let lens = self.handshake(Op::GatherToRoot, local.len())?;
+        if self.rank() != 0 {
+            let root = self.world.process_at_rank(0);
+            for chunk in local.chunks(CHUNK) {
+                root.send(chunk);
+            }
+            return Ok(None);
+        }
+        let total: usize = lens.iter().sum();
+        let mut out = laplace::budget::try_vec::<u8>(&format!("rows gathered from {} ranks ({total} bytes)", lens.len()), total)?;
+        out.resize(total, 0);
+        out[..local.len()].copy_from_slice(local);
+        let mut at = local.len();
+        for (r, &n) in lens.iter().enumerate().skip(1) {
+            // The sender's chunks, in order: the same CHUNK boundaries.
+            let source = self.world.process_at_rank(r as i32);
+            for chunk in out[at..at + n].chunks_mut(CHUNK) {
+                source.receive_into(chunk);
+            }
+            at += n;
+        }
+        Ok(Some(out))
     }
 
     fn gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {

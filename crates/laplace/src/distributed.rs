@@ -57,6 +57,14 @@ pub trait Communicator: Sync {
 
     /// Every rank's `local` bytes, one entry per rank in rank order, on every rank.
     fn gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>>;
+
+    /// Every rank's `local` bytes (any lengths) concatenated in rank order, on
+    /// rank 0 only (`None` on the others): one copy travels, to the rank that
+    /// writes. The default is [`gather_bytes`](Self::gather_bytes), kept on rank 0.
+    fn gather_bytes_to_root(&self, local: &[u8]) -> Result<Option<Vec<u8>>> {
+        let all = self.gather_bytes(local)?;
+        Ok((self.rank() == 0).then(|| all.concat()))
+    }
 }
 
 /// One process: no other ranks; every collective is the identity.
@@ -198,6 +206,20 @@ pub fn gather_rows(comm: &dyn Communicator, t: Tensor) -> Result<Tensor> {
     let mut out_dims = dims;
     out_dims[0] = if row == 0 { 0 } else { all.len() / row };
     tensor::from_f64(all, &out_dims, t.dtype(), t.device())
+}
+
+/// [`gather_rows`] on rank 0 only (`None` elsewhere), in the tensor's own
+/// dtype: the rows travel once, as bytes, to the rank that writes them.
+pub fn gather_rows_to_root(comm: &dyn Communicator, t: Tensor) -> Result<Option<Tensor>> {
+    if comm.size() == 1 {
+        return Ok(Some(t));
+    }
+    let mut dims = t.dims().to_vec();
+    let row_bytes = dims[1..].iter().product::<usize>() * t.dtype().size_in_bytes();
+    let all = comm.gather_bytes_to_root(&tensor::to_bytes(&t)?)?;
+    let Some(all) = all else { return Ok(None) };
+    dims[0] = if row_bytes == 0 { 0 } else { all.len() / row_bytes };
+    Ok(Some(Tensor::from_raw_buffer(&all, t.dtype(), &dims, t.device())?))
 }
 
 #[cfg(test)]

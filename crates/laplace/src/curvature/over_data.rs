@@ -123,9 +123,24 @@ impl Curvature<'_> {
     }
 
     /// `jacobians` (or `last_layer_jacobians` with `last_layer`) of every
-    /// point: J `(N, C, P)` and f `(N, C)`.
+    /// point: J `(N, C, P)` and f `(N, C)`, on every rank.
     pub fn jacobians_over(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
-        let (j, f) = self.local_pass(data, |shard| {
+        let (j, f) = self.jacobians_local(data, batch_size, last_layer)?;
+        Ok((distributed::gather_rows(self.comm, j)?, distributed::gather_rows(self.comm, f)?))
+    }
+
+    /// [`jacobians_over`](Self::jacobians_over) assembled on rank 0 only
+    /// (`None` on the other ranks): one copy of J travels, in its dtype,
+    /// instead of one to every rank (what a result only rank 0 writes needs).
+    pub fn jacobians_over_root(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<Option<(Tensor, Tensor)>> {
+        let (j, f) = self.jacobians_local(data, batch_size, last_layer)?;
+        let j = distributed::gather_rows_to_root(self.comm, j)?;
+        Ok(j.zip(distributed::gather_rows_to_root(self.comm, f)?))
+    }
+
+    /// This rank's rows of J and f.
+    fn jacobians_local(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
+        self.local_pass(data, |shard| {
             // Rank 0 gathers every rank's rows.
             let (n, c, p) = (shard.total, self.model().n_outputs(), self.n_params());
             crate::budget::check(&format!("Jacobians J (N, C, P) = ({n}, {c}, {p})"), &[n, c, p], self.model().dtype().size_in_bytes())?;
@@ -137,13 +152,26 @@ impl Curvature<'_> {
                 Ok((write_batch_rows(out, j, o, data.len(), single)?, fs))
             })?;
             Ok((j.expect("a data set has at least one point"), Tensor::cat(&fs, 0)?))
-        })?;
-        Ok((distributed::gather_rows(self.comm, j)?, distributed::gather_rows(self.comm, f)?))
+        })
     }
 
-    /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`.
+    /// `gradients` of every point: G `(N, P)` and Σ_n ℓ_n `(1,)`, on every rank.
     pub fn gradients_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
-        let (g, loss) = self.local_pass(data, |shard| {
+        let (g, loss) = self.gradients_local(data, batch_size)?;
+        Ok((distributed::gather_rows(self.comm, g)?, distributed::sum_tensor(self.comm, loss)?))
+    }
+
+    /// [`gradients_over`](Self::gradients_over) with G assembled on rank 0
+    /// only (`None` on the other ranks; see [`jacobians_over_root`](Self::jacobians_over_root)).
+    pub fn gradients_over_root(&self, data: &Dataset, batch_size: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let (g, loss) = self.gradients_local(data, batch_size)?;
+        let loss = distributed::sum_tensor(self.comm, loss)?;
+        Ok(distributed::gather_rows_to_root(self.comm, g)?.map(|g| (g, loss)))
+    }
+
+    /// This rank's rows of G, and its shard's summed loss.
+    fn gradients_local(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
+        self.local_pass(data, |shard| {
             let (n, p) = (shard.total, self.n_params());
             crate::budget::check(&format!("per-sample gradients G (N, P) = ({n}, {p})"), &[n, p], self.model().dtype().size_in_bytes())?;
             let y = data.targets()?;
@@ -154,7 +182,6 @@ impl Curvature<'_> {
                 Ok((write_batch_rows(out, g, o, data.len(), single)?, loss))
             })?;
             Ok((g.expect("a data set has at least one point"), loss.expect("a data set has at least one point")))
-        })?;
-        Ok((distributed::gather_rows(self.comm, g)?, distributed::sum_tensor(self.comm, loss)?))
+        })
     }
 }

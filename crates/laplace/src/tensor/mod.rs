@@ -133,6 +133,21 @@ pub fn to_vec_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
 }
 
+/// All elements' bytes, row-major, in the tensor's dtype (little-endian, as
+/// safetensors stores them): the inverse of `Tensor::from_raw_buffer`.
+pub fn to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    macro_rules! le_bytes {
+        ($($dtype:ident => $ty:ty),+) => {
+            match t.dtype() {
+                $(DType::$dtype => t.to_vec1::<$ty>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),)+
+                other => bail!(Invalid, "no byte layout for dtype {other:?}"),
+            }
+        };
+    }
+    Ok(le_bytes!(F64 => f64, F32 => f32, I64 => i64, U32 => u32, U8 => u8))
+}
+
 /// All elements of an integer tensor, flattened row-major, as i64 on the host.
 pub fn to_vec_i64(t: &Tensor) -> Result<Vec<i64>> {
     let t = t.flatten_all()?;
