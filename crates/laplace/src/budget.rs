@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 /// A number of bytes one allocation may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryBudget {
+    /// Bytes one allocation may take.
     pub bytes: u64,
 }
 

@@ -9,6 +9,7 @@ use crate::error::{bail, Result};
 use crate::inputs::Inputs;
 use crate::tensor::{DType, Device, Tensor};
 
+/// A data set in memory: inputs and (optional) targets, `N ≥ 1` points.
 pub struct Dataset {
     /// Inputs in the compute dtype: `x`, or one array per named model input.
     pub x: Inputs,
@@ -85,10 +86,12 @@ impl Dataset {
         Ok(Dataset { x, y })
     }
 
+    /// The number of points N.
     pub fn len(&self) -> usize {
         self.x.len()
     }
 
+    /// Always false (a data set has at least one point); for clippy.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -57,6 +57,7 @@ impl Tape {
 pub struct AffineView<'a> {
     /// The node index.
     pub layer: usize,
+    /// The node as an affine layer (its weight layout, patches and products).
     pub affine: &'a dyn AffineLayer,
     /// What the node's forward pass saved (its patches come from it).
     pub saved: &'a Saved,

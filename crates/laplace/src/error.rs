@@ -10,6 +10,8 @@ use std::path::PathBuf;
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Every error of the library: the kind says which input is at fault, the
+/// message names it (file, op, module path, key, shape).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The model spec (JSON) is malformed or describes a network we cannot build.
@@ -44,12 +46,19 @@ pub enum Error {
     /// Another process of a data-parallel job failed (see
     /// [`distributed`](crate::distributed)): its rank and its error's message.
     #[error("rank {rank}: {message}")]
-    Rank { rank: usize, message: String },
+    Rank {
+        /// The rank that failed.
+        rank: usize,
+        /// Its error.
+        message: String,
+    },
 
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The user's path (never a temporary file's).
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },

@@ -39,6 +39,7 @@ impl Inputs {
         self.entries[0].1.dims().first().copied().unwrap_or(0)
     }
 
+    /// No points.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -326,14 +326,17 @@ pub struct KronDecomposed {
 }
 
 impl KronDecomposed {
+    /// Number of Kronecker blocks (parameter groups).
     pub fn n_blocks(&self) -> usize {
         self.eigvals.len()
     }
 
+    /// The prior (and damping) term δ added to each block.
     pub fn deltas(&self) -> &[f64] {
         &self.deltas
     }
 
+    /// Whether δ is added as damping (λ₁ + √δ)(λ₂ + √δ) rather than λ₁λ₂ + δ.
     pub fn damping(&self) -> bool {
         self.damping
     }

@@ -33,6 +33,9 @@
 //! [`distributed`] combines its parts across processes (data parallelism). [`tensor`] and [`io`] are the only places that talk
 //! to candle directly.
 
+// Every public item says what it is (`cargo doc` is the API reference).
+#![deny(missing_docs)]
+
 pub mod budget;
 pub mod curvature;
 pub mod data;

@@ -52,6 +52,7 @@ fn logsumexp(f: &Tensor) -> Result<Tensor> {
 }
 
 impl Likelihood {
+    /// The lower-case name (`classification`, `regression`).
     pub fn name(&self) -> &'static str {
         match self {
             Likelihood::Classification => "classification",

@@ -96,6 +96,7 @@ impl Cholesky {
         Self::from_faer(square(a, "Cholesky factorization")?)
     }
 
+    /// Factorize a faer matrix (see [`Cholesky::new`]).
     pub fn from_faer(m: faer::Mat<f64>) -> Result<Self> {
         let llt = m
             .llt(Side::Lower)
@@ -103,6 +104,7 @@ impl Cholesky {
         Ok(Cholesky { l: llt.L().to_owned() })
     }
 
+    /// n, the size of the factorized matrix.
     pub fn dim(&self) -> usize {
         self.l.nrows()
     }
@@ -158,6 +160,7 @@ pub struct GramAccumulator {
 }
 
 impl GramAccumulator {
+    /// A zero `(p, p)` accumulator in `dtype` (f32 or f64).
     pub fn new(p: usize, dtype: crate::tensor::DType) -> Self {
         let (f32, f64) = match dtype {
             crate::tensor::DType::F32 => (Some(faer::Mat::zeros(p, p)), None),

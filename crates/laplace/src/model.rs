@@ -31,10 +31,12 @@ pub struct ParamInfo {
     pub shape: Vec<usize>,
     /// First coordinate in θ.
     pub offset: usize,
+    /// Elements of the tensor.
     pub numel: usize,
 }
 
 impl ParamInfo {
+    /// A bias (else a weight).
     pub fn is_bias(&self) -> bool {
         self.role == "bias"
     }
@@ -42,6 +44,7 @@ impl ParamInfo {
 
 /// One node: its op, the values it reads, and its name for messages.
 pub struct Node {
+    /// The op: what the node computes, and its derivatives.
     pub op: Box<dyn Op>,
     /// Value ids of its inputs.
     pub inputs: Vec<usize>,
@@ -49,6 +52,8 @@ pub struct Node {
     pub label: String,
 }
 
+/// A network as a graph of ops in execution order, with its parameters
+/// (θ in `parameters()` order); `Sequential` is its chain form.
 pub struct Model {
     spec: ModelSpec,
     nodes: Vec<Node>,
@@ -146,6 +151,7 @@ impl Model {
         Self::new(spec, weights, dtype, device).map_err(named)
     }
 
+    /// The spec the model was built from.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }
@@ -210,10 +216,12 @@ impl Model {
         &self.params
     }
 
+    /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The device its tensors live on.
     pub fn device(&self) -> &Device {
         &self.device
     }

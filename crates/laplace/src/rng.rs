@@ -39,6 +39,7 @@ impl Rng {
         Rng::new(splitmix64(&mut sm2))
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;
         let result = (s[0].wrapping_add(s[3])).rotate_left(23).wrapping_add(s[0]);

@@ -46,7 +46,12 @@ pub enum CurvatureKind {
     /// Exact generalized Gauss-Newton (= Fisher for these likelihoods).
     Ggn,
     /// Monte-Carlo Fisher with `samples` draws ỹ ~ p(y | f) per point.
-    FisherMc { samples: usize, seed: u64 },
+    FisherMc {
+        /// Targets drawn per point from p(y | f).
+        samples: usize,
+        /// Seed of the per-point random streams.
+        seed: u64,
+    },
     /// Empirical Fisher Σ_n G_n G_nᵀ.
     Ef,
     /// The exact Hessian ∇²_θ Σ_n ℓ_n (second-order terms included).
@@ -72,12 +77,16 @@ impl FromStr for CurvatureKind {
 /// do not depend on how the data set is batched).
 #[derive(Clone, Debug)]
 pub struct Batch {
+    /// Inputs of the batch `(M, *input_shape)` (or one array per named input).
     pub x: Inputs,
+    /// Targets: int64 class indices `(M,)` or floats `(M, C)`.
     pub y: Tensor,
+    /// Global index of the batch's first point (keys the Monte-Carlo streams).
     pub offset: usize,
 }
 
 impl Batch {
+    /// A batch at offset 0.
     pub fn new(x: impl Into<Inputs>, y: Tensor) -> Self {
         Batch { x: x.into(), y, offset: 0 }
     }
@@ -104,6 +113,7 @@ pub struct Curvature<'m> {
 const DEFAULT_CHUNK_ELEMS: usize = 1 << 24;
 
 impl<'m> Curvature<'m> {
+    /// The curvature `kind` of `likelihood` for `model`, over the parameters of `subset`.
     pub fn new(model: &'m Sequential, likelihood: Likelihood, kind: CurvatureKind, subset: &Subset) -> Result<Self> {
         if let CurvatureKind::FisherMc { samples, .. } = kind {
             if samples == 0 {
@@ -163,22 +173,27 @@ impl<'m> Curvature<'m> {
         self
     }
 
+    /// The model whose curvature this is.
     pub fn model(&self) -> &Sequential {
         self.model
     }
 
+    /// The loss.
     pub fn likelihood(&self) -> Likelihood {
         self.likelihood
     }
 
+    /// GGN, Fisher, EF or Hessian.
     pub fn kind(&self) -> CurvatureKind {
         self.kind
     }
 
+    /// The parameters asked for.
     pub fn subset(&self) -> &Subset {
         &self.subset
     }
 
+    /// The resolved selection of parameter coordinates (θ order and output order).
     pub fn selection(&self) -> &ParamSelection {
         &self.selection
     }

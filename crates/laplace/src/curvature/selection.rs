@@ -36,6 +36,7 @@ pub(crate) fn stored_transposed(model: &Model, p: &crate::model::ParamInfo) -> b
 /// The parameters a curvature object works on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subset {
+    /// Every parameter (θ in `parameters()` order).
     All,
     /// The final Linear layer (weight and bias).
     LastLayer,
@@ -46,12 +47,14 @@ pub enum Subset {
 /// Selected coordinates of one parameter tensor.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selected {
+    /// Every element of the tensor.
     All,
     /// Sorted local (row-major) indices.
     Some(Vec<usize>),
 }
 
 impl Selected {
+    /// Number of selected coordinates of a tensor of `numel` elements.
     pub fn len(&self, numel: usize) -> usize {
         match self {
             Selected::All => numel,
@@ -64,10 +67,13 @@ impl Selected {
 /// coordinates sit among all selected ones (in θ order).
 #[derive(Clone, Debug)]
 pub struct SelectedTensor {
+    /// Index of the node holding the tensor.
     pub layer: usize,
+    /// The bias (else the weight).
     pub is_bias: bool,
     /// Elements of the whole tensor.
     pub numel: usize,
+    /// Which of its coordinates.
     pub selected: Selected,
     /// First column of this tensor among the selected coordinates.
     pub column: usize,
@@ -78,10 +84,14 @@ pub struct SelectedTensor {
 /// The selection within one layer: its weight and its bias.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LayerSelection {
+    /// The selected coordinates of the weight, if any.
     pub weight: Option<Selected>,
+    /// The selected coordinates of the bias, if any.
     pub bias: Option<Selected>,
 }
 
+/// A [`Subset`] resolved against a model: the selected coordinates of every
+/// parameterized layer, and the order results come in.
 #[derive(Clone, Debug)]
 pub struct ParamSelection {
     layers: BTreeMap<usize, LayerSelection>,
@@ -99,6 +109,8 @@ pub struct ParamSelection {
 }
 
 impl ParamSelection {
+    /// Resolve `subset` against `model`: an error names a bad index or a model
+    /// without a final Linear layer.
     pub fn new(model: &Model, subset: &Subset) -> Result<Self> {
         let mut layers: BTreeMap<usize, LayerSelection> = BTreeMap::new();
         let mut put = |layer: usize, p: &crate::model::ParamInfo, sel: Selected| {
@@ -251,6 +263,7 @@ impl ParamSelection {
         self.len
     }
 
+    /// Nothing selected.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -22,8 +22,11 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// What an `.npy` header declares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Header {
+    /// Element type (from `descr`).
     pub dtype: DType,
+    /// Shape, C order unless `fortran_order`.
     pub shape: Vec<usize>,
+    /// Column-major data.
     pub fortran_order: bool,
     /// Offset of the data from the start of the array bytes.
     pub data_offset: usize,

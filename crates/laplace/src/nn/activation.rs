@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::spec::Activation;
 use crate::tensor::{self, Tensor};
 
+/// A parameter-free elementwise activation (ReLU, Tanh, GELU, ...).
 pub struct Elementwise {
     act: Activation,
     shape: Vec<usize>,
@@ -28,6 +29,7 @@ impl Elementwise {
         }
     }
 
+    /// Which activation.
     pub fn activation(&self) -> Activation {
         self.act
     }

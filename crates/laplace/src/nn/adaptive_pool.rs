@@ -13,6 +13,7 @@ use crate::tensor::{self, DType, Tensor};
 /// Largest pooling matrix (2^26 entries, 512 MiB in f64).
 const MAX_POOL_MATRIX: usize = 1 << 26;
 
+/// `torch.nn.AdaptiveAvgPool2d`: average pooling to a fixed output size.
 pub struct AdaptiveAvgPool2d {
     /// P `(H·W, oh·ow)` in f64; converted to the input dtype on use.
     pool: Tensor,

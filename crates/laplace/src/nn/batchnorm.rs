@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::spec::LayerSpec;
 use crate::tensor::{DType, Tensor};
 
+/// `torch.nn.BatchNorm1d` / `BatchNorm2d` in eval mode: running statistics, affine weight and bias.
 pub struct BatchNorm {
     /// γ and β `(C,)`, when affine.
     weight: Option<Tensor>,

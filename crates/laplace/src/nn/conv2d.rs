@@ -16,6 +16,7 @@ use crate::tensor::{DType, Tensor, WindowTable};
 /// product's output is still in cache when col2im reads it).
 const COL2IM_CHUNK: usize = 1 << 20;
 
+/// `torch.nn.Conv2d`: weight `(O, I/groups, kh, kw)`, optional bias `(O,)`.
 pub struct Conv2d {
     /// The weight as PyTorch stores it, `(O, in_c, kh, kw)`.
     weight4: Tensor,

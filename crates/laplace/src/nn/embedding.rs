@@ -27,6 +27,7 @@ use crate::error::{bail, Result};
 use crate::spec::LayerSpec;
 use crate::tensor::{self, DType, Tensor};
 
+/// `torch.nn.Embedding`: a lookup table `(V, D)` of integer inputs.
 pub struct Embedding {
     /// The table `(V, D)`.
     weight: Tensor,

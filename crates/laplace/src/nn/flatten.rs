@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::spec::LayerSpec;
 use crate::tensor::Tensor;
 
+/// `torch.nn.Flatten`: dimensions `start_dim..=end_dim` merged.
 pub struct Flatten {
     in_shape: Vec<usize>,
     out_shape: Vec<usize>,

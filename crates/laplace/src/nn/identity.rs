@@ -5,6 +5,7 @@ use super::{Layer, Saved};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+/// `torch.nn.Identity` (and `Dropout` in eval mode): the input unchanged.
 pub struct Identity {
     shape: Vec<usize>,
 }

@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::spec::LayerSpec;
 use crate::tensor::{DType, Tensor};
 
+/// `torch.nn.Linear`: weight `(O, I)` (or `(I, O)` for HuggingFace `Conv1D`), optional bias `(O,)`.
 pub struct Linear {
     /// The weight as stored (`(out, in)`, or `(in, out)` for `InOut`).
     weight: Tensor,

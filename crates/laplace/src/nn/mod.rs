@@ -136,6 +136,7 @@ pub enum Residual {
 /// One node of a model graph, as the engine sees it: a map from its input
 /// values `(M, *in_j)` to one output `(M, *out)`.
 pub trait Op: Send + Sync {
+    /// The op's name as the spec spells it (`Linear`, `Conv2d`, `add`, ...).
     fn type_name(&self) -> &'static str;
 
     /// Per-sample output shape.
@@ -300,6 +301,7 @@ pub trait AffineLayer {
         true
     }
 
+    /// Whether the layer has a bias parameter.
     fn has_bias(&self) -> bool;
 
     /// For one-hot patches (Embedding): the index of every (sample,
@@ -338,7 +340,9 @@ pub struct OneHot<'s> {
     /// Per (sample, position), row-major; `None` for a position with no
     /// gradient (padding_idx).
     pub ids: &'s [Option<usize>],
+    /// V, the vocabulary size (rows of the embedding table).
     pub vocab: usize,
+    /// R, positions per sample.
     pub positions: usize,
 }
 

@@ -33,6 +33,7 @@ use crate::error::Result;
 use crate::spec::{LayerSpec, NormKind};
 use crate::tensor::{DType, Tensor};
 
+/// `torch.nn.LayerNorm` or RMSNorm over the last dimension, with its weight (and bias).
 pub struct Norm {
     kind: NormKind,
     eps: f64,

@@ -44,6 +44,7 @@ fn pool_window(
     Ok((c, window))
 }
 
+/// `torch.nn.MaxPool2d`.
 pub struct MaxPool2d {
     /// Windows: outer = C·kh·kw, inner = R positions.
     index: WindowTable,
@@ -122,6 +123,7 @@ impl Layer for MaxPool2d {
     }
 }
 
+/// `torch.nn.AvgPool2d`.
 pub struct AvgPool2d {
     /// Windows: outer = C·kh·kw, inner = R positions.
     index: WindowTable,

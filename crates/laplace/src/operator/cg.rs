@@ -5,6 +5,7 @@ use super::LinearOperator;
 use crate::error::{bail, Result};
 use crate::tensor::{self, Tensor};
 
+/// What conjugate gradients returns.
 #[derive(Clone, Debug)]
 pub struct CgResult {
     /// The solution `(P,)`.

@@ -13,7 +13,9 @@ use crate::tensor::{self, Tensor};
 /// Eigenvalues `(K,)` in descending order and eigenvectors `(K, P)` as rows.
 #[derive(Clone, Debug)]
 pub struct Eigenpairs {
+    /// The eigenvalues, largest first.
     pub values: Vec<f64>,
+    /// The eigenvectors, one `(P,)` per eigenvalue.
     pub vectors: Vec<Vec<f64>>,
     /// Residual norms ‖A x − λ x‖ estimated from the recurrence.
     pub residuals: Vec<f64>,

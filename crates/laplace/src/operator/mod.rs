@@ -36,8 +36,10 @@ pub trait LinearOperator {
     /// `(K, P)` → `(K, P)`: row k of the result is A v_k.
     fn matmat(&self, v: &Tensor) -> Result<Tensor>;
 
+    /// The dtype of the vectors it takes and returns.
     fn dtype(&self) -> DType;
 
+    /// The device of those vectors.
     fn device(&self) -> &Device;
 
     /// A v for one vector `(P,)`.
@@ -117,6 +119,7 @@ pub struct KronOperator {
 }
 
 impl KronOperator {
+    /// The operator of `kron` (at least one block).
     pub fn new(kron: Kron) -> Result<Self> {
         let p = kron.n_params()?;
         let first = kron.blocks.first().and_then(|b| b.first()).ok_or_else(|| crate::Error::Invalid("empty Kron".into()))?;
@@ -154,6 +157,7 @@ pub struct KronDecomposedOperator {
 }
 
 impl KronDecomposedOperator {
+    /// The operator of the eigendecomposed `kron` raised to `exponent` (−1: its inverse), on `dtype`, `device` vectors.
     pub fn new(kron: KronDecomposed, exponent: f64, dtype: DType, device: Device) -> Result<Self> {
         let p = kron.eigenvalues().iter().map(|ls| ls.iter().map(|l| l.dim(0)).product::<std::result::Result<usize, _>>()).sum::<std::result::Result<usize, _>>()?;
         Ok(KronDecomposedOperator { kron, exponent, p, dtype, device })
@@ -186,6 +190,7 @@ pub struct DenseOperator {
 }
 
 impl DenseOperator {
+    /// The operator of a symmetric `(P, P)` matrix.
     pub fn new(matrix: Tensor) -> Result<Self> {
         let (r, c) = matrix.dims2()?;
         if r != c {

@@ -51,10 +51,13 @@ impl std::str::FromStr for PriorStructure {
 /// Settings of [`Posterior::optimize_marglik`].
 #[derive(Clone, Debug)]
 pub struct MarglikOptions {
+    /// The shape of the prior precision: scalar, per tensor, or per parameter.
     pub prior_structure: PriorStructure,
+    /// Optimize σ too (regression).
     pub optimize_sigma: bool,
     /// Adam steps on the log-hyperparameters (laplace-torch's method).
     pub n_steps: usize,
+    /// Adam learning rate on the log-hyperparameters.
     pub lr: f64,
     /// Initial prior precision (laplace-torch's default 1).
     pub init_prior_precision: f64,
@@ -78,8 +81,11 @@ impl Default for MarglikOptions {
 /// What an optimization found.
 #[derive(Clone, Debug)]
 pub struct OptimizeReport {
+    /// The log marginal likelihood at the optimum.
     pub log_marglik: f64,
+    /// The optimal prior precision.
     pub prior_precision: Vec<f64>,
+    /// The optimal σ (unchanged unless optimized).
     pub sigma_noise: f64,
     /// Evidence after the Adam phase alone (what laplace-torch's method reaches).
     pub adam_log_marglik: f64,

@@ -6,17 +6,25 @@
 use crate::error::{bail, Result};
 use crate::tensor::{self, Tensor};
 
+/// Metrics of class probabilities against labels.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ClassificationMetrics {
+    /// Fraction of points whose most probable class is the label.
     pub accuracy: f64,
+    /// Mean negative log-likelihood of the labels.
     pub nll: f64,
+    /// Expected calibration error (15 equal-width confidence bins).
     pub ece: f64,
+    /// Brier score: mean Σ_c (p_c − [y = c])².
     pub brier: f64,
 }
 
+/// Metrics of a Gaussian predictive against regression targets.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RegressionMetrics {
+    /// Root mean squared error of the mean.
     pub rmse: f64,
+    /// Mean Gaussian negative log-likelihood.
     pub nll: f64,
 }
 

@@ -38,11 +38,17 @@ use crate::tensor::{self, Tensor};
 /// How the curvature (and so the posterior precision) is represented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Structure {
+    /// The whole `(P, P)` precision, eigendecomposed.
     Full,
+    /// Its diagonal `(P,)`.
     Diag,
+    /// Kronecker factors per parameter tensor (KFAC).
     Kron,
     /// The top-k eigenpairs of the curvature.
-    LowRank { rank: usize },
+    LowRank {
+        /// Top eigenpairs of the curvature kept.
+        rank: usize,
+    },
 }
 
 impl FromStr for Structure {
@@ -59,6 +65,7 @@ impl FromStr for Structure {
 }
 
 impl Structure {
+    /// The lower-case name (`full`, `diag`, `kron`, `lowrank`).
     pub fn name(&self) -> &'static str {
         match self {
             Structure::Full => "full",
@@ -73,30 +80,57 @@ impl Structure {
 #[derive(Clone, Debug)]
 pub enum Fitted {
     /// H `(P, P)`, with its eigenvalues (ascending) and eigenvectors (columns).
-    Full { h: Tensor, eigvals: Vec<f64>, eigvecs: faer::Mat<f64> },
+    Full {
+        /// H `(P, P)`.
+        h: Tensor,
+        /// Its eigenvalues `(P,)`.
+        eigvals: Vec<f64>,
+        /// Its eigenvectors, one per column.
+        eigvecs: faer::Mat<f64>,
+    },
     /// diag H `(P,)`.
-    Diag { h: Vec<f64> },
+    Diag {
+        /// diag H `(P,)`.
+        h: Vec<f64>,
+    },
     /// Kronecker factors, and their eigendecomposition.
-    Kron { kron: Kron, decomposed: KronDecomposed },
+    Kron {
+        /// The KFAC factors.
+        kron: Kron,
+        /// Their eigendecompositions.
+        decomposed: KronDecomposed,
+    },
     /// H ≈ Uᵀ diag(λ) U: λ `(k,)`, U `(k, P)` orthonormal rows.
-    LowRank { values: Vec<f64>, vectors: faer::Mat<f64> },
+    LowRank {
+        /// The top-k eigenvalues of H.
+        values: Vec<f64>,
+        /// Their eigenvectors `(k, P)`.
+        vectors: faer::Mat<f64>,
+    },
 }
 
 /// Everything `fit` needs besides model and data.
 #[derive(Clone, Debug)]
 pub struct FitOptions {
+    /// The parameters that get a posterior (the rest stay at the MAP).
     pub subset: Subset,
+    /// How the curvature is stored.
     pub structure: Structure,
+    /// GGN, Monte-Carlo Fisher or empirical Fisher.
     pub curvature: CurvatureKind,
+    /// Points per batch of the curvature pass.
     pub batch_size: usize,
     /// Scalar, one per parameter tensor of the subset, or one per parameter.
     pub prior_precision: Vec<f64>,
     /// Scalar or one per parameter of the subset.
     pub prior_mean: Vec<f64>,
+    /// Observation noise σ (regression; 1 for classification).
     pub sigma_noise: f64,
+    /// Temperature T: the curvature enters the precision as H / T.
     pub temperature: f64,
     /// KFAC: `damping` variant when adding the prior.
     pub kron_damping: bool,
+    /// How convolution positions enter the KFAC factors.
     pub kfac_approx: KfacApprox,
 }
 
@@ -120,9 +154,13 @@ impl Default for FitOptions {
 /// A fitted Laplace approximation.
 pub struct Posterior {
     pub(crate) model: Sequential,
+    /// The loss the network was trained with.
     pub likelihood: Likelihood,
+    /// The parameters with a posterior.
     pub subset: Subset,
+    /// How the curvature is stored.
     pub structure: Structure,
+    /// Which curvature.
     pub curvature: CurvatureKind,
     /// θ* restricted to the subset (in the subset's order).
     pub(crate) mean: Vec<f64>,
@@ -132,13 +170,19 @@ pub struct Posterior {
     pub(crate) fitted: Fitted,
     /// Σ_n ℓ_n at θ* (unit noise).
     pub loss: f64,
+    /// N, the points the curvature was summed over.
     pub n_data: usize,
+    /// C, the network outputs.
     pub n_outputs: usize,
+    /// Prior precision: scalar, one per parameter tensor, or one per parameter.
     pub prior_precision: Vec<f64>,
     /// Expanded to one value per selected parameter.
     pub prior_mean: Vec<f64>,
+    /// Observation noise σ (regression).
     pub sigma_noise: f64,
+    /// Temperature T.
     pub temperature: f64,
+    /// KFAC: the prior added as damping to each factor.
     pub kron_damping: bool,
 }
 
@@ -324,6 +368,7 @@ impl Posterior {
         Ok(())
     }
 
+    /// The network at the MAP.
     pub fn model(&self) -> &Sequential {
         &self.model
     }
@@ -343,6 +388,7 @@ impl Posterior {
         &self.mean
     }
 
+    /// The stored curvature.
     pub fn fitted(&self) -> &Fitted {
         &self.fitted
     }

@@ -28,10 +28,19 @@ use crate::tensor::{self, DType, Tensor};
 /// Link approximation of the classification GLM predictive.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Link {
+    /// The probit approximation: softmax(f / √(1 + π/8 · diag Σ)).
     Probit,
+    /// The Laplace bridge (a Dirichlet matched to the Gaussian).
     Bridge,
+    /// The Laplace bridge, normalized (laplace-torch's `bridge_norm`).
     BridgeNorm,
-    Mc { samples: usize, seed: u64 },
+    /// Monte Carlo: the mean softmax of `samples` draws of f, seeded by `seed`.
+    Mc {
+        /// Draws of f.
+        samples: usize,
+        /// Seed of the draws.
+        seed: u64,
+    },
 }
 
 impl FromStr for Link {

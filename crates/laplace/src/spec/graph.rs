@@ -13,9 +13,11 @@ use crate::error::{bail, Result};
 /// A parsed model spec: always a graph.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
+    /// The model's inputs, in `forward`'s argument order.
     pub inputs: Vec<InputSpec>,
     /// θ: the trainable tensors' state-dict names in `parameters()` order.
     pub parameters: Vec<String>,
+    /// The ops, each reading only inputs and earlier nodes' values.
     pub nodes: Vec<NodeSpec>,
     /// The value that is the model output.
     pub output: String,
@@ -23,17 +25,23 @@ pub struct ModelSpec {
     pub form: Form,
 }
 
+/// How a spec was written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Form {
+    /// `input_shape` and a list of `torch.nn` layers (an `nn.Sequential`).
     Sequential,
+    /// Named inputs and nodes, as `tools/laplace_export.py` writes them.
     Graph,
 }
 
+/// One input of the model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InputSpec {
+    /// Its name (`x`, or `forward`'s argument name: `input_ids`, ...), also its data file key.
     pub name: String,
     /// Per-sample shape.
     pub shape: Vec<usize>,
+    /// Float or integer.
     pub dtype: InputDType,
 }
 
@@ -47,6 +55,7 @@ pub enum InputDType {
 }
 
 impl InputDType {
+    /// `float` or `int`, as the spec spells it.
     pub fn name(self) -> &'static str {
         match self {
             InputDType::Float => "float",
@@ -55,11 +64,14 @@ impl InputDType {
     }
 }
 
+/// One op of the graph.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeSpec {
     /// The node's output value.
     pub name: String,
+    /// What it computes.
     pub op: OpSpec,
+    /// The values it reads (inputs or earlier nodes), in argument order.
     pub inputs: Vec<String>,
     /// Role (`weight`, `running_mean`, ...) → state-dict name, where given.
     pub params: BTreeMap<String, String>,
@@ -70,15 +82,22 @@ pub struct NodeSpec {
 /// Elementwise binary arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinaryOp {
+    /// a + b.
     Add,
+    /// a − b.
     Sub,
+    /// a · b.
     Mul,
+    /// a / b.
     Div,
 }
 
+/// A reduction over axes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
+    /// `x.mean(dims)`.
     Mean,
+    /// `x.sum(dims)`.
     Sum,
 }
 
@@ -90,65 +109,181 @@ pub enum OpSpec {
     /// Two values, broadcast per sample.
     Binary(BinaryOp),
     /// One value and a number: `x ∘ s`, or `s ∘ x` when `reverse`.
-    Scalar { op: BinaryOp, scalar: f64, reverse: bool },
+    Scalar {
+        /// The arithmetic.
+        op: BinaryOp,
+        /// The number s.
+        scalar: f64,
+        /// `s ∘ x` instead of `x ∘ s`.
+        reverse: bool,
+    },
+    /// −x.
     Neg,
-    Cat { dim: i64 },
+    /// `torch.cat` of the inputs.
+    Cat {
+        /// Batched axis numbering (0 is the batch axis).
+        dim: i64,
+    },
     /// Per-sample target shape.
-    Reshape { shape: Vec<usize> },
+    Reshape {
+        /// The shape of one sample after the reshape.
+        shape: Vec<usize>,
+    },
     /// Batched axis numbering, `dims[0] == 0`.
-    Permute { dims: Vec<i64> },
-    Reduce { op: ReduceOp, dims: Vec<i64>, keepdim: bool },
-    Slice { dim: i64, start: i64, end: Option<i64>, step: usize },
-    Select { dim: i64, index: i64 },
+    Permute {
+        /// The new order of the axes.
+        dims: Vec<i64>,
+    },
+    /// A sum or mean over axes.
+    Reduce {
+        /// Sum or mean.
+        op: ReduceOp,
+        /// The axes (batched numbering).
+        dims: Vec<i64>,
+        /// Keep the reduced axes as size 1.
+        keepdim: bool,
+    },
+    /// `x[..., start:end:step, ...]` along `dim`.
+    Slice {
+        /// The axis (batched numbering).
+        dim: i64,
+        /// First index (negative counts from the end).
+        start: i64,
+        /// One past the last index (`None`: the end).
+        end: Option<i64>,
+        /// Stride, ≥ 1.
+        step: usize,
+    },
+    /// `x.select(dim, index)`: the axis removed.
+    Select {
+        /// The axis (batched numbering).
+        dim: i64,
+        /// The index (negative counts from the end).
+        index: i64,
+    },
     /// `torch.matmul` of two values.
     Matmul,
     /// softmax (or log-softmax with `log`) along `dim`.
-    Softmax { dim: i64, log: bool },
+    Softmax {
+        /// The axis (batched numbering).
+        dim: i64,
+        /// log-softmax.
+        log: bool,
+    },
     /// `x.masked_fill(mask, value)`.
-    MaskedFill { value: f64 },
+    MaskedFill {
+        /// The fill value.
+        value: f64,
+    },
     /// `torch.where(cond, a, b)`; operands given as numbers are `Some`.
-    Where { a: Option<f64>, b: Option<f64> },
+    Where {
+        /// `a` where it is a number (else the second input).
+        a: Option<f64>,
+        /// `b` where it is a number (else the last input).
+        b: Option<f64>,
+    },
     /// Elementwise comparison → 0 / 1 (with a number: `x ∘ s`, or `s ∘ x` when reversed).
-    Compare { op: CompareOp, scalar: Option<f64>, reverse: bool },
+    Compare {
+        /// The comparison.
+        op: CompareOp,
+        /// The number s, when one operand is a number.
+        scalar: Option<f64>,
+        /// `s ∘ x` instead of `x ∘ s`.
+        reverse: bool,
+    },
+    /// Elementwise logic on 0 / 1 values.
     Logical(LogicalOp),
     /// dtype conversion.
     Cast(CastKind),
-    Pow { exponent: f64 },
+    /// xᵖ.
+    Pow {
+        /// The exponent p.
+        exponent: f64,
+    },
+    /// An elementwise function.
     Math(MathOp),
     /// `F.scaled_dot_product_attention(q, k, v[, mask])`.
-    Attention { is_causal: bool, scale: Option<f64>, mask: Option<MaskKind> },
+    Attention {
+        /// A causal (lower-triangular) mask.
+        is_causal: bool,
+        /// The logit scale (`None`: 1/√d).
+        scale: Option<f64>,
+        /// How the mask input is given, when there is one.
+        mask: Option<MaskKind>,
+    },
     /// The same per-sample tensor for every sample (row-major data).
-    Constant { shape: Vec<usize>, data: Vec<f64> },
-    Cumsum { dim: i64 },
-    Argmax { dim: i64, keepdim: bool },
+    Constant {
+        /// Its per-sample shape.
+        shape: Vec<usize>,
+        /// Its values, row-major.
+        data: Vec<f64>,
+    },
+    /// `torch.cumsum` along `dim`.
+    Cumsum {
+        /// The axis (batched numbering).
+        dim: i64,
+    },
+    /// `torch.argmax` along `dim` (an integer result, never differentiated).
+    Argmax {
+        /// The axis (batched numbering).
+        dim: i64,
+        /// Keep the axis as size 1.
+        keepdim: bool,
+    },
     /// Per sample, `x` indexed along `dim` by an integer tensor.
-    Index { dim: i64 },
+    Index {
+        /// The axis (batched numbering).
+        dim: i64,
+    },
     /// `torch.gather` per sample.
-    Gather { dim: i64 },
+    Gather {
+        /// The axis (batched numbering).
+        dim: i64,
+    },
     /// Per-sample target shape (-1 keeps a size).
-    Expand { shape: Vec<i64> },
-    Repeat { repeats: Vec<usize> },
+    Expand {
+        /// The per-sample target shape.
+        shape: Vec<i64>,
+    },
+    /// `x.repeat(*repeats)` per sample.
+    Repeat {
+        /// Copies along each per-sample axis.
+        repeats: Vec<usize>,
+    },
 }
 
+/// An elementwise comparison.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompareOp {
+    /// a = b.
     Eq,
+    /// a ≠ b.
     Ne,
+    /// a < b.
     Lt,
+    /// a ≤ b.
     Le,
+    /// a > b.
     Gt,
+    /// a ≥ b.
     Ge,
 }
 
+/// Elementwise logic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogicalOp {
+    /// a ∧ b.
     And,
+    /// a ∨ b.
     Or,
+    /// ¬a.
     Not,
 }
 
+/// A dtype conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CastKind {
+    /// To the compute dtype.
     Float,
     /// Truncation toward zero.
     Int,
@@ -156,12 +291,18 @@ pub enum CastKind {
     Bool,
 }
 
+/// An elementwise function.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MathOp {
+    /// √x.
     Sqrt,
+    /// 1/√x.
     Rsqrt,
+    /// eˣ.
     Exp,
+    /// ln x.
     Log,
+    /// |x|.
     Abs,
 }
 

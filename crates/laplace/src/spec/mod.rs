@@ -27,78 +27,122 @@ pub use graph::{BinaryOp, CastKind, CompareOp, Form, InputDType, InputSpec, Logi
 /// Conv2d `padding`: explicit amounts, or torch's `"valid"` / `"same"`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Padding {
+    /// Zero padding (height, width) on each side.
     Explicit([usize; 2]),
+    /// No padding.
     Valid,
+    /// Output size = input size (stride 1).
     Same,
 }
 
 /// One layer with all constructor arguments resolved (defaults filled in).
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerSpec {
+    /// `torch.nn.Linear` (or HuggingFace `Conv1D`, by `weight_layout`).
     Linear {
+        /// I.
         in_features: usize,
+        /// O.
         out_features: usize,
+        /// Whether it has a bias `(O,)`.
         bias: bool,
+        /// How its weight stores W.
         weight_layout: WeightLayout,
     },
     /// A lookup table `(num_embeddings, embedding_dim)` read with integer indices.
     Embedding {
+        /// V, the rows of the table.
         num_embeddings: usize,
+        /// D, the width of a row.
         embedding_dim: usize,
         /// The row that gets no gradient (torch's `padding_idx`).
         padding_idx: Option<usize>,
     },
     /// `LayerNorm` / `RMSNorm` over the trailing `normalized_shape` axes.
     Norm {
+        /// LayerNorm or RMSNorm.
         kind: NormKind,
+        /// The trailing axes normalized over.
         normalized_shape: Vec<usize>,
         /// `None`: the compute dtype's machine epsilon (torch's RMSNorm default).
         eps: Option<f64>,
+        /// Whether it has a weight (a learnable scale).
         elementwise_affine: bool,
         /// LayerNorm's bias (with `elementwise_affine`).
         bias: bool,
     },
+    /// `torch.nn.Conv2d`.
     Conv2d {
+        /// Input channels.
         in_channels: usize,
+        /// Output channels.
         out_channels: usize,
+        /// (height, width).
         kernel_size: [usize; 2],
+        /// (height, width).
         stride: [usize; 2],
+        /// Zero padding.
         padding: Padding,
+        /// (height, width).
         dilation: [usize; 2],
+        /// Channel groups (in_channels for a depthwise convolution).
         groups: usize,
+        /// Whether it has a bias `(out_channels,)`.
         bias: bool,
     },
     /// `BatchNorm1d` / `BatchNorm2d` at evaluation (running statistics).
     BatchNorm {
+        /// C, the channels.
         num_features: usize,
+        /// ε added to the running variance.
         eps: f64,
+        /// Whether it has γ and β.
         affine: bool,
         /// BatchNorm2d (inputs `(C, H, W)`) rather than BatchNorm1d (`(C,)` or `(C, L)`).
         spatial: bool,
     },
+    /// `torch.nn.AdaptiveAvgPool2d`.
     AdaptiveAvgPool2d {
+        /// (height, width) of the output.
         output_size: [usize; 2],
     },
+    /// `torch.nn.Flatten`.
     Flatten {
+        /// First merged axis (batched numbering; torch's default 1).
         start_dim: i64,
+        /// Last merged axis (torch's default −1).
         end_dim: i64,
     },
+    /// A parameter-free elementwise activation.
     Activation(Activation),
     /// `Identity`, and `Dropout` at evaluation time.
     Identity,
+    /// `torch.nn.MaxPool2d`.
     MaxPool2d {
+        /// (height, width).
         kernel_size: [usize; 2],
+        /// (height, width).
         stride: [usize; 2],
+        /// Implicit −∞ padding (height, width).
         padding: [usize; 2],
+        /// (height, width).
         dilation: [usize; 2],
+        /// Round the output size up.
         ceil_mode: bool,
     },
+    /// `torch.nn.AvgPool2d`.
     AvgPool2d {
+        /// (height, width).
         kernel_size: [usize; 2],
+        /// (height, width).
         stride: [usize; 2],
+        /// Zero padding (height, width).
         padding: [usize; 2],
+        /// Round the output size up.
         ceil_mode: bool,
+        /// Count padded zeros in the divisor.
         count_include_pad: bool,
+        /// Divide by this instead of the window size.
         divisor_override: Option<usize>,
     },
 }
@@ -125,13 +169,35 @@ pub enum NormKind {
 /// Elementwise activations with their parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
+    /// max(x, 0).
     ReLU,
+    /// tanh x.
     Tanh,
+    /// 1 / (1 + e⁻ˣ).
     Sigmoid,
-    Softplus { beta: f64, threshold: f64 },
-    ELU { alpha: f64 },
-    LeakyReLU { negative_slope: f64 },
-    GELU { tanh_approximation: bool },
+    /// log(1 + e^(βx)) / β, linear above `threshold`.
+    Softplus {
+        /// β.
+        beta: f64,
+        /// βx above which the output is x.
+        threshold: f64,
+    },
+    /// x for x > 0, α(eˣ − 1) otherwise.
+    ELU {
+        /// α.
+        alpha: f64,
+    },
+    /// x for x > 0, `negative_slope`·x otherwise.
+    LeakyReLU {
+        /// The slope for x < 0.
+        negative_slope: f64,
+    },
+    /// x Φ(x).
+    GELU {
+        /// torch's `approximate="tanh"`.
+        tanh_approximation: bool,
+    },
+    /// x · sigmoid(x).
     SiLU,
     /// min(max(x, 0), 6).
     ReLU6,
@@ -163,6 +229,7 @@ impl LayerSpec {
 }
 
 impl Activation {
+    /// The `torch.nn` class name.
     pub fn type_name(&self) -> &'static str {
         match self {
             Activation::ReLU => "ReLU",
