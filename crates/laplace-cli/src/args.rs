@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use laplace::tensor::{DType, Device};
-use laplace::{Dataset, Sequential, Subset};
+use laplace::{BatchSize, Curvature, Dataset, PerPoint, Sequential, Subset};
 
 use crate::parallel::Job;
 
@@ -28,9 +28,12 @@ pub struct Inputs {
     /// Compute dtype (default: the dtype of the weights).
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
-    /// Points per batch; results are sums (or concatenations) over batches.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
-    pub batch_size: u64,
+    /// Points per batch, or auto: the largest batch whose estimated working
+    /// memory fits half of --memory-limit. Results are sums (or
+    /// concatenations) over batches: the batch size changes only the
+    /// summation order.
+    #[arg(long, value_name = "auto|N", default_value = "auto")]
+    pub batch_size: BatchSize,
 }
 
 /// Which parameters.
@@ -85,8 +88,10 @@ impl Inputs {
         })
     }
 
-    pub fn batch_size(&self) -> usize {
-        self.batch_size as usize
+    /// Points per batch of a pass of `curv` over `data` that returns
+    /// `per_point` (`--batch-size auto` resolved against the memory budget).
+    pub fn batch_points(&self, curv: &Curvature, per_point: PerPoint, data: &Dataset) -> usize {
+        curv.batch_points(self.batch_size, per_point, data.len(), laplace::budget::current())
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use laplace::tensor::{self, Tensor};
-use laplace::{Curvature, CurvatureKind, Dataset, Likelihood};
+use laplace::{Curvature, CurvatureKind, Dataset, Likelihood, PerPoint};
 
 use crate::args::Inputs;
 use crate::cmd_curvature::{CurvatureSpec, McSamples};
@@ -57,7 +57,12 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<Vec<(String, Tensor)>> {
-    let bs = a.inputs.batch_size();
+    let per_point = match a.quantity {
+        QuantityArg::Jacobians => PerPoint::Jacobians,
+        QuantityArg::Gradients => PerPoint::Gradients,
+        _ => PerPoint::Sums,
+    };
+    let bs = a.inputs.batch_points(curv, per_point, data);
     Ok(match a.quantity {
         QuantityArg::Curvature => a.spec.compute(curv, data, bs)?.0,
         QuantityArg::Jacobians => {

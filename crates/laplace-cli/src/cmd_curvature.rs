@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use laplace::tensor::Tensor;
 use laplace::curvature::KfacApprox;
-use laplace::{Curvature, CurvatureKind, Dataset, Sequential};
+use laplace::{Curvature, CurvatureKind, Dataset, PerPoint, Sequential};
 
 use crate::args::{Inputs, SubsetArgs};
 use crate::parallel::Job;
@@ -129,7 +129,7 @@ pub fn run(a: &CurvatureArgs, job: &Job) -> laplace::Result<String> {
     let (model, data) = a.inputs.load_on(job)?;
     let bar = crate::progress::TerminalBar::new(job.is_root());
     let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_monitor(&bar).with_communicator(job.comm());
-    let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_size())?;
+    let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
     job.on_root(|| laplace::io::write_results(&a.out, &out, &metadata))?;
     Ok(format!("{}; {} points", crate::summary::wrote(&a.out, &out), curv.n_data(&data)?))
 }

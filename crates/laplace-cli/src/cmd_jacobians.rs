@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use laplace::{Curvature, CurvatureKind, Likelihood, Subset};
+use laplace::{Curvature, CurvatureKind, Likelihood, PerPoint, Subset};
 
 use crate::args::{Inputs, SubsetArgs};
 use crate::parallel::Job;
@@ -41,7 +41,7 @@ pub fn run_jacobians(a: &JacobiansArgs, job: &Job) -> laplace::Result<String> {
     // The likelihood plays no part in Jacobians.
     let curv = Curvature::new(&model, Likelihood::Regression, CurvatureKind::Ggn, &subset)?.with_communicator(job.comm());
     // Assembled on rank 0, which writes it.
-    let out = curv.jacobians_over_root(&data, a.inputs.batch_size(), subset == Subset::LastLayer)?.map(|(j, f)| [("J".into(), j), ("f".into(), f)]);
+    let out = curv.jacobians_over_root(&data, a.inputs.batch_points(&curv, PerPoint::Jacobians, &data), subset == Subset::LastLayer)?.map(|(j, f)| [("J".into(), j), ("f".into(), f)]);
     write_on_root(job, &a.out, out)
 }
 
@@ -50,7 +50,7 @@ pub fn run_gradients(a: &GradientsArgs, job: &Job) -> laplace::Result<String> {
     let (model, data) = a.inputs.load_on(job)?;
     let subset = job.agreed(|| a.subset.subset(&model))?;
     let curv = Curvature::new(&model, a.likelihood, CurvatureKind::Ef, &subset)?.with_communicator(job.comm());
-    let out = curv.gradients_over_root(&data, a.inputs.batch_size())?.map(|(g, loss)| [("G".into(), g), ("loss".into(), loss)]);
+    let out = curv.gradients_over_root(&data, a.inputs.batch_points(&curv, PerPoint::Gradients, &data))?.map(|(g, loss)| [("G".into(), g), ("loss".into(), loss)]);
     write_on_root(job, &a.out, out)
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use laplace::operator::{hutchinson_trace, hutchpp_trace, lanczos_top_k, CurvatureOperator};
 use laplace::tensor::{self, Tensor};
+use laplace::PerPoint;
 
 use crate::args::Inputs;
 use crate::cmd_curvature::{CurvatureSpec, McSamples};
@@ -68,7 +69,7 @@ pub fn run_eigen(a: &EigenArgs, job: &Job) -> laplace::Result<String> {
     job.agreed(|| crate::args::check_out(&a.out, &a.inputs.paths(Some(&a.spec.subset))))?;
     let (model, data) = a.inputs.load_on(job)?;
     let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_communicator(job.comm());
-    let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+    let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
     // Replicated on every rank: the products are sums over ranks, the same bits everywhere.
     let ep = lanczos_top_k(&op, a.top_k as usize, a.tol, a.max_iter, a.spec.seed)?;
     let like = model.parameter_vector()?;
@@ -88,15 +89,15 @@ pub fn run_trace(a: &TraceArgs, job: &Job) -> laplace::Result<String> {
     let samples = a.samples as usize;
     let trace = match a.estimator {
         EstimatorArg::Exact => {
-            let (_, d) = curv.diag_over(&data, a.inputs.batch_size())?;
+            let (_, d) = curv.diag_over(&data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
             tensor::to_vec_f64(&d)?.iter().sum()
         }
         EstimatorArg::Hutchinson => {
-            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
             hutchinson_trace(&op, samples, a.spec.seed)?
         }
         EstimatorArg::Hutchpp => {
-            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_size())?;
+            let op = CurvatureOperator::new(&curv, &data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
             hutchpp_trace(&op, samples, a.spec.seed)?
         }
     };

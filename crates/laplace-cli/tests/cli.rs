@@ -136,12 +136,14 @@ fn monte_carlo_fisher_is_reproducible_and_batch_independent() {
     let a = go("8", "3", &tmp.join("a.safetensors"));
     let b = go("3", "3", &tmp.join("b.safetensors"));
     let c = go("8", "4", &tmp.join("c.safetensors"));
+    let auto = go("auto", "3", &tmp.join("auto.safetensors"));
     // Same draws whatever the batching (sums in another order: rounding only).
     let diff = |x: &Tensor, y: &Tensor| {
         let (x, y) = (tensor::to_vec_f64(x).unwrap(), tensor::to_vec_f64(y).unwrap());
         x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
     };
     assert!(diff(&a, &b) < 1e-12, "batch size changed the MC draws: {}", diff(&a, &b));
+    assert!(diff(&a, &auto) < 1e-12, "--batch-size auto changed the MC draws: {}", diff(&a, &auto));
     assert!(diff(&a, &c) > 1e-3, "the seed had no effect");
     let _ = std::fs::remove_dir_all(&tmp);
 }

@@ -57,7 +57,7 @@ pub mod rng;
 pub mod spec;
 pub mod tensor;
 
-pub use curvature::{Batch, Curvature, CurvatureKind, Subset};
+pub use curvature::{Batch, BatchSize, Curvature, CurvatureKind, PerPoint, Subset};
 pub use data::Dataset;
 pub use error::{Error, Result};
 pub use inputs::Inputs;

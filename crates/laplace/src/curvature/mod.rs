@@ -18,6 +18,7 @@
 //! P counts the selected parameters ([`Subset`]).
 
 mod batch_grad;
+mod batching;
 mod diag;
 pub mod kfac;
 mod last_layer;
@@ -25,6 +26,7 @@ mod over_data;
 mod products;
 mod selection;
 
+pub use batching::{BatchSize, PerPoint};
 pub use kfac::KfacApprox;
 pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Subset};
 

@@ -1,0 +1,162 @@
+//! `BatchSize::Auto`: the per-point working-memory estimate is an upper
+//! bound of what a pass really allocates, the chosen batch is the largest
+//! that fits half the budget, and the batch size changes results only by
+//! summation order.
+//!
+//! Memory is measured by a counting global allocator (live bytes and their
+//! high-water mark), so this file holds a single test: nothing else may
+//! allocate while a pass is measured.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use laplace::budget::MemoryBudget;
+use laplace::curvature::KfacApprox;
+use laplace::tensor::{self, Device, Tensor};
+use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, PerPoint, Sequential, Subset};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Allocations of at least this size are not counted: the `gemm` crate
+/// (candle's matrix products) reserves a packing buffer per call sized by the
+/// L3 cache (2 × 260 MiB on the machine this was written on), of which a
+/// product touches only what its operands need. It does not depend on the
+/// batch size, and the data here is far too small for any buffer of ours to
+/// come near it.
+const UNCOUNTED: usize = 128 << 20;
+
+fn counted(size: usize) -> usize {
+    if size >= UNCOUNTED { 0 } else { size }
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let size = counted(layout.size());
+            let now = LIVE.fetch_add(size, Ordering::Relaxed) + size;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(counted(layout.size()), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            let (old, new) = (counted(layout.size()), counted(new_size));
+            let now = LIVE.fetch_add(new, Ordering::Relaxed) + new;
+            PEAK.fetch_max(now, Ordering::Relaxed);
+            LIVE.fetch_sub(old, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Bytes a pass allocated beyond what was live before it (its peak), and its result.
+fn measured<T>(pass: impl FnOnce() -> T) -> (usize, T) {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let out = pass();
+    (PEAK.load(Ordering::Relaxed) - base, out)
+}
+
+fn bytes_of(ts: &[&Tensor]) -> usize {
+    ts.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (tensor::to_vec_f64(a).unwrap(), tensor::to_vec_f64(b).unwrap());
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(f64::MIN_POSITIVE)
+}
+
+/// A fixture's points repeated `times` times.
+fn repeated(case: &str, times: usize) -> (Sequential, Dataset) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case);
+    let dev = Device::Cpu;
+    let model = Sequential::load(dir.join("model.json"), dir.join("weights.safetensors"), None, &dev).unwrap();
+    let data = Dataset::load(&dir.join("data.npz"), model.dtype(), &dev).unwrap();
+    let x = data.x.first().clone();
+    let y = data.y.clone().unwrap();
+    let x = Tensor::cat(&vec![&x; times], 0).unwrap();
+    let y = Tensor::cat(&vec![&y; times], 0).unwrap();
+    (model, Dataset { x: x.into(), y: Some(y) })
+}
+
+/// Temporaries of the diagonal and full kernels are bounded by this many elements.
+const CHUNK_ELEMS: usize = 1 << 12;
+
+#[test]
+fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
+    for (case, likelihood) in [("cls_cnn", Likelihood::Classification), ("cls_mlp", Likelihood::Classification), ("reg_multi", Likelihood::Regression)] {
+        let (model, data) = repeated(case, 100);
+        let n = data.len();
+        let kinds = [
+            ("GGN", CurvatureKind::Ggn),
+            ("MC Fisher, 4 samples", CurvatureKind::FisherMc { samples: 4, seed: 3 }),
+            ("EF", CurvatureKind::Ef),
+        ];
+        for (name, kind) in kinds {
+            for subset in [Subset::All, Subset::LastLayer] {
+                let curv = Curvature::new(&model, likelihood, kind, &subset).unwrap().with_chunk_elems(CHUNK_ELEMS);
+                let chunk_bytes = 4 * CHUNK_ELEMS * model.dtype().size_in_bytes();
+                let what = format!("{case} {name} {subset:?}");
+
+                // The batch `Auto` picks: the largest that fits half the budget.
+                let per = curv.point_working_bytes(PerPoint::Sums).unwrap();
+                let at = |bytes: u64| curv.batch_points(BatchSize::Auto, PerPoint::Sums, n, MemoryBudget { bytes });
+                assert_eq!(at(2 * per * n as u64), n, "{what}");
+                assert_eq!(at(u64::MAX), n, "{what}");
+                assert_eq!(at(2 * per * 37 + 1), 37, "{what}");
+                assert_eq!(at(2 * per * 37 - 1), 36, "{what}");
+                assert_eq!(at(0), 1, "{what}");
+                assert_eq!(curv.batch_points(BatchSize::Points(1000 * n), PerPoint::Sums, n, MemoryBudget { bytes: 0 }), n);
+
+                // Each pass in one batch of all n points allocates at most
+                // n × the estimate, plus its result and the bounded chunk
+                // temporaries; in batches of 37 it gives the same sums.
+                let (peak, (loss, d)) = measured(|| curv.diag_over(&data, n).unwrap());
+                let bound = n * per as usize + bytes_of(&[&loss, &d]) + chunk_bytes;
+                assert!(peak <= bound, "{what} diagonal: {peak} B allocated, estimate {bound} B");
+                let (_, d37) = curv.diag_over(&data, 37).unwrap();
+                assert!(rel(&d37, &d) < 1e-13, "{what} diagonal: batches of 37 vs one: {:e}", rel(&d37, &d));
+
+                let (peak, (loss, kron)) = measured(|| curv.kron_over(&data, n, n, KfacApprox::Expand).unwrap());
+                let blocks: Vec<&Tensor> = kron.blocks.iter().flatten().collect();
+                let bound = n * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&blocks) + chunk_bytes;
+                assert!(peak <= bound, "{what} KFAC: {peak} B allocated, estimate {bound} B");
+
+                let (peak, (loss, h)) = measured(|| curv.full_over(&data, n).unwrap());
+                let bound = n * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&[&h]) + chunk_bytes;
+                assert!(peak <= bound, "{what} full: {peak} B allocated, estimate {bound} B");
+                let (_, h37) = curv.full_over(&data, 37).unwrap();
+                assert!(rel(&h37, &h) < 1e-13, "{what} full: batches of 37 vs one");
+            }
+        }
+
+        // Jacobians and per-sample gradients: the per-point rows are in the estimate.
+        for subset in [Subset::All, Subset::LastLayer] {
+            let curv = Curvature::new(&model, likelihood, CurvatureKind::Ef, &subset).unwrap().with_chunk_elems(CHUNK_ELEMS);
+            let per = curv.point_working_bytes(PerPoint::Jacobians).unwrap() as usize;
+            let (peak, (j, f)) = measured(|| curv.jacobians_over(&data, n, subset == Subset::LastLayer).unwrap());
+            let bound = n * per + bytes_of(&[&j, &f]);
+            assert!(peak <= bound, "{case} Jacobians {subset:?}: {peak} B allocated, estimate {bound} B");
+            let per = curv.point_working_bytes(PerPoint::Gradients).unwrap() as usize;
+            let (peak, (g, loss)) = measured(|| curv.gradients_over(&data, n).unwrap());
+            let bound = n * per + bytes_of(&[&g, &loss]);
+            assert!(peak <= bound, "{case} gradients {subset:?}: {peak} B allocated, estimate {bound} B");
+            let (g37, _) = curv.gradients_over(&data, 37).unwrap();
+            assert!(rel(&g37, &g) < 1e-13, "{case} gradients {subset:?}: batches of 37 vs one: {:e}", rel(&g37, &g));
+        }
+    }
+}
