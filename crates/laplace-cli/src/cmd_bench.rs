@@ -11,7 +11,7 @@ use laplace::tensor::{self, Tensor};
 use laplace::{Curvature, CurvatureKind, Dataset, Likelihood, PerPoint};
 
 use crate::args::Inputs;
-use crate::cmd_curvature::{CurvatureSpec, McSamples};
+use crate::cmd_curvature::{CurvatureArg, CurvatureSpec, McSamples, StructureArg};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also measure this machine's GEMM rate (faer, square N × N, same dtype
+    /// and threads) and report it next to the quantity's achieved GFLOP/s
+    /// (dense models only; see `dense_flops`).
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "1024")]
+    pub yardstick: Option<usize>,
     /// Also write the result (as `curvature` / `jacobians` / `gradients` would).
     #[arg(long, value_name = "OUT.safetensors")]
     pub out: Option<PathBuf>,
@@ -85,6 +90,71 @@ fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<V
     })
 }
 
+/// The multiply-add work of a quantity on a dense model (every parameterized
+/// node a Linear on vectors: patch form G = 1, R = 1), counted as a
+/// textbook implementation must do it, in floating-point operations; `None`
+/// for other models. For M points, K output rows per point (C for the GGN
+/// and Jacobians, S for the MC Fisher, 1 for the EF and gradients) and each
+/// selected layer of O × I weights (the bias adds a column, I + 1):
+///
+/// ```text
+/// forward                 2·M·O·I       every layer
+/// backward                2·M·K·O·I     every layer after the first selected one
+/// diag                    2·M·O·I       Σ_m (Σ_k s²)ᵀ u²
+/// kron                    M·I² + M·K·O² the Gram matrices A = UᵀU, B = SᵀS (one triangle)
+/// jacobians / gradients   M·K·O·I       the per-sample outer products
+/// ```
+///
+/// Full matrices are left out: how little work they need depends on
+/// structure (a single layer's GGN is Σ_n Λ_n ⊗ u_n u_nᵀ, C times less than
+/// the Gram of its per-sample gradients), so no one count is fair.
+fn dense_flops(a: &BenchArgs, curv: &Curvature, m: usize) -> Option<f64> {
+    let model = curv.model();
+    let mut layers = Vec::new();
+    for (i, node) in model.nodes().iter().enumerate() {
+        if let Some(aff) = node.op.affine() {
+            let (o, inp, r) = aff.affine_dims();
+            if r != 1 || aff.groups() != 1 {
+                return None;
+            }
+            let has_bias = model.params().iter().any(|p| p.layer == i && p.is_bias());
+            layers.push((i, o as f64, inp as f64, has_bias));
+        }
+    }
+    let selected: Vec<bool> = layers.iter().map(|&(i, ..)| curv.selection().layer(i).is_some()).collect();
+    let first = selected.iter().position(|&s| s)?;
+    let (m, c) = (m as f64, model.n_outputs() as f64);
+    let k = match a.quantity {
+        QuantityArg::Jacobians => c,
+        QuantityArg::Gradients => 1.0,
+        QuantityArg::Curvature => match a.spec.curvature {
+            CurvatureArg::Ggn => c,
+            CurvatureArg::FisherMc => a.mc.samples as f64,
+            CurvatureArg::Ef => 1.0,
+            CurvatureArg::Hessian => return None,
+        },
+        QuantityArg::Hvp => return None,
+    };
+    let mut flops = 0.0;
+    for (j, &(_, o, i, bias)) in layers.iter().enumerate() {
+        flops += 2.0 * m * o * i;
+        if j > first {
+            flops += 2.0 * m * k * o * i;
+        }
+        if !selected[j] {
+            continue;
+        }
+        let ib = if bias { i + 1.0 } else { i };
+        flops += match (a.quantity, a.spec.structure) {
+            (QuantityArg::Curvature, StructureArg::Diag) => 2.0 * m * o * ib,
+            (QuantityArg::Curvature, StructureArg::Kron) => m * ib * ib + m * k * o * o,
+            (QuantityArg::Curvature, StructureArg::Full) => return None,
+            _ => m * k * o * ib,
+        };
+    }
+    Some(flops)
+}
+
 pub fn run(a: &BenchArgs) -> laplace::Result<String> {
     if let Some(t) = a.threads {
         // Read by candle's matrix kernels and rayon when they first start.
@@ -119,6 +189,8 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
         q => format!("{q:?}").to_lowercase(),
     };
     let threads = std::env::var("RAYON_NUM_THREADS").ok().and_then(|s| s.parse::<usize>().ok());
+    let achieved = dense_flops(a, &curv, data.len()).map(|f| f / median / 1e9);
+    let peak_gflops = a.yardstick.map(|n| laplace::linalg::gemm_gflops(n, model.dtype(), 5)).transpose()?;
     if a.json {
         let shapes: serde_json::Map<String, serde_json::Value> =
             result.iter().map(|(k, t)| (k.clone(), serde_json::json!(t.dims()))).collect();
@@ -135,6 +207,8 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
             "dtype": tensor::dtype_name(model.dtype()),
             "threads": threads,
             "shapes": shapes,
+            "gflops": achieved,
+            "gemm_peak_gflops": peak_gflops,
         });
         println!("{obj}");
     } else {
@@ -146,6 +220,12 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
             curv.n_params(),
             data.len()
         );
+        if let Some(g) = achieved {
+            match peak_gflops {
+                Some(peak) => println!("  {g:.1} GFLOP/s of dense work, {:.0} % of the measured GEMM rate {peak:.1} GFLOP/s", 100.0 * g / peak),
+                None => println!("  {g:.1} GFLOP/s of dense work (--yardstick: against this machine's GEMM rate)"),
+            }
+        }
     }
     // The timing line above is the result; the summary only names a file.
     match &a.out {

@@ -236,6 +236,35 @@ fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat
     );
 }
 
+/// The measured GEMM rate of this machine: C = A B for square `n × n`
+/// matrices of `dtype` with faer on rayon's threads (`RAYON_NUM_THREADS`),
+/// one warm-up and then `repeat` runs; the best run's 2n³ / t in GFLOP/s.
+/// The yardstick for the matmul-bound quantities of `laplace bench`.
+pub fn gemm_gflops(n: usize, dtype: crate::tensor::DType, repeat: usize) -> Result<f64> {
+    fn rate<T: faer::traits::ComplexField + Copy + From<u8>>(n: usize, repeat: usize) -> f64 {
+        let a = faer::Mat::<T>::from_fn(n, n, |i, j| T::from(((i * 7 + j * 3) % 11) as u8));
+        let b = faer::Mat::<T>::from_fn(n, n, |i, j| T::from(((i * 5 + j) % 13) as u8));
+        let mut c = faer::Mat::<T>::zeros(n, n);
+        let mut best = f64::INFINITY;
+        for run in 0..=repeat.max(1) {
+            let t0 = std::time::Instant::now();
+            faer::linalg::matmul::matmul(c.as_mut(), faer::Accum::Replace, a.as_ref(), b.as_ref(), T::from(1u8), faer::Par::rayon(0));
+            let t = t0.elapsed().as_secs_f64();
+            if run > 0 {
+                best = best.min(t);
+            }
+        }
+        std::hint::black_box(&c);
+        2.0 * (n as f64).powi(3) / best / 1e9
+    }
+    crate::budget::check(&format!("the GEMM yardstick with n = {n}"), &[3, n, n], dtype.size_in_bytes())?;
+    match dtype {
+        crate::tensor::DType::F32 => Ok(rate::<f32>(n, repeat)),
+        crate::tensor::DType::F64 => Ok(rate::<f64>(n, repeat)),
+        other => bail!(Invalid, "the GEMM yardstick runs in float32 or float64, not {other:?}"),
+    }
+}
+
 /// The full symmetric matrix, row-major, from the lower triangle of a
 /// column-major `h`. Blocks of 8 rows in parallel, each written from `h`
 /// alone: row i's upper part is column i of h (a contiguous copy); its
@@ -327,5 +356,22 @@ mod eigen_tests {
         let eye = Tensor::eye(n, DType::F64, &dev).unwrap();
         let err = (q.t().unwrap().matmul(&q).unwrap() - eye).unwrap().abs().unwrap().max_all().unwrap();
         assert!(err.to_scalar::<f64>().unwrap() < 1e-10);
+    }
+}
+
+#[cfg(test)]
+mod gemm_tests {
+    use crate::tensor::DType;
+
+    /// The yardstick measures a positive, finite rate in both float dtypes
+    /// and refuses the others by name.
+    #[test]
+    fn gemm_rate_is_measured() {
+        for dtype in [DType::F32, DType::F64] {
+            let r = super::gemm_gflops(64, dtype, 2).unwrap();
+            assert!(r.is_finite() && r > 0.0, "{dtype:?}: {r}");
+        }
+        let e = super::gemm_gflops(64, DType::I64, 1).unwrap_err().to_string();
+        assert!(e.contains("float32 or float64"), "{e}");
     }
 }
