@@ -16,49 +16,18 @@ loading, computing, writing) over --repeat runs, interleaved.
 """
 
 import argparse
-import json
 import os
-import random
 import statistics
-import struct
 import subprocess
 import tempfile
 import time
 
-
-def write_safetensors(path, arrays):
-    """arrays: name -> (dtype 'F32'/'I64', shape, flat list)"""
-    fmt = {"F32": "f", "I64": "q"}
-    header, blobs, at = {}, [], 0
-    for name, (dtype, shape, values) in arrays.items():
-        blob = struct.pack("<%d%s" % (len(values), fmt[dtype]), *values)
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(blob)]}
-        blobs.append(blob)
-        at += len(blob)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+from synthetic import mlp
 
 
 def workload(out, n):
-    rng = random.Random(0)
-    sizes = [784, 100, 100, 10]
-    layers, weights = [], {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        idx = 2 * i
-        layers.append({"type": "Linear", "in_features": a, "out_features": b})
-        if i < len(sizes) - 2:
-            layers.append({"type": "Tanh"})
-        bound = 1 / a ** 0.5
-        weights[f"{idx}.weight"] = ("F32", [b, a], [rng.uniform(-bound, bound) for _ in range(a * b)])
-        weights[f"{idx}.bias"] = ("F32", [b], [rng.uniform(-bound, bound) for _ in range(b)])
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump({"input_shape": [784], "layers": layers}, f)
-    write_safetensors(os.path.join(out, "weights.safetensors"), weights)
-    x = [rng.gauss(0, 1) for _ in range(n * 784)]
-    y = [rng.randrange(10) for _ in range(n)]
-    write_safetensors(os.path.join(out, "data.safetensors"), {"x": ("F32", [n, 784], x), "y": ("I64", [n], y)})
+    """mlp_mnist: 784-100-100-10 tanh, float32, N points."""
+    mlp(out, 784, 100, 2, 10, n)
 
 
 QUANTITIES = [

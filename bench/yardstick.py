@@ -20,13 +20,12 @@ narrow to wide, shallow to deep, 1 to 100 outputs.
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mpi_scaling import write_safetensors  # noqa: E402
+from synthetic import mlp  # noqa: E402
 
 # (name, input width, hidden width, depth = hidden layers, outputs, N)
 SWEEP = [
@@ -45,28 +44,6 @@ QUANTITIES = [
     ("EF diag", ["--curvature", "ef", "--structure", "diag"]),
     ("MC Fisher diag (1)", ["--curvature", "fisher-mc", "--samples", "1", "--structure", "diag"]),
 ]
-
-
-def mlp(out, d_in, width, depth, c, n, seed=0):
-    rng = random.Random(seed)
-    sizes = [d_in] + [width] * depth + [c]
-    layers, weights = [], {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        layers.append({"type": "Linear", "in_features": a, "out_features": b})
-        idx = len(layers) - 1
-        if i < len(sizes) - 2:
-            layers.append({"type": "Tanh"})
-        bound = 1 / a ** 0.5
-        weights[f"{idx}.weight"] = ("F32", [b, a], [rng.uniform(-bound, bound) for _ in range(a * b)])
-        weights[f"{idx}.bias"] = ("F32", [b], [rng.uniform(-bound, bound) for _ in range(b)])
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump({"input_shape": [d_in], "layers": layers}, f)
-    write_safetensors(os.path.join(out, "weights.safetensors"), weights)
-    x = [rng.gauss(0, 1) for _ in range(n * d_in)]
-    # One output: regression (y float (N, 1)); more: classification.
-    y = ("F32", [n, 1], [rng.gauss(0, 1) for _ in range(n)]) if c == 1 else ("I64", [n], [rng.randrange(c) for _ in range(n)])
-    write_safetensors(os.path.join(out, "data.safetensors"), {"x": ("F32", [n, d_in], x), "y": y})
-    return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
 
 
 def main():

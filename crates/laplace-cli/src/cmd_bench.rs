@@ -61,13 +61,8 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset) -> laplace::Result<Vec<(String, Tensor)>> {
-    let per_point = match a.quantity {
-        QuantityArg::Jacobians => PerPoint::Jacobians,
-        QuantityArg::Gradients => PerPoint::Gradients,
-        _ => PerPoint::Sums,
-    };
-    let bs = a.inputs.batch_points(curv, per_point, data);
+/// Compute the quantity once, in batches of `bs` points.
+fn compute(a: &BenchArgs, curv: &Curvature, data: &Dataset, bs: usize) -> laplace::Result<Vec<(String, Tensor)>> {
     Ok(match a.quantity {
         QuantityArg::Curvature => a.spec.compute(curv, data, bs)?.0,
         QuantityArg::Jacobians => {
@@ -172,12 +167,19 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
     };
     let lik: Likelihood = a.spec.likelihood;
     let curv = Curvature::new(&model, lik, kind, &a.spec.subset.subset(&model)?)?;
-    let mut result = compute(a, &curv, &data)?; // warm-up
+    // The batch size is resolved once, outside the timed runs.
+    let per_point = match a.quantity {
+        QuantityArg::Jacobians => PerPoint::Jacobians,
+        QuantityArg::Gradients => PerPoint::Gradients,
+        QuantityArg::Curvature | QuantityArg::Hvp => PerPoint::Sums,
+    };
+    let bs = a.inputs.batch_points(&curv, per_point, &data);
+    let mut result = compute(a, &curv, &data, bs)?; // warm-up
     let mut times = Vec::with_capacity(a.repeat as usize);
     for _ in 0..a.repeat {
         drop(std::mem::take(&mut result)); // do not hold two results at once
         let t0 = Instant::now();
-        result = compute(a, &curv, &data)?;
+        result = compute(a, &curv, &data, bs)?;
         times.push(t0.elapsed().as_secs_f64());
     }
     let mut sorted = times.clone();

@@ -7,13 +7,17 @@
 //! high-water mark), so this file holds a single test: nothing else may
 //! allocate while a pass is measured.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use laplace::budget::MemoryBudget;
 use laplace::curvature::KfacApprox;
-use laplace::tensor::{self, Device, Tensor};
+use laplace::tensor::{Device, Tensor};
 use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, PerPoint, Sequential, Subset};
+
+use common::rel_err;
 
 struct Counting;
 
@@ -73,16 +77,9 @@ fn bytes_of(ts: &[&Tensor]) -> usize {
     ts.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
 }
 
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (tensor::to_vec_f64(a).unwrap(), tensor::to_vec_f64(b).unwrap());
-    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den.max(f64::MIN_POSITIVE)
-}
-
 /// A fixture's points repeated `times` times.
 fn repeated(case: &str, times: usize) -> (Sequential, Dataset) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case);
+    let dir = common::fixtures_dir().join(case);
     let dev = Device::Cpu;
     let model = Sequential::load(dir.join("model.json"), dir.join("weights.safetensors"), None, &dev).unwrap();
     let data = Dataset::load(&dir.join("data.npz"), model.dtype(), &dev).unwrap();
@@ -129,7 +126,7 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let bound = n * per as usize + bytes_of(&[&loss, &d]) + chunk_bytes;
                 assert!(peak <= bound, "{what} diagonal: {peak} B allocated, estimate {bound} B");
                 let (_, d37) = curv.diag_over(&data, 37).unwrap();
-                assert!(rel(&d37, &d) < 1e-13, "{what} diagonal: batches of 37 vs one: {:e}", rel(&d37, &d));
+                assert!(rel_err(&d37, &d) < 1e-13, "{what} diagonal: batches of 37 vs one: {:e}", rel_err(&d37, &d));
 
                 let (peak, (loss, kron)) = measured(|| curv.kron_over(&data, n, n, KfacApprox::Expand).unwrap());
                 let blocks: Vec<&Tensor> = kron.blocks.iter().flatten().collect();
@@ -140,7 +137,7 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let bound = n * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&[&h]) + chunk_bytes;
                 assert!(peak <= bound, "{what} full: {peak} B allocated, estimate {bound} B");
                 let (_, h37) = curv.full_over(&data, 37).unwrap();
-                assert!(rel(&h37, &h) < 1e-13, "{what} full: batches of 37 vs one");
+                assert!(rel_err(&h37, &h) < 1e-13, "{what} full: batches of 37 vs one");
             }
         }
 
@@ -156,7 +153,7 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
             let bound = n * per + bytes_of(&[&g, &loss]);
             assert!(peak <= bound, "{case} gradients {subset:?}: {peak} B allocated, estimate {bound} B");
             let (g37, _) = curv.gradients_over(&data, 37).unwrap();
-            assert!(rel(&g37, &g) < 1e-13, "{case} gradients {subset:?}: batches of 37 vs one: {:e}", rel(&g37, &g));
+            assert!(rel_err(&g37, &g) < 1e-13, "{case} gradients {subset:?}: batches of 37 vs one: {:e}", rel_err(&g37, &g));
         }
     }
 }
