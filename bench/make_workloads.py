@@ -5,7 +5,8 @@ seed), random inputs and uniform labels, exported with
 ``tools/laplace_export.py`` (model.json + weights.safetensors, float32) plus
 ``data.npz``. Run with the reference virtual environment:
 
-    python bench/make_workloads.py [--out bench/workloads]
+    python bench/make_workloads.py [--out bench/workloads]            # the four of bench/README.md
+    python bench/make_workloads.py --sweep [--out bench/workloads]    # the shape sweep (sweep_models.py)
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools"))
-from laplace_export import export_sequential  # noqa: E402
+from laplace_export import export, export_sequential  # noqa: E402
 
 
 def workloads():
@@ -37,11 +38,23 @@ def workloads():
     }
 
 
+def sweep_workloads():
+    """name -> (model, input_shape, n, likelihood, n_outputs) of the shape sweep (sweep_models.py)."""
+    import sweep_models
+    out = {}
+    for name in sweep_models.CASES:
+        model, shape, n, c = sweep_models.build(name)
+        out[name] = (model, shape, n, "regression" if c == 1 else "classification", c)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads"))
+    ap.add_argument("--sweep", action="store_true",
+                    help="write the shape sweep of sweep_models.py instead of the four standard workloads")
     args = ap.parse_args()
-    for name, (model, shape, n, lik, c) in workloads().items():
+    for name, (model, shape, n, lik, c) in (sweep_workloads() if args.sweep else workloads()).items():
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         model = model.float().eval()
         x = torch.randn((n, *shape), generator=g)
@@ -50,7 +63,14 @@ def main():
         else:
             y = torch.randn((n, c), generator=g).numpy().astype(np.float32)
         out = os.path.join(args.out, name)
-        export_sequential(model, shape, out)
+        if isinstance(model, nn.Sequential):
+            export_sequential(model, shape, out)
+        else:
+            export(model, x[:2], out)  # a graph model (docs/model-format.md)
+        if args.sweep:
+            # torch_child.py rebuilds the module from its name (graph models have no layer list).
+            with open(os.path.join(out, "sweep_case"), "w") as fh:
+                fh.write(name + "\n")
         np.savez(os.path.join(out, "data.npz"), x=x.numpy().astype(np.float32), y=y)
         with open(os.path.join(out, "likelihood"), "w") as fh:
             fh.write(lik + "\n")

@@ -95,13 +95,20 @@ def backend_class_name(quantity: str, backend: str) -> str | None:
 def load_workload(wdir: str):
     from safetensors.torch import load_file
 
-    with open(os.path.join(wdir, "model.json")) as fh:
-        spec = json.load(fh)
-    layers = []
-    for layer in spec["layers"]:
-        args = {k: v for k, v in layer.items() if k != "type"}
-        layers.append(getattr(nn, layer["type"])(**args))
-    model = nn.Sequential(*layers)
+    case = os.path.join(wdir, "sweep_case")
+    if os.path.exists(case):
+        # A sweep workload (graph models included): the module make_workloads.py exported.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import sweep_models
+        model = sweep_models.build(open(case).read().strip())[0]
+    else:
+        with open(os.path.join(wdir, "model.json")) as fh:
+            spec = json.load(fh)
+        layers = []
+        for layer in spec["layers"]:
+            args = {k: v for k, v in layer.items() if k != "type"}
+            layers.append(getattr(nn, layer["type"])(**args))
+        model = nn.Sequential(*layers)
     model.load_state_dict(load_file(os.path.join(wdir, "weights.safetensors")))
     model = model.float().eval()
     with open(os.path.join(wdir, "likelihood")) as fh:

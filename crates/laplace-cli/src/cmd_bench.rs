@@ -206,6 +206,8 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
             "n_params": model.n_params(),
             "n_selected": curv.n_params(),
             "n_data": data.len(),
+            "batch_points": bs,
+            "point_working_bytes": curv.point_working_bytes(per_point),
             "dtype": tensor::dtype_name(model.dtype()),
             "threads": threads,
             "shapes": shapes,

@@ -69,10 +69,10 @@ impl Job {
     }
 }
 
-/// Started by `mpirun` / `mpiexec` (Open MPI, MPICH's Hydra) or `srun`.
-#[cfg(feature = "mpi")]
-fn launched_by_mpi() -> bool {
-    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+/// Started by `mpirun` / `mpiexec` (Open MPI, MPICH's Hydra) or `srun`,
+/// in a build with the `mpi` feature.
+pub fn launched_by_mpi() -> bool {
+    cfg!(feature = "mpi") && ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
 }
 
 /// Ranks on one machine share its cores: unless `RAYON_NUM_THREADS` says

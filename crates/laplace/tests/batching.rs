@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use laplace::budget::MemoryBudget;
 use laplace::curvature::KfacApprox;
 use laplace::tensor::{Device, Tensor};
+use laplace::curvature::AUTO_BATCH_BYTES;
 use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, PerPoint, Sequential, Subset};
 
 use common::rel_err;
@@ -109,14 +110,20 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let chunk_bytes = 4 * CHUNK_ELEMS * model.dtype().size_in_bytes();
                 let what = format!("{case} {name} {subset:?}");
 
-                // The batch `Auto` picks: the largest that fits half the budget.
+                // The batch `Auto` picks: the largest that fits half the budget
+                // and the fixed ceiling.
                 let per = curv.point_working_bytes(PerPoint::Sums).unwrap();
                 let at = |bytes: u64| curv.batch_points(BatchSize::Auto, PerPoint::Sums, n, MemoryBudget { bytes });
+                assert!(per * n as u64 <= AUTO_BATCH_BYTES, "{what}: the cases are meant to fit one Auto batch");
                 assert_eq!(at(2 * per * n as u64), n, "{what}");
                 assert_eq!(at(u64::MAX), n, "{what}");
                 assert_eq!(at(2 * per * 37 + 1), 37, "{what}");
                 assert_eq!(at(2 * per * 37 - 1), 36, "{what}");
                 assert_eq!(at(0), 1, "{what}");
+                // However large the budget, a batch's estimate stays under the ceiling.
+                let many = 1 << 40;
+                let ceiling = curv.batch_points(BatchSize::Auto, PerPoint::Sums, many, MemoryBudget { bytes: u64::MAX });
+                assert_eq!(ceiling as u64, AUTO_BATCH_BYTES / per, "{what}");
                 assert_eq!(curv.batch_points(BatchSize::Points(1000 * n), PerPoint::Sums, n, MemoryBudget { bytes: 0 }), n);
 
                 // Each pass in one batch of all n points allocates at most

@@ -26,7 +26,7 @@ mod over_data;
 mod products;
 mod selection;
 
-pub use batching::{BatchSize, PerPoint};
+pub use batching::{BatchSize, PerPoint, AUTO_BATCH_BYTES};
 pub use kfac::KfacApprox;
 pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Subset};
 

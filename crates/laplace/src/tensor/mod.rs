@@ -188,6 +188,15 @@ pub fn is_int_dtype(dtype: DType) -> bool {
     )
 }
 
+/// The number of threads candle's matrix products use when
+/// `RAYON_NUM_THREADS` is unset (its default: the physical cores this
+/// process may run on). candle asks for it on every product, and with the
+/// variable unset each ask reads `/proc/cpuinfo`; a program that resolves
+/// it once and sets `RAYON_NUM_THREADS` saves that (the CLI does).
+pub fn default_matmul_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// Short lowercase name of a dtype, as in numpy / safetensors ("f32", "i64").
 pub fn dtype_name(dtype: DType) -> &'static str {
     dtype.as_str()
