@@ -16,7 +16,7 @@ use laplace::posterior::predict::Link;
 use laplace::pass::{fold_batches, Monitor};
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
-use laplace::{Curvature, CurvatureKind, Dataset, Inputs, Likelihood, Model, ModelSpec, Subset};
+use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Inputs, Likelihood, Model, ModelSpec, Subset};
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -491,7 +491,7 @@ fn fit(
         k => k,
     };
     let lik = likelihood_arg(likelihood)?;
-    let opts = FitOptions { subset, structure, curvature, batch_size: batch_size.max(1), prior_precision: vec![prior_precision], sigma_noise, temperature, ..FitOptions::default() };
+    let opts = FitOptions { subset, structure, curvature, batch_size: BatchSize::Points(batch_size.max(1)), prior_precision: vec![prior_precision], sigma_noise, temperature, ..FitOptions::default() };
     let marglik = match optimize_prior {
         None => false,
         Some("marglik") => true,

@@ -23,7 +23,7 @@ use laplace::posterior::metrics::{self, ClassificationMetrics};
 use laplace::posterior::predict::Link;
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
-use laplace::{Curvature, CurvatureKind, Dataset, Likelihood, ModelSpec, Sequential, Subset};
+use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, ModelSpec, Sequential, Subset};
 
 use crate::args::DTypeArg;
 use crate::plot::{self, ConfidenceHistograms, ConfidencePanel, Reliability, ReliabilityPanel};
@@ -325,7 +325,7 @@ fn compare_posteriors(a: &DemoArgs, model: Sequential, train: &Dataset, test: &D
     println!("     linearized (GLM) predictive with the probit link");
     for m in methods() {
         let t0 = Instant::now();
-        let opts = FitOptions { subset: m.subset.clone(), structure: m.structure, batch_size: a.batch_size, ..FitOptions::default() };
+        let opts = FitOptions { subset: m.subset.clone(), structure: m.structure, batch_size: BatchSize::Points(a.batch_size), ..FitOptions::default() };
         let mut post = Posterior::fit_monitored(model.try_clone()?, train, Likelihood::Classification, &opts, bar)?;
         let rep = post.optimize_marglik(&MarglikOptions { prior_structure: m.prior, ..MarglikOptions::default() })?;
         let probs = predict_all(m.label, &|x| post.predict_probs(x, Link::Probit))?;

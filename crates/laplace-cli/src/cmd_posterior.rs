@@ -10,7 +10,7 @@ use laplace::posterior::metrics;
 use laplace::posterior::predict::Link;
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device};
-use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, PerPoint, Subset};
+use laplace::{BatchSize, CurvatureKind, Dataset, Likelihood, Subset};
 
 use crate::args::{subset_from_globs, DTypeArg};
 use crate::parallel::Job;
@@ -105,7 +105,7 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Points per batch of the curvature passes, or auto: the largest batch
-    /// whose estimated working memory fits half of --memory-limit (the
+    /// whose estimated working memory fits half of --memory-limit and 512 MiB (the
     /// batch size changes only the summation order).
     #[arg(long, value_name = "auto|N", default_value = "auto")]
     pub batch_size: BatchSize,
@@ -246,16 +246,11 @@ pub fn run_fit(a: &FitArgs, job: &Job) -> laplace::Result<String> {
     if a.optimize_sigma && a.optimize_prior != Some(OptimizeArg::Marglik) {
         return Err(laplace::Error::Invalid("--optimize-sigma needs --optimize-prior marglik".into()));
     }
-    // The curvature passes hold sums; the grid search's GLM predictive on
-    // --val forms Jacobians, C·P values per point.
-    let probe = Curvature::new(&model, likelihood, curvature, &subset)?;
-    let batch_size = probe.batch_points(a.batch_size, PerPoint::Sums, data.len(), laplace::budget::current());
-    let val_batch_size = probe.batch_points(a.batch_size, PerPoint::Jacobians, usize::MAX, laplace::budget::current());
     let opts = FitOptions {
         subset,
         structure,
         curvature,
-        batch_size,
+        batch_size: a.batch_size,
         prior_precision: vec![a.prior_precision],
         sigma_noise: a.sigma_noise,
         temperature: a.temperature,
@@ -289,7 +284,7 @@ pub fn run_fit(a: &FitArgs, job: &Job) -> laplace::Result<String> {
                     return Err(laplace::Error::Invalid("--optimize-prior gridsearch needs --val VAL.npz".into()));
                 };
                 let val = Dataset::load_with_labels(val, &a.label_key, post.model().dtype(), &dev)?;
-                post.optimize_gridsearch(&val, None, val_batch_size)?;
+                post.optimize_gridsearch(&val, None, a.batch_size)?;
             }
             None => {}
         }

@@ -16,7 +16,7 @@ use laplace::distributed::{self, Communicator};
 use laplace::operator::{hutchinson_trace, lanczos_top_k, CurvatureOperator, LinearOperator};
 use laplace::posterior::{FitOptions, Fitted, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
-use laplace::{Curvature, CurvatureKind, Dataset, Subset};
+use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Subset};
 
 /// What a rank contributes to a collective: which one, and its data.
 #[derive(Clone, Debug, PartialEq)]
@@ -249,7 +249,7 @@ fn monte_carlo_fisher_does_not_depend_on_the_number_of_ranks() {
 fn posterior_fit_over_shards_equals_the_single_process_fit() {
     for (case, structure) in [("cls_cnn_dilated", Structure::Kron), ("reg_multi", Structure::Full), ("cls_mlp", Structure::Diag), ("cls_mlp", Structure::LowRank { rank: 3 })] {
         let fx = Fixture::load(case);
-        let opts = FitOptions { structure, batch_size: BATCH, prior_precision: vec![0.5], ..FitOptions::default() };
+        let opts = FitOptions { structure, batch_size: BatchSize::Points(BATCH), prior_precision: vec![0.5], ..FitOptions::default() };
         let whole = Posterior::fit(fx.model.try_clone().unwrap(), &fx.data, fx.likelihood, &opts).unwrap();
         let summary = |p: &Posterior| -> Vec<f64> {
             let mut v = vec![p.loss, p.n_data as f64, p.evidence().unwrap()];

@@ -9,13 +9,13 @@ use laplace::posterior::marglik::{MarglikOptions, PriorStructure};
 use laplace::posterior::predict::{link_probs, Link};
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
-use laplace::Subset;
+use laplace::{BatchSize, Subset};
 
 fn fit(fx: &Fixture, subset: Subset, structure: Structure, prior: Vec<f64>, sigma: f64) -> Posterior {
     let opts = FitOptions {
         subset,
         structure,
-        batch_size: 3,
+        batch_size: BatchSize::Points(3),
         prior_precision: prior,
         sigma_noise: sigma,
        

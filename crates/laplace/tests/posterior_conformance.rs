@@ -16,7 +16,7 @@ use laplace::posterior::marglik::{MarglikOptions, PriorStructure};
 use laplace::posterior::predict::Link;
 use laplace::posterior::{FitOptions, Posterior, Structure};
 use laplace::tensor::{self, DType, Device, Tensor};
-use laplace::{Dataset, Likelihood, Subset};
+use laplace::{BatchSize, Dataset, Likelihood, Subset};
 
 const TOL: f64 = 1e-8;
 
@@ -56,7 +56,7 @@ fn fit(c: &Case, subset: Subset, structure: Structure) -> Posterior {
     let opts = FitOptions {
         subset,
         structure,
-        batch_size: 3,
+        batch_size: BatchSize::Points(3),
         prior_precision: vec![0.7],
         sigma_noise: c.sigma,
        

@@ -18,6 +18,7 @@
 //! diag), so iterating costs no refactorization.
 
 use super::{Fitted, Posterior, Structure};
+use crate::curvature::{BatchSize, Curvature, CurvatureKind, PerPoint};
 use crate::data::Dataset;
 use crate::error::{bail, Result};
 use crate::likelihood::Likelihood;
@@ -431,7 +432,11 @@ impl Posterior {
     /// loss of the GLM predictive (NLL with the probit link for
     /// classification; Gaussian NLL for regression — laplace-torch's MSE
     /// does not depend on the prior for a GLM predictive). Sets it.
-    pub fn optimize_gridsearch(&mut self, val: &Dataset, grid: Option<Vec<f64>>, batch_size: usize) -> Result<(f64, f64)> {
+    /// `batch_size` is of the passes over `val`; [`BatchSize::Auto`] counts
+    /// the Jacobians the GLM predictive forms per point.
+    pub fn optimize_gridsearch(&mut self, val: &Dataset, grid: Option<Vec<f64>>, batch_size: BatchSize) -> Result<(f64, f64)> {
+        let jacobians = Curvature::new(&self.model, self.likelihood, CurvatureKind::Ggn, &self.subset)?;
+        let batch_size = jacobians.batch_points(batch_size, PerPoint::Jacobians, val.len(), crate::budget::current());
         let grid = grid.unwrap_or_else(|| (0..100).map(|i| 10f64.powf(-4.0 + 8.0 * i as f64 / 99.0)).collect());
         let mut best: Option<(f64, f64)> = None;
         let saved = self.prior_precision.clone();

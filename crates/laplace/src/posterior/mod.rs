@@ -24,7 +24,7 @@ pub mod predict;
 
 use std::str::FromStr;
 
-use crate::curvature::{Curvature, CurvatureKind, KfacApprox, Subset};
+use crate::curvature::{BatchSize, Curvature, CurvatureKind, KfacApprox, PerPoint, Subset};
 use crate::data::Dataset;
 use crate::distributed::{self, Communicator};
 use crate::error::{bail, Error, Result};
@@ -118,8 +118,9 @@ pub struct FitOptions {
     pub structure: Structure,
     /// GGN, Monte-Carlo Fisher or empirical Fisher.
     pub curvature: CurvatureKind,
-    /// Points per batch of the curvature pass.
-    pub batch_size: usize,
+    /// Points per batch of the curvature passes; [`BatchSize::Auto`] is
+    /// resolved against the memory budget by the curvature being fitted.
+    pub batch_size: BatchSize,
     /// Scalar, one per parameter tensor of the subset, or one per parameter.
     pub prior_precision: Vec<f64>,
     /// Scalar or one per parameter of the subset.
@@ -140,7 +141,7 @@ impl Default for FitOptions {
             subset: Subset::All,
             structure: Structure::Full,
             curvature: CurvatureKind::Ggn,
-            batch_size: 256,
+            batch_size: BatchSize::Auto,
             prior_precision: vec![1.0],
             prior_mean: vec![0.0],
             sigma_noise: 1.0,
@@ -297,29 +298,30 @@ impl Posterior {
         let (mean, groups, n_groups) = subset_values(&model, &opts.subset)?;
         let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor).with_communicator(comm);
         let n_data = curv.n_data(data)?;
+        let batch = curv.batch_points(opts.batch_size, PerPoint::Sums, data.len(), crate::budget::current());
         let (loss, fitted) = match opts.structure {
             Structure::Full => {
                 // H, its f64 copy and eigenvectors, and the eigensolver's workspace.
                 let p = mean.len();
                 crate::budget::check(&format!("a full posterior for P = {p} (H, its eigenvectors and workspace)"), &[3, p, p], 8)?;
-                let (l, h) = curv.full_over(data, opts.batch_size)?;
+                let (l, h) = curv.full_over(data, batch)?;
                 let (vals, vecs) = crate::linalg::symmetric_eigen(&h.to_dtype(tensor::DType::F64)?)?;
                 let fitted = Fitted::Full { h, eigvals: tensor::to_vec_f64(&vals)?, eigvecs: tensor::to_faer(&vecs)? };
                 (tensor::scalar_f64(&l)?, fitted)
             }
             Structure::Diag => {
-                let (l, h) = curv.diag_over(data, opts.batch_size)?;
+                let (l, h) = curv.diag_over(data, batch)?;
                 (tensor::scalar_f64(&l)?, Fitted::Diag { h: tensor::to_vec_f64(&h)? })
             }
             Structure::Kron => {
-                let (l, kron) = curv.kron_over(data, opts.batch_size, n_data, opts.kfac_approx)?;
+                let (l, kron) = curv.kron_over(data, batch, n_data, opts.kfac_approx)?;
                 let decomposed = kron.decompose(opts.kron_damping)?;
                 (tensor::scalar_f64(&l)?, Fitted::Kron { kron, decomposed })
             }
             Structure::LowRank { rank } => {
-                let op = CurvatureOperator::new(&curv, data, opts.batch_size)?;
+                let op = CurvatureOperator::new(&curv, data, batch)?;
                 let ep = lanczos_top_k(&op, rank, 1e-8, 2000, 0)?;
-                let loss = loss_over(&model, likelihood, data, opts.batch_size, monitor, comm)?;
+                let loss = loss_over(&model, likelihood, data, batch, monitor, comm)?;
                 let p = mean.len();
                 let vectors = faer::Mat::from_fn(rank, p, |r, c| ep.vectors[r][c]);
                 (loss, Fitted::LowRank { values: ep.values.iter().map(|v| v.max(0.0)).collect(), vectors })
