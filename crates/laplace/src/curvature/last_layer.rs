@@ -52,30 +52,28 @@ pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Resul
     let dt = if bias { d + 1 } else { d };
     let x = if bias { Tensor::cat(&[&phi, &Tensor::ones((m, 1), phi.dtype(), phi.device())?], 1)? } else { phi };
     let lam = lam.reshape((m, c * c))?;
-    // Blocks in (class, feature) order.
+    // H in θ order, written block by block (no permuted copy of the (P, P)
+    // result): the weight (class-major, C·D) first, then the bias (C), so
+    // feature k < D of class a is θ index a·D + k and its bias C·D + a.
     let mut h = Tensor::zeros((c * dt, c * dt), x.dtype(), x.device())?;
+    let place = |h: &mut Tensor, block: &Tensor, a: usize, b: usize| -> Result<()> {
+        tensor::write_block(h, &block.narrow(0, 0, d)?.narrow(1, 0, d)?, a * d, b * d)?;
+        if bias {
+            tensor::write_block(h, &block.narrow(0, 0, d)?.narrow(1, d, 1)?, a * d, c * d + b)?;
+            tensor::write_block(h, &block.narrow(0, d, 1)?.narrow(1, 0, d)?, c * d + a, b * d)?;
+            tensor::write_block(h, &block.narrow(0, d, 1)?.narrow(1, d, 1)?, c * d + a, c * d + b)?;
+        }
+        Ok(())
+    };
     for a in 0..c {
         for b in a..c {
             let w = lam.narrow(1, a * c + b, 1)?; // (M, 1)
-            let block = x.broadcast_mul(&w)?.t()?.matmul(&x)?; // (D̃, D̃)
-            tensor::write_block(&mut h, &block, a * dt, b * dt)?;
+            let block = x.broadcast_mul(&w)?.t()?.matmul(&x)?; // Σ_n Λ̃_ab φ̃φ̃ᵀ (D̃, D̃)
+            place(&mut h, &block, a, b)?;
             if a != b {
-                tensor::write_block(&mut h, &block.t()?, b * dt, a * dt)?;
+                place(&mut h, &block.t()?, b, a)?;
             }
         }
     }
-    if !bias {
-        return Ok((loss, h));
-    }
-    // (c, d) ↦ c·D + d for d < D, (c, D) ↦ C·D + c: θ order is weight, then bias.
-    let mut order = vec![0usize; c * dt];
-    for cls in 0..c {
-        for k in 0..d {
-            order[cls * d + k] = cls * dt + k;
-        }
-        order[c * d + cls] = cls * dt + d;
-    }
-    let ids = tensor::index_tensor(&order, h.device())?;
-    let h = tensor::select(&tensor::select(&h, &ids, 0)?, &ids, 1)?;
     Ok((loss, h))
 }
