@@ -769,7 +769,7 @@ def render(results, meta, args):
     L.append("Every measurement (each round, each process: all timed runs, peak and baseline RSS, "
              "errors) is in `bench/results.json`.\n")
     # The hand-written analysis (what limits each of our numbers) follows the tables.
-    analysis = os.path.join(HERE, "ANALYSIS.md")
+    analysis = getattr(args, "analysis", None) or os.path.join(HERE, "ANALYSIS.md")
     if os.path.exists(analysis):
         L.append(open(analysis).read())
     return "\n".join(L)
@@ -834,6 +834,8 @@ def main():
     ap.add_argument("--md", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"))
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (outputs, logs)")
+    ap.add_argument("--analysis", default=os.path.join(HERE, "ANALYSIS.md"),
+                    help="hand-written analysis appended to --md (the sweep's: bench/SWEEP_ANALYSIS.md)")
     ap.add_argument("--render", metavar="RESULTS.json",
                     help="only rewrite --md from the results of an earlier run")
     args = ap.parse_args()
@@ -844,7 +846,7 @@ def main():
         ra = argparse.Namespace(repeat=st["repeat"], rounds=st["rounds"], timeout=st["timeout_s"],
                                 mem_limit=st["mem_limit_bytes"], threads=st["threads"], budget=st["budget_s"],
                                 no_fork_server=not st["fork_server"], skip_torch=st.get("skip_torch", False),
-                                omp_wait_policy=st.get("omp_wait_policy", "default"))
+                                omp_wait_policy=st.get("omp_wait_policy", "default"), analysis=args.analysis)
         md = render(d["results"], d["meta"], ra)
         with open(args.md, "w") as fh:
             fh.write(md + "\n")
