@@ -90,7 +90,7 @@ ORDER = list(QUANTITIES)
 SWEEP_RESULT_LIMIT = 2 * 2**30
 
 
-def quantities_of(wdir, w, meta):
+def quantities_of(w, meta):
     """The quantities a workload runs: the fixed lists above for the four standard workloads;
     for a sweep workload (bench/sweep_models.py), COMMON less those whose result would exceed
     SWEEP_RESULT_LIMIT (per-sample gradients N·P, the last-layer full matrix P_ll²)."""
@@ -309,7 +309,11 @@ def measure_ours(args, w, q, rnd, out, tmp):
                    peak_rss_bytes=d["peak_rss_bytes"], baseline_rss_bytes=None,
                    n_params=d.get("n_params"), n_selected=d.get("n_selected"), ours_json=d)
         if args.whole:
-            rec["whole_s"] = measure_whole(args, argv, env, tmp)
+            # A failed or timed-out whole-process run is recorded, not fatal to the sweep.
+            try:
+                rec["whole_s"] = measure_whole(args, argv, env, tmp)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                rec["whole_error"] = str(e)[-500:]
         return rec
     kind, reason = describe_status(status, killed, args.timeout, args.mem_limit)
     err = stderr.strip()
@@ -328,8 +332,9 @@ def whole_command(bench_argv, out):
     """The command a shell user runs for the quantity `laplace bench` timed (same model, data,
     flags and batch size): `laplace curvature`, `gradients` or `jacobians`, writing its file."""
     argv = list(bench_argv)
-    laplace = argv.pop(0)
-    assert argv.pop(0) == "bench"
+    laplace, sub = argv.pop(0), argv.pop(0)
+    if sub != "bench":
+        raise ValueError(f"not a `laplace bench` command: {shlex.join(bench_argv)}")
     for flag, n in (("--repeat", 1), ("--threads", 1), ("--json", 0), ("--out", 1)):
         if flag in argv:
             i = argv.index(flag)
@@ -566,6 +571,9 @@ def aggregate(recs):
     whole = [t for r in ok for t in r.get("whole_s", [])]
     if whole:
         agg.update(whole_median_s=statistics.median(whole), whole_min_s=min(whole))
+    whole_errors = [r["whole_error"] for r in ok if r.get("whole_error")]
+    if whole_errors:
+        agg["whole_error"] = whole_errors[0]
     failed = [r for r in recs if not r.get("ok")]
     if failed:
         agg["failed_rounds"] = [r["error"] for r in failed]
@@ -605,6 +613,8 @@ def cell(agg, entrant, args, same=False):
 def whole_cell(agg):
     """Our whole-process time, and how much of it was outside the computation `laplace bench`
     timed (reading, start-up, first-touch of memory, writing, exit)."""
+    if agg and agg.get("whole_error") and not agg.get("whole_median_s"):
+        return "failed (see results.json)"
     if not agg or not agg.get("ok") or not agg.get("whole_median_s"):
         return "—"
     outside = agg["whole_median_s"] - agg["median_s"]
@@ -613,7 +623,8 @@ def whole_cell(agg):
 
 def ratio_rows(results):
     """(workload, quantity, bench ratio, whole-process ratio, memory ratio vs the peer's increment,
-    outside-the-computation seconds) for every checked cell with a laplace-torch peer."""
+    outside-the-computation seconds) for every cell with a laplace-torch peer whose check did not
+    fail (unchecked graph cells included)."""
     rows = []
     for w, qres in results.items():
         for q, r in qres.items():
@@ -908,7 +919,7 @@ def main():
             if meta["workloads"][w]["desc"].startswith("graph"):
                 GRAPH_WORKLOADS.add(w)
             lik = meta["workloads"][w]["likelihood"]
-            runs, skipped = quantities_of(args.workload_dir, w, meta["workloads"][w])
+            runs, skipped = quantities_of(w, meta["workloads"][w])
             meta["workloads"][w]["skipped"] = skipped
             qs = [q for q in ORDER if q in runs and q in wanted]
             results[w] = {}

@@ -119,7 +119,3 @@ def build(name):
     model = builder().float()
     randomize_bn_(model, torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1))
     return model.eval(), shape, n, c
-
-
-def is_sequential(name):
-    return isinstance(CASES[name][0](), nn.Sequential)
