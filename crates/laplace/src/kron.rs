@@ -12,6 +12,7 @@
 //! powers, inverses and log-determinants cost no new factorization:
 //! B ⊗ A = (Q_B ⊗ Q_A) diag(λ_B ⊗ λ_A) (Q_B ⊗ Q_A)ᵀ.
 
+use crate::tensor::Mm;
 use crate::error::{bail, Result};
 use crate::linalg;
 use crate::tensor::{self, Tensor};
@@ -76,13 +77,13 @@ fn left_mul(q_mat: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, p, q) = w.dims3()?;
     // (Q W_b) = (W_bᵀ Qᵀ)ᵀ, one GEMM over all b.
     let wt = w.transpose(1, 2)?.contiguous()?.reshape((n * q, p))?;
-    Ok(wt.matmul(&q_mat.t()?)?.reshape((n, q, p))?.transpose(1, 2)?.contiguous()?)
+    Ok(wt.mm(&q_mat.t()?)?.reshape((n, q, p))?.transpose(1, 2)?.contiguous()?)
 }
 
 /// `W_b Qᵀ` for every `W_b` of `w (N, p, q)` with `q_mat (q, q)`.
 fn right_mul_t(w: &Tensor, q_mat: &Tensor) -> Result<Tensor> {
     let (n, p, q) = w.dims3()?;
-    Ok(w.reshape((n * p, q))?.matmul(&q_mat.t()?)?.reshape((n, p, q))?)
+    Ok(w.reshape((n * p, q))?.mm(&q_mat.t()?)?.reshape((n, p, q))?)
 }
 
 /// Kronecker-factored block-diagonal matrix (laplace-torch `Kron`).
@@ -271,7 +272,7 @@ impl Kron {
                     if f.rank() == 1 {
                         wp.broadcast_mul(&f.reshape((1, n))?)?
                     } else {
-                        wp.matmul(&f.t()?)?
+                        wp.mm(&f.t()?)?
                     }
                 }
                 [f1, f2] => {
@@ -421,7 +422,7 @@ impl KronDecomposed {
                     // Q diag(λ^e) Qᵀ w, rows of wp are vectors: wp Q diag Qᵀ.
                     let lam = lam.reshape((1, n))?;
                     match q {
-                        Some(q) => wp.matmul(q)?.broadcast_mul(&lam)?.matmul(&q.t()?)?,
+                        Some(q) => wp.mm(q)?.broadcast_mul(&lam)?.mm(&q.t()?)?,
                         None => wp.broadcast_mul(&lam)?,
                     }
                 }
@@ -457,7 +458,7 @@ impl KronDecomposed {
         let p: usize = self.eigvals.iter().map(|ls| ls.iter().map(factor_len).product::<Result<usize>>()).sum::<Result<usize>>()?;
         let (w3, _) = as_batched(w, p)?;
         let sw = self.bmm(&w3, -1.0)?;
-        Ok(w3.matmul(&sw.transpose(1, 2)?)?)
+        Ok(w3.mm(&sw.transpose(1, 2)?)?)
     }
 
     /// The diagonal of K^e `(P,)`, without forming blocks:
@@ -468,16 +469,16 @@ impl KronDecomposed {
             let lam = self.block_eigenvalues(blk)?.powf(exponent)?;
             let d = match self.eigvecs[blk].as_slice() {
                 [q] => match q {
-                    Some(q) => q.sqr()?.matmul(&lam.unsqueeze(1)?)?.squeeze(1)?,
+                    Some(q) => q.sqr()?.mm(&lam.unsqueeze(1)?)?.squeeze(1)?,
                     None => lam,
                 },
                 [q1, q2] => {
                     let mut m = lam;
                     if let Some(q1) = q1 {
-                        m = q1.sqr()?.matmul(&m)?;
+                        m = q1.sqr()?.mm(&m)?;
                     }
                     if let Some(q2) = q2 {
-                        m = m.matmul(&q2.sqr()?.t()?)?;
+                        m = m.mm(&q2.sqr()?.t()?)?;
                     }
                     m.flatten_all()?
                 }
@@ -507,7 +508,7 @@ impl KronDecomposed {
                 [q1, q2] => kron_product(q1, q2)?,
                 _ => unreachable!("one or two factors"),
             };
-            blocks.push(q.broadcast_mul(&lam.reshape((1, n))?)?.matmul(&q.t()?)?);
+            blocks.push(q.broadcast_mul(&lam.reshape((1, n))?)?.mm(&q.t()?)?);
         }
         block_diag(&blocks)
     }

@@ -1,5 +1,7 @@
-//! Dense linear algebra through faer (the only module that calls it):
-//! symmetric eigendecompositions, for now.
+//! Dense linear algebra through faer: symmetric eigendecompositions,
+//! Cholesky factorizations, Gram matrices. (faer's matrix products for
+//! tensors live in `tensor::matmul`.) Every faer routine here is followed
+//! by `tensor::clear_simd_upper_state`, for the reason given there.
 
 use faer::Side;
 
@@ -44,6 +46,8 @@ pub fn symmetric_eigenvalues(a: &Tensor) -> Result<Vec<f64>> {
     } else {
         restrict(&m, &live).self_adjoint_eigenvalues(Side::Lower).map_err(evd_error)?
     };
+    // faer's decompositions run its GEMM kernels (see clear_simd_upper_state).
+    tensor::clear_simd_upper_state(tensor::SimdScope::AllThreads);
     vals.extend(std::iter::repeat_n(0.0, m.nrows() - live.len()));
     vals.sort_by(f64::total_cmp);
     Ok(vals)
@@ -79,6 +83,7 @@ pub fn symmetric_eigen(a: &Tensor) -> Result<(Tensor, Tensor)> {
         }
         (cols.iter().map(|c| c.0).collect(), q)
     };
+    tensor::clear_simd_upper_state(tensor::SimdScope::AllThreads);
     let vals = tensor::from_f64(vals, &[n], a.dtype(), a.device())?;
     let vecs = tensor::from_faer(vecs.as_ref(), a.dtype(), a.device())?;
     Ok((vals, vecs))
@@ -100,8 +105,9 @@ impl Cholesky {
     pub fn from_faer(m: faer::Mat<f64>) -> Result<Self> {
         let llt = m
             .llt(Side::Lower)
-            .map_err(|e| crate::Error::NonFinite(format!("matrix is not positive definite ({e:?})")))?;
-        Ok(Cholesky { l: llt.L().to_owned() })
+            .map_err(|e| crate::Error::NonFinite(format!("matrix is not positive definite ({e:?})")));
+        tensor::clear_simd_upper_state(tensor::SimdScope::AllThreads);
+        Ok(Cholesky { l: llt?.L().to_owned() })
     }
 
     /// n, the size of the factorized matrix.
@@ -118,6 +124,7 @@ impl Cholesky {
     pub fn solve_lower(&self, b: faer::Mat<f64>) -> faer::Mat<f64> {
         let mut x = b;
         faer::linalg::triangular_solve::solve_lower_triangular_in_place(self.l.as_ref(), x.as_mut(), faer::Par::Seq);
+        tensor::clear_simd_upper_state(tensor::SimdScope::ThisThread);
         x
     }
 
@@ -125,6 +132,7 @@ impl Cholesky {
     pub fn solve_lower_transpose(&self, b: faer::Mat<f64>) -> faer::Mat<f64> {
         let mut x = b;
         faer::linalg::triangular_solve::solve_upper_triangular_in_place(self.l.transpose(), x.as_mut(), faer::Par::Seq);
+        tensor::clear_simd_upper_state(tensor::SimdScope::ThisThread);
         x
     }
 
@@ -223,6 +231,8 @@ pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
 /// Lower triangle of `h (p, p)` += mᵀm for `m (n, p)` in any layout.
 fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, m: faer::MatRef<'_, T>) {
     use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+    // n·p²/2 multiply-adds (one triangle).
+    let (par, scope) = tensor::faer_par(m.nrows() * m.ncols() * m.ncols() / 2);
     matmul(
         h.as_mut(),
         BlockStructure::TriangularLower,
@@ -232,8 +242,9 @@ fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat
         m,
         BlockStructure::Rectangular,
         T::from(1u8),
-        faer::Par::rayon(0),
+        par,
     );
+    tensor::clear_simd_upper_state(scope);
 }
 
 /// The measured GEMM rate of this machine: C = A B for square `n × n`
@@ -250,6 +261,7 @@ pub fn gemm_gflops(n: usize, dtype: crate::tensor::DType, repeat: usize) -> Resu
             let t0 = std::time::Instant::now();
             faer::linalg::matmul::matmul(c.as_mut(), faer::Accum::Replace, a.as_ref(), b.as_ref(), T::from(1u8), faer::Par::rayon(0));
             let t = t0.elapsed().as_secs_f64();
+            tensor::clear_simd_upper_state(tensor::SimdScope::AllThreads);
             if run > 0 {
                 best = best.min(t);
             }

@@ -9,6 +9,7 @@
 //! identity this is the Jacobian, with V the rows of √Λ the factor whose
 //! Gram matrix is the GGN, with V = ∇_f ℓ the per-sample gradient.
 
+use crate::tensor::Mm;
 use super::selection::Selected;
 use crate::error::Result;
 use crate::tensor::{self, Tensor};
@@ -50,6 +51,6 @@ pub fn grouped_weight_grads(u: &Tensor, v: &Tensor, groups: usize) -> Result<Ten
     // V (M, K, G, O/G, R) → (M, G, K·O/G, R); U (M, G, I, R) → (M, G, R, I).
     let vv = v.reshape((m, k, g, og, r))?.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((m, g, k * og, r))?;
     let uu = u.reshape((m, g, i, r))?.transpose(2, 3)?.contiguous()?;
-    let prod = vv.matmul(&uu)?; // (M, G, K·O/G, I)
+    let prod = vv.mm(&uu)?; // (M, G, K·O/G, I)
     Ok(prod.reshape((m, g, k, og, i))?.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((m, k, o * i))?)
 }

@@ -13,6 +13,7 @@
 //! ([`tensor::sum_sq_products`]); for a subset of a weight, its
 //! per-sample gradients are formed a few samples at a time.
 
+use crate::tensor::Mm;
 use super::batch_grad::{bias_grads, grouped_weight_grads, weight_grads};
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
@@ -47,7 +48,7 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
             Selected::All if r == 1 => {
                 let v2 = tensor::sum_dim(&v.sqr()?, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
-                v2.t()?.matmul(&u2)?.reshape(o * i)?
+                v2.t()?.mm(&u2)?.reshape(o * i)?
             }
             Selected::All => {
                 // Σ_n Σ_k (V_{n,k} U_nᵀ)²: per-sample products summed as squares

@@ -18,6 +18,7 @@
 //! parameterized op (BatchNorm's scale and shift) has one block per tensor
 //! holding a single 1-D factor: the exact diagonal of the same curvature.
 
+use crate::tensor::Mm;
 use std::str::FromStr;
 
 use super::diag::diag_gram;
@@ -54,7 +55,7 @@ fn gram_rows(x: &Tensor) -> Result<Tensor> {
     if x.dim(0)? >= SYRK_MIN_DIM {
         crate::linalg::gram_rows(x)
     } else {
-        Ok(x.matmul(&x.t()?)?)
+        Ok(x.mm(&x.t()?)?)
     }
 }
 

@@ -11,6 +11,7 @@
 //! D̃ × N × D̃ instead of one (C·D̃) × (N·K) × (C·D̃) product — 2K times
 //! fewer operations (K = C for the GGN).
 
+use crate::tensor::Mm;
 use super::Curvature;
 use crate::engine;
 use crate::error::Result;
@@ -43,7 +44,7 @@ pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Resul
     let f = &tape.output;
     let loss = curv.likelihood().loss(f, &y)?;
     let rows = curv.output_rows(f, &y, batch.offset)?; // (M, K, C)
-    let lam = rows.transpose(1, 2)?.contiguous()?.matmul(&rows)?; // Λ̃ (M, C, C)
+    let lam = rows.transpose(1, 2)?.contiguous()?.mm(&rows)?; // Λ̃ (M, C, C)
     let affine = model.nodes()[last].op.affine().expect("Linear is affine");
     let (c, d, _) = affine.affine_dims();
     let m = f.dim(0)?;
@@ -68,7 +69,7 @@ pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Resul
     for a in 0..c {
         for b in a..c {
             let w = lam.narrow(1, a * c + b, 1)?; // (M, 1)
-            let block = x.broadcast_mul(&w)?.t()?.matmul(&x)?; // Σ_n Λ̃_ab φ̃φ̃ᵀ (D̃, D̃)
+            let block = x.broadcast_mul(&w)?.t()?.mm(&x)?; // Σ_n Λ̃_ab φ̃φ̃ᵀ (D̃, D̃)
             place(&mut h, &block, a, b)?;
             if a != b {
                 place(&mut h, &block.t()?, b, a)?;

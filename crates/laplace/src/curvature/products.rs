@@ -26,6 +26,7 @@
 //! second-order terms couple two values (a product of two activations) take
 //! the diagonal from Hessian-vector products with unit vectors instead.
 
+use crate::tensor::Mm;
 use std::collections::{BTreeMap, HashMap};
 
 use super::diag::diag_gram;
@@ -64,8 +65,8 @@ fn directions(curv: &Curvature, v: &Tensor) -> Result<Directions> {
 
 /// Σ_j r_j (r_jᵀ ḟ) for rows r `(M, J, C)` and tangents ḟ `(M, K, C)`: `(M, K, C)`.
 fn apply_rows(rows: &Tensor, f_dot: &Tensor) -> Result<Tensor> {
-    let coef = f_dot.matmul(&rows.transpose(1, 2)?.contiguous()?)?; // (M, K, J)
-    Ok(coef.matmul(rows)?)
+    let coef = f_dot.mm(&rows.transpose(1, 2)?.contiguous()?)?; // (M, K, J)
+    Ok(coef.mm(rows)?)
 }
 
 /// Products of the curvature with the K directions `v (K, P_sel)` (rows, in
@@ -109,7 +110,7 @@ fn parameter_tangent(aff: &dyn AffineLayer, u: &Tensor, wd: Option<&Tensor>, bd:
         // One GEMM over all samples: (K·O, I) @ (I, M·R) → (K, O, M, R).
         Some(w) if groups == 1 => {
             let ut = tensor::contiguous(&u.permute((1, 0, 2))?)?.reshape((ii, m * r))?;
-            let t = w.reshape((k * o, ii))?.matmul(&ut)?.reshape((k, o, m, r))?;
+            let t = w.reshape((k * o, ii))?.mm(&ut)?.reshape((k, o, m, r))?;
             tensor::contiguous(&t.permute((2, 0, 1, 3))?)?
         }
         // Per group: (G, K·O/G, I) @ (G, I, M·R) → (M, K, O, R).
@@ -117,7 +118,7 @@ fn parameter_tangent(aff: &dyn AffineLayer, u: &Tensor, wd: Option<&Tensor>, bd:
             let og = o / groups;
             let wg = w.reshape((k, groups, og, ii))?.permute((1, 0, 2, 3))?.contiguous()?.reshape((groups, k * og, ii))?;
             let ug = u.reshape((m, groups, ii, r))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((groups, ii, m * r))?;
-            let t = wg.matmul(&ug)?.reshape((groups, k, og, m, r))?;
+            let t = wg.mm(&ug)?.reshape((groups, k, og, m, r))?;
             t.permute((3, 1, 0, 2, 4))?.contiguous()?.reshape((m, k, o, r))?
         }
         None => Tensor::zeros((m, k, o, r), u.dtype(), u.device())?,
@@ -137,7 +138,7 @@ fn weight_product(gd: &Tensor, u: &Tensor, groups: usize) -> Result<Tensor> {
         let og = o / groups;
         let gg = gd.reshape((m, k, groups, og, r))?.permute((2, 1, 3, 0, 4))?.contiguous()?.reshape((groups, k * og, m * r))?;
         let ug = u.reshape((m, groups, ii, r))?.permute((1, 0, 3, 2))?.contiguous()?.reshape((groups, m * r, ii))?;
-        let w = gg.matmul(&ug)?.reshape((groups, k, og, ii))?;
+        let w = gg.mm(&ug)?.reshape((groups, k, og, ii))?;
         return Ok(w.permute((1, 0, 2, 3))?.contiguous()?.reshape((k, o, ii))?);
     }
     // One GEMM: (K·O, M·R) @ (M·R, I) → (K, O, I).
@@ -152,7 +153,7 @@ fn weight_product(gd: &Tensor, u: &Tensor, groups: usize) -> Result<Tensor> {
         // U as (I, M·R) (Conv2d keeps it so), used transposed.
         tensor::contiguous(&u.transpose(0, 1)?)?.reshape((ii, m * r))?.t()?
     };
-    Ok(gdt.matmul(&um)?.reshape((k, o, ii))?)
+    Ok(gdt.mm(&um)?.reshape((k, o, ii))?)
 }
 
 /// The mixed term Σ_n g_n U̇_{n,k}ᵀ `(K, O, I)` for g `(M, O·R)` and U̇ `(M, K, G·I, R)`.
@@ -162,7 +163,7 @@ fn mixed_product(g: &Tensor, ud: &Tensor, o: usize, groups: usize) -> Result<Ten
     // (G, O/G, M·R) @ (K, G, M·R, I) → (K, G, O/G, I).
     let gt = g.reshape((m, groups, og, r))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((1, groups, og, m * r))?;
     let udt = ud.reshape((m, k, groups, ii, r))?.permute((1, 2, 0, 4, 3))?.contiguous()?.reshape((k, groups, m * r, ii))?;
-    let mixed = gt.broadcast_as((k, groups, og, m * r))?.contiguous()?.matmul(&udt)?;
+    let mixed = gt.broadcast_as((k, groups, og, m * r))?.contiguous()?.mm(&udt)?;
     Ok(mixed.reshape((k, o, ii))?)
 }
 

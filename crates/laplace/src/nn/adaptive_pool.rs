@@ -5,6 +5,7 @@
 //! P `(H·W, oh·ow)`: y = x P per channel, Jᵀ v = v Pᵀ. With output size 1
 //! (global average pooling) P is a column of 1/(H·W).
 
+use crate::tensor::Mm;
 use super::{Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
@@ -65,7 +66,7 @@ impl AdaptiveAvgPool2d {
 
     /// `t (rows, H·W)` pooled: `(rows, oh·ow)`.
     fn apply(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.matmul(&self.pool.to_dtype(t.dtype())?)?)
+        Ok(t.mm(&self.pool.to_dtype(t.dtype())?)?)
     }
 }
 
@@ -91,7 +92,7 @@ impl Layer for AdaptiveAvgPool2d {
         let [c, h, w] = self.in_shape;
         let [_, oh, ow] = self.out_shape;
         let pt = self.pool.to_dtype(v.dtype())?.t()?;
-        let vin = v.reshape((m * k * c, oh * ow))?.matmul(&pt)?;
+        let vin = v.reshape((m * k * c, oh * ow))?.mm(&pt)?;
         Ok(vin.reshape((m, k, c, h, w))?)
     }
 

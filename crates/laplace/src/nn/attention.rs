@@ -14,6 +14,7 @@
 //!     dṠ = Ṗ ⊙ (dP − rowsum(dP ⊙ P)) + P ⊙ (dṖ − rowsum(dṖ ⊙ P + dP ⊙ Ṗ)),
 //!     to q: s (dṠ k + dS k̇), to k: s (dṠᵀ q + dSᵀ q̇), to v: Ṗᵀ g.
 
+use crate::tensor::Mm;
 use super::discrete::broadcast_shapes;
 use super::pointwise::softmax;
 use super::{Op, Residual, Saved};
@@ -33,10 +34,10 @@ impl Bmm for Tensor {
         let lead: Vec<usize> = self.dims()[..r - 2].iter().zip(&rhs.dims()[..r - 2]).map(|(a, b)| *a.max(b)).collect();
         let (n, k, p) = (self.dim(r - 2)?, self.dim(r - 1)?, rhs.dim(r - 1)?);
         let batch: usize = lead.iter().product();
-        // As 3-D products: candle's kernels take one batch axis.
+        // As 3-D products (candle's kernels, the fallback of `mm` off the CPU, take one batch axis).
         let a = self.broadcast_as([&lead[..], &[n, k]].concat())?.contiguous()?.reshape((batch, n, k))?;
         let b = rhs.broadcast_as([&lead[..], &[k, p]].concat())?.contiguous()?.reshape((batch, k, p))?;
-        a.matmul(&b)?.reshape([&lead[..], &[n, p]].concat())
+        a.mm(&b).map_err(candle_core::Error::wrap)?.reshape([&lead[..], &[n, p]].concat())
     }
 }
 

@@ -4,6 +4,7 @@
 //! read only the rows of its in_c/g input channels, which are the j-th
 //! block of the im2col rows (the grouped patch form of [`AffineLayer`]).
 
+use crate::tensor::Mm;
 use std::collections::HashMap;
 
 use super::patches::{check_window_size, window_table, Window};
@@ -131,23 +132,23 @@ impl Conv2d {
 /// the result's rows is W_j X_j, `(O, N)`.
 fn group_mm(w: &Tensor, x: &Tensor, groups: usize) -> Result<Tensor> {
     if groups == 1 {
-        return Ok(w.matmul(x)?);
+        return Ok(w.mm(x)?);
     }
     let (o, i) = w.dims2()?;
     let n = x.dim(1)?;
-    let y = w.reshape((groups, o / groups, i))?.matmul(&x.reshape((groups, i, n))?)?;
+    let y = w.reshape((groups, o / groups, i))?.mm(&x.reshape((groups, i, n))?)?;
     Ok(y.reshape((o, n))?)
 }
 
 /// Wᵀ Y per group for Y `(O, N)`: `(G·I, N)`.
 fn group_mm_t(w: &Tensor, y: &Tensor, groups: usize) -> Result<Tensor> {
     if groups == 1 {
-        return Ok(w.t()?.matmul(y)?);
+        return Ok(w.t()?.mm(y)?);
     }
     let (o, i) = w.dims2()?;
     let n = y.dim(1)?;
     let wt = w.reshape((groups, o / groups, i))?.transpose(1, 2)?;
-    Ok(wt.matmul(&y.reshape((groups, o / groups, n))?)?.reshape((groups * i, n))?)
+    Ok(wt.mm(&y.reshape((groups, o / groups, n))?)?.reshape((groups * i, n))?)
 }
 
 impl Layer for Conv2d {
@@ -260,7 +261,7 @@ impl AffineLayer for Conv2d {
         let gt = g.reshape((m, o, r))?.transpose(0, 1)?.contiguous()?.reshape((gs, og, m * r))?;
         // Per group: (K, G, I, O/G) @ (G, O/G, M·R) → (K, G·I, M·R).
         let wt = w.reshape((k, gs, og, i))?.transpose(2, 3)?.contiguous()?;
-        let cols = wt.matmul(&gt.unsqueeze(0)?.broadcast_as((k, gs, og, m * r))?.contiguous()?)?;
+        let cols = wt.mm(&gt.unsqueeze(0)?.broadcast_as((k, gs, og, m * r))?.contiguous()?)?;
         let gi = gs * i;
         // (K, G·I, M, R) → (G·I, M, K, R): the columns of sample-major (M·K).
         let cols = cols.reshape((k, gi, m, r))?.permute((1, 2, 0, 3))?.contiguous()?;

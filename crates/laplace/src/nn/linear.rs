@@ -8,6 +8,7 @@
 //! columns; the output `(M, *lead, out)` keeps O last
 //! ([`OutputLayout::ChannelsLast`] when R > 1).
 
+use crate::tensor::Mm;
 use std::collections::HashMap;
 
 use super::flatten::with_leading;
@@ -98,7 +99,7 @@ impl Linear {
     fn apply(&self, t: &Tensor, lead: &[usize]) -> Result<Tensor> {
         let (_, i) = self.dims();
         let rows: usize = lead.iter().product::<usize>() * self.positions;
-        let z = t.reshape((rows, i))?.matmul(&self.w.t()?)?;
+        let z = t.reshape((rows, i))?.mm(&self.w.t()?)?;
         Ok(z.reshape(with_leading(lead, &self.out_shape))?)
     }
 }
@@ -126,7 +127,7 @@ impl Layer for Linear {
         // Jᵀ v = Wᵀ v at every position: (…, O) @ (O, I) → (…, I).
         let (o, _) = self.dims();
         let (m, k) = (v.dim(0)?, v.dim(1)?);
-        let vin = v.reshape((m * k * self.positions, o))?.matmul(&self.w)?;
+        let vin = v.reshape((m * k * self.positions, o))?.mm(&self.w)?;
         Ok(vin.reshape(with_leading(&[m, k], &self.in_shape))?)
     }
 
@@ -196,7 +197,7 @@ impl AffineLayer for Linear {
         let k = w.dim(0)?;
         let m = g.dim(0)?;
         let r = self.positions;
-        let t = g.reshape((m * r, o))?.broadcast_left(k)?.matmul(w)?; // (K, M·R, I)
+        let t = g.reshape((m * r, o))?.broadcast_left(k)?.mm(w)?; // (K, M·R, I)
         let t = t.reshape((k, m, r * i))?.transpose(0, 1)?.contiguous()?;
         Ok(t.reshape(with_leading(&[m, k], &self.in_shape))?)
     }

@@ -77,7 +77,9 @@ pub fn lanczos_top_k(op: &dyn LinearOperator, k: usize, tol: f64, max_iter: usiz
         });
         let evd = t
             .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| crate::Error::NonFinite(format!("Lanczos: tridiagonal eigensolver failed: {e:?}")))?;
+            .map_err(|e| crate::Error::NonFinite(format!("Lanczos: tridiagonal eigensolver failed: {e:?}")));
+        crate::tensor::clear_simd_upper_state(crate::tensor::SimdScope::AllThreads);
+        let evd = evd?;
         let exhausted = bnorm <= 1e-12 * alpha.iter().map(|x| x.abs()).fold(1e-300, f64::max) || m >= p;
         let take = k.min(m);
         // Residual of Ritz pair i: β_m |last component of its eigenvector|.

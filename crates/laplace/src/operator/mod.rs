@@ -21,6 +21,7 @@ pub use cg::{conjugate_gradients, CgResult};
 pub use lanczos::{lanczos_top_k, Eigenpairs};
 pub use trace::{hutchinson_diag, hutchinson_trace, hutchpp_trace};
 
+use crate::tensor::Mm;
 use crate::curvature::Curvature;
 use crate::data::Dataset;
 use crate::distributed::{self, Shard};
@@ -209,7 +210,7 @@ impl LinearOperator for DenseOperator {
     fn matmat(&self, v: &Tensor) -> Result<Tensor> {
         check_rows(v, self.dim())?;
         // Rows of V A = (A Vᵀ)ᵀ for symmetric A.
-        Ok(v.to_dtype(self.matrix.dtype())?.matmul(&self.matrix)?)
+        Ok(v.to_dtype(self.matrix.dtype())?.mm(&self.matrix)?)
     }
 
     fn dtype(&self) -> DType {

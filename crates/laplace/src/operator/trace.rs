@@ -77,6 +77,7 @@ pub fn hutchpp_trace(op: &dyn LinearOperator, samples: usize, seed: u64) -> Resu
     let ym = Mat::<f64>::from_fn(p, k, |i, j| y[j * p + i]);
     let qr = ym.qr();
     let q = qr.compute_thin_Q();
+    crate::tensor::clear_simd_upper_state(crate::tensor::SimdScope::AllThreads);
     let qrows: Vec<f64> = (0..k).flat_map(|j| (0..p).map(move |i| (j, i))).map(|(j, i)| q[(i, j)]).collect();
     // tr(Qᵀ A Q).
     let aq = products(op, &qrows, k)?;

@@ -22,6 +22,7 @@ pub mod marglik;
 pub mod metrics;
 pub mod predict;
 
+use crate::tensor::Mm;
 use std::str::FromStr;
 
 use crate::curvature::{BatchSize, Curvature, CurvatureKind, KfacApprox, PerPoint, Subset};
@@ -464,7 +465,7 @@ impl Posterior {
             Fitted::LowRank { values, vectors } => {
                 let u = tensor::from_faer(vectors.as_ref(), tensor::DType::F64, dev)?;
                 let l = tensor::from_f64(values.clone(), &[values.len(), 1], tensor::DType::F64, dev)?;
-                u.t()?.matmul(&u.broadcast_mul(&l)?)?
+                u.t()?.mm(&u.broadcast_mul(&l)?)?
             }
         };
         let prior = tensor::from_f64(p0, &[p], tensor::DType::F64, dev)?;

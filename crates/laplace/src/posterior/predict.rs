@@ -12,6 +12,7 @@
 //! structures (and the last layer of a Kronecker posterior never forms a
 //! P × P matrix).
 
+use crate::tensor::Mm;
 use std::str::FromStr;
 
 use faer::Mat;
@@ -96,7 +97,7 @@ impl Posterior {
                     let scale: Vec<f64> = inverse_sqrt_precision(eigvals, s, p0[0])?;
                     let q = tensor::from_faer(eigvecs.as_ref(), DType::F64, dev)?;
                     let scale = tensor::from_f64(scale, &[1, p], DType::F64, dev)?;
-                    let a = j.reshape((n * c, p))?.matmul(&q)?.broadcast_mul(&scale)?;
+                    let a = j.reshape((n * c, p))?.mm(&q)?.broadcast_mul(&scale)?;
                     Some(a.reshape((n, c, p))?)
                 } else {
                     // P = L Lᵀ: A = (L⁻¹ Jᵀ)ᵀ.
@@ -120,7 +121,7 @@ impl Posterior {
             bail!(Invalid, "Jacobians have {p} parameters, the posterior {}", self.n_params());
         }
         if let Some(a) = self.variance_factor(j)? {
-            return Ok(a.matmul(&a.transpose(1, 2)?)?);
+            return Ok(a.mm(&a.transpose(1, 2)?)?);
         }
         match &self.fitted {
             Fitted::Kron { .. } => {
@@ -140,10 +141,10 @@ impl Posterior {
                 let isd = tensor::from_f64(p0.iter().map(|d| 1.0 / d.sqrt()).collect(), &[1, 1, p], DType::F64, dev)?;
                 let a1 = j.broadcast_mul(&isd)?; // (N, C, P)
                 let bt = tensor::from_faer(b.as_ref(), DType::F64, dev)?; // (k, P)
-                let g = a1.reshape((n * c, p))?.matmul(&bt.t()?)?; // (NC, k)
+                let g = a1.reshape((n * c, p))?.mm(&bt.t()?)?; // (NC, k)
                 let gl = ch.solve_lower(tensor::to_faer(&g.t()?.contiguous()?)?); // L⁻¹ Gᵀ (k, NC)
                 let gl = tensor::from_faer(gl.as_ref(), DType::F64, dev)?.t()?.contiguous()?.reshape((n, c, k))?;
-                Ok((a1.matmul(&a1.transpose(1, 2)?)? - gl.matmul(&gl.transpose(1, 2)?)?)?)
+                Ok((a1.mm(&a1.transpose(1, 2)?)? - gl.mm(&gl.transpose(1, 2)?)?)?)
             }
             _ => unreachable!("full and diag have a variance factor"),
         }
@@ -221,7 +222,7 @@ impl Posterior {
                     // θ − θ* = Q diag(1/√(sλ + δ)) z.
                     let sd: Vec<f64> = inverse_sqrt_precision(eigvals, s, p0[0])?;
                     let q = tensor::from_faer(eigvecs.as_ref(), DType::F64, dev)?;
-                    z.broadcast_mul(&tensor::from_f64(sd, &[1, p], DType::F64, dev)?)?.matmul(&q.t()?)?
+                    z.broadcast_mul(&tensor::from_f64(sd, &[1, p], DType::F64, dev)?)?.mm(&q.t()?)?
                 } else {
                     // θ − θ* = L⁻ᵀ z.
                     let hm = tensor::to_faer(h)?;
@@ -242,7 +243,9 @@ impl Posterior {
                 let k = values.len();
                 let b = Mat::from_fn(k, p, |a, i| (s * values[a]).sqrt() * vectors[(a, i)] / p0[i].sqrt());
                 let bbt = Mat::from_fn(k, k, |a, c| (0..p).map(|i| b[(a, i)] * b[(c, i)]).sum::<f64>());
-                let evd = bbt.self_adjoint_eigen(faer::Side::Lower).map_err(|e| Error::NonFinite(format!("{e:?}")))?;
+                let evd = bbt.self_adjoint_eigen(faer::Side::Lower).map_err(|e| Error::NonFinite(format!("{e:?}")));
+                tensor::clear_simd_upper_state(tensor::SimdScope::AllThreads);
+                let evd = evd?;
                 let coef: Vec<f64> = (0..k)
                     .map(|i| {
                         let e = evd.S()[i].max(0.0);
@@ -251,10 +254,10 @@ impl Posterior {
                     .collect();
                 let bt = tensor::from_faer(b.as_ref(), DType::F64, dev)?; // (k, P)
                 let v = tensor::from_faer(evd.U(), DType::F64, dev)?; // (k, k)
-                let w = v.t()?.matmul(&bt)?; // Vᵀ B (k, P)
+                let w = v.t()?.mm(&bt)?; // Vᵀ B (k, P)
                 let coef = tensor::from_f64(coef, &[1, k], DType::F64, dev)?;
-                let inner = z.matmul(&w.t()?)?.broadcast_mul(&coef)?; // (n, k)
-                let corrected = (&z + inner.matmul(&w)?)?;
+                let inner = z.mm(&w.t()?)?.broadcast_mul(&coef)?; // (n, k)
+                let corrected = (&z + inner.mm(&w)?)?;
                 let isd = tensor::from_f64(p0.iter().map(|d| 1.0 / d.sqrt()).collect(), &[1, p], DType::F64, dev)?;
                 corrected.broadcast_mul(&isd)?
             }

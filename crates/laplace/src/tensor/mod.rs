@@ -35,12 +35,14 @@ macro_rules! float_dispatch {
 }
 
 mod elementwise;
+mod matmul;
 mod sum_sq;
 mod transpose;
 mod windows;
 mod write;
 
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
+pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope};
 pub use sum_sq::sum_sq_products;
 pub use transpose::{contiguous, move_leading_back, transpose2d};
 pub use windows::WindowTable;
@@ -99,7 +101,7 @@ pub fn sum_leading(t: &Tensor, axes: usize) -> Result<Tensor> {
     let rest = dims[axes..].to_vec();
     let cols: usize = rest.iter().product();
     let ones = Tensor::ones((1, lead), t.dtype(), t.device())?;
-    let s = ones.matmul(&t.reshape((lead, cols))?)?;
+    let s = ones.mm(&t.reshape((lead, cols))?)?;
     Ok(s.reshape(rest)?)
 }
 
@@ -121,9 +123,9 @@ pub fn sum_dim(t: &Tensor, dim: usize) -> Result<Tensor> {
     let right: usize = dims[dim + 1..].iter().product();
     let ones = Tensor::ones((1, k), t.dtype(), t.device())?;
     let s = if left == 1 {
-        ones.matmul(&t.reshape((k, right))?)?
+        ones.mm(&t.reshape((k, right))?)?
     } else {
-        ones.broadcast_left(left)?.matmul(&t.reshape((left, k, right))?)?
+        ones.broadcast_left(left)?.mm(&t.reshape((left, k, right))?)?
     };
     Ok(s.reshape(out_shape)?)
 }

@@ -8,6 +8,7 @@
 //! synchronizing the thread pool), a `(M, A, I)` temporary, and a squaring
 //! and a reduction pass over it.
 
+use super::Mm;
 use faer::{Accum, MatRef, Par};
 use rayon::prelude::*;
 
@@ -24,7 +25,7 @@ pub fn sum_sq_products(v: &Tensor, u: &Tensor) -> Result<Tensor> {
     }
     let cpu = matches!(v.device(), Device::Cpu) && matches!(v.dtype(), DType::F32 | DType::F64);
     if !cpu || u.dtype() != v.dtype() {
-        let g = v.matmul(&u.transpose(1, 2)?)?; // (M, A, I)
+        let g = v.mm(&u.transpose(1, 2)?)?; // (M, A, I)
         return sum_leading(&g.sqr()?, 1);
     }
     Ok(v.contiguous()?.apply_op2_no_bwd(u, &SumSqProducts)?)
@@ -53,6 +54,7 @@ where
                 MatRef::from_raw_parts(u.as_ptr().add(n * us[0]), i, r, us[1] as isize, us[2] as isize)
             };
             faer::linalg::matmul::matmul(g.as_mut(), Accum::Replace, vn, un.transpose(), one, Par::Seq);
+            super::clear_simd_upper_state(super::SimdScope::ThisThread);
             for col in 0..i {
                 let gc = g.col(col).try_as_col_major().expect("faer columns are contiguous").as_slice();
                 for (s, &x) in acc[col * a..(col + 1) * a].iter_mut().zip(gc) {

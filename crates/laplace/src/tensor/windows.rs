@@ -193,16 +193,23 @@ fn is_cpu_float(t: &Tensor) -> bool {
 }
 
 /// Each row j of a table as maximal runs of consecutive positions r whose
-/// entries are consecutive inputs t (sentinel entries dropped). A stride-1
-/// convolution has one run per output row, so gathers and scatters become
-/// slice copies and slice additions, which the compiler vectorizes.
+/// entries step through the input by a constant stride (sentinel entries
+/// dropped): r, r + 1, … read t, t + step, …. A stride-s convolution has
+/// one run per output row, of step s, so gathers and scatters become slice
+/// copies (step 1) or strided loops, never one call per element.
 struct Runs {
-    /// (r, t, len) for every run, row after row.
-    runs: Vec<(u32, u32, u32)>,
+    /// (r, t, len, step) for every run, row after row.
+    runs: Vec<Run>,
     /// Row j's runs are `runs[start[j]..start[j + 1]]`.
     start: Vec<usize>,
-    /// No padding: the runs cover every (j, r) exactly once.
-    dense: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Run {
+    r: u32,
+    t: u32,
+    len: u32,
+    step: u32,
 }
 
 impl Runs {
@@ -212,29 +219,32 @@ impl Runs {
         for j in 0..outer {
             start.push(runs.len());
             let row = &table[j * inner..(j + 1) * inner];
+            let live = |r: usize| r < inner && row[r] < input_len;
             let mut r = 0;
             while r < inner {
-                if row[r] >= input_len {
+                if !live(r) {
                     r += 1;
                     continue;
                 }
+                // The step is set by the next entry (1 for a lone entry).
+                let step = if live(r + 1) && row[r + 1] > row[r] { row[r + 1] - row[r] } else { 1 };
                 let mut len = 1;
-                while r + len < inner && row[r + len] == row[r] + len && row[r + len] < input_len {
+                while live(r + len) && row[r + len] == row[r] + len * step {
                     len += 1;
                 }
-                runs.push((r as u32, row[r] as u32, len as u32));
+                runs.push(Run { r: r as u32, t: row[r] as u32, len: len as u32, step: step as u32 });
                 r += len;
             }
         }
         start.push(runs.len());
-        let dense = table.iter().all(|&t| t < input_len);
-        Runs { runs, start, dense }
+        Runs { runs, start }
     }
 
-    fn row(&self, j: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    /// Row j's runs as (r, t, len, step).
+    fn row(&self, j: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
         self.runs[self.start[j]..self.start[j + 1]]
             .iter()
-            .map(|&(r, t, len)| (r as usize, t as usize, len as usize))
+            .map(|run| (run.r as usize, run.t as usize, run.len as usize, run.step as usize))
     }
 }
 
@@ -257,10 +267,12 @@ fn gather_kernel<T: WithDType>(x: &[T], op: &Gather) -> Vec<T> {
     if n == 0 {
         return Vec::new();
     }
-    // With padding, start from the fill value; without, every element is
-    // written below, so the buffer is left uninitialized (no memset of an
-    // output 25× the input for a 5 × 5 kernel).
-    let mut out: Vec<T> = if op.runs.dense { Vec::with_capacity(n) } else { vec![T::from_f64(op.fill); n] };
+    // Every element is written exactly once below (runs copied, the gaps
+    // between them set to the fill value), so the buffer starts
+    // uninitialized: no memset of an output 9× (3 × 3 kernel) to 25× the
+    // input ahead of the copies.
+    let fill = T::from_f64(op.fill);
+    let mut out: Vec<T> = Vec::with_capacity(n);
     // Threads own ranges of window rows j (disjoint output slabs (j, B, inner)).
     let rows_per_task = outer.div_ceil(2 * rayon::current_num_threads()).max(1);
     let fill_slab = |task: usize, slab: &mut [std::mem::MaybeUninit<T>]| {
@@ -272,30 +284,36 @@ fn gather_kernel<T: WithDType>(x: &[T], op: &Gather) -> Vec<T> {
                 for s in s0..s1 {
                     let row = &x[s * d..(s + 1) * d];
                     let dst = &mut slab[(jj * b + s) * inner..(jj * b + s + 1) * inner];
-                    for (r, t, len) in op.runs.row(j0 + jj) {
-                        dst[r..r + len].write_copy_of_slice(&row[t..t + len]);
+                    // Runs come in increasing r; what lies between them is padding.
+                    let mut at = 0;
+                    for (r, t, len, step) in op.runs.row(j0 + jj) {
+                        dst[at..r].iter_mut().for_each(|e| {
+                            e.write(fill);
+                        });
+                        if step == 1 {
+                            dst[r..r + len].write_copy_of_slice(&row[t..t + len]);
+                        } else {
+                            let src = row[t..=t + (len - 1) * step].iter().step_by(step);
+                            dst[r..r + len].iter_mut().zip(src).for_each(|(e, &v)| {
+                                e.write(v);
+                            });
+                        }
+                        at = r + len;
                     }
+                    dst[at..].iter_mut().for_each(|e| {
+                        e.write(fill);
+                    });
                 }
             }
         }
     };
-    if op.runs.dense {
-        out.spare_capacity_mut()[..n]
-            .par_chunks_mut(rows_per_task * b * inner)
-            .enumerate()
-            .for_each(|(task, slab)| fill_slab(task, slab));
-        // SAFETY: dense runs cover every (j, s, r) of the n elements, and
-        // `fill_slab` wrote each of them above.
-        unsafe { out.set_len(n) };
-    } else {
-        // SAFETY: viewing initialized elements as MaybeUninit is sound; only
-        // initialized values are written through the view.
-        let init: &mut [std::mem::MaybeUninit<T>] =
-            unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), n) };
-        init.par_chunks_mut(rows_per_task * b * inner)
-            .enumerate()
-            .for_each(|(task, slab)| fill_slab(task, slab));
-    }
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(rows_per_task * b * inner)
+        .enumerate()
+        .for_each(|(task, slab)| fill_slab(task, slab));
+    // SAFETY: for every (j, s), `fill_slab` wrote each of the `inner`
+    // elements (a run's copy or the fill value), so all n are initialized.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -337,8 +355,9 @@ fn scatter_kernel<T: WithDType>(cols: &[T], op: &Scatter) -> Vec<T> {
             for ds in 0..n {
                 let src = &cols[(j * b + s0 + ds) * inner..(j * b + s0 + ds + 1) * inner];
                 let row = &mut rows[ds * d..(ds + 1) * d];
-                for (r, t, len) in op.runs.row(j) {
-                    for (o, &v) in row[t..t + len].iter_mut().zip(&src[r..r + len]) {
+                for (r, t, len, step) in op.runs.row(j) {
+                    let dst = row[t..=t + (len - 1) * step].iter_mut().step_by(step);
+                    for (o, &v) in dst.zip(&src[r..r + len]) {
                         *o += v;
                     }
                 }
@@ -561,6 +580,48 @@ mod tests {
             let want = crate::tensor::gather_adjoint(&v, &ids, 2, &[2, 2, d])?;
             assert_eq!(diff(WindowTable::unpick(&v, &a, d)?, want)?, 0.0);
         }
+        Ok(())
+    }
+
+    /// im2col tables of real convolutions (strides 1–3, padding, dilation)
+    /// and one with repeated entries: the run-based kernels (strided runs,
+    /// gaps written with the fill value) agree exactly with the generic path.
+    #[test]
+    fn strided_and_padded_tables_match_the_generic_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c, h, w) = (2usize, 7usize, 6usize);
+        let d = c * h * w;
+        for (k, s, p, dil) in [(3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (3, 3, 2, 1), (2, 2, 1, 2), (5, 1, 2, 1)] {
+            let out = |n: usize| (n + 2 * p - dil * (k - 1) - 1) / s + 1;
+            let (oh, ow) = (out(h), out(w));
+            let mut t = Vec::new();
+            for ci in 0..c {
+                for ki in 0..k {
+                    for kj in 0..k {
+                        for y in 0..oh {
+                            for x in 0..ow {
+                                let (iy, ix) = ((y * s + ki * dil) as isize - p as isize, (x * s + kj * dil) as isize - p as isize);
+                                let inside = iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize;
+                                t.push(if inside { ci * h * w + iy as usize * w + ix as usize } else { d });
+                            }
+                        }
+                    }
+                }
+            }
+            let wt = WindowTable::new(&t, c * k * k, oh * ow, d, &dev)?;
+            let x = Tensor::randn(0f64, 1.0, (5, d), &dev)?;
+            let cols = Tensor::randn(0f64, 1.0, (c * k * k, 5, oh * ow), &dev)?;
+            let case = format!("kernel {k}, stride {s}, padding {p}, dilation {dil}");
+            assert_eq!(diff_f64(wt.gather(&x, -3.0)?, wt.gather_generic(&x, -3.0)?)?, 0.0, "{case}");
+            let e = diff_f64(wt.scatter(&cols)?, wt.scatter_generic(&cols)?)?;
+            assert!(e < 1e-12, "{case}: {e}");
+        }
+        // Repeated and decreasing entries (no constant step) split into runs correctly.
+        let wt = WindowTable::new(&[2, 2, 3, 1, 0, 4, 2, 0], 2, 4, 4, &dev)?;
+        let x = Tensor::randn(0f64, 1.0, (3, 4), &dev)?;
+        assert_eq!(diff_f64(wt.gather(&x, 7.0)?, wt.gather_generic(&x, 7.0)?)?, 0.0);
+        let cols = Tensor::randn(0f64, 1.0, (2, 3, 4), &dev)?;
+        assert!(diff_f64(wt.scatter(&cols)?, wt.scatter_generic(&cols)?)? < 1e-12);
         Ok(())
     }
 }

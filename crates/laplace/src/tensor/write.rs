@@ -1,6 +1,7 @@
 //! In-place writes into large results (Jacobians, per-sample gradients):
 //! per-layer pieces go straight to their block, without concatenations.
 
+use super::Mm;
 use super::{DType, Device, Tensor};
 use crate::error::{bail, Result};
 
@@ -168,7 +169,7 @@ pub fn write_products_rows(dst: &mut Tensor, v: &Tensor, u: &Tensor, row0: usize
             Ok(dst.inplace_op3(&v, u, &WriteProducts { row0, col })?)
         }
         _ => {
-            let g = v.reshape((m, k * o, r))?.matmul(&u.transpose(1, 2)?)?;
+            let g = v.reshape((m, k * o, r))?.mm(&u.transpose(1, 2)?)?;
             write_block(dst, &g.reshape((m * k, o * i))?, row0, col)
         }
     }
@@ -205,6 +206,7 @@ where
                 let g = MatMut::from_row_major_slice_mut(out, o, i);
                 faer::linalg::matmul::matmul(g, Accum::Replace, vk, un.transpose(), one, Par::Seq);
             }
+            super::clear_simd_upper_state(super::SimdScope::ThisThread);
         });
 }
 
