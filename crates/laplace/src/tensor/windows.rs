@@ -356,9 +356,16 @@ fn scatter_kernel<T: WithDType>(cols: &[T], op: &Scatter) -> Vec<T> {
                 let src = &cols[(j * b + s0 + ds) * inner..(j * b + s0 + ds + 1) * inner];
                 let row = &mut rows[ds * d..(ds + 1) * d];
                 for (r, t, len, step) in op.runs.row(j) {
-                    let dst = row[t..=t + (len - 1) * step].iter_mut().step_by(step);
-                    for (o, &v) in dst.zip(&src[r..r + len]) {
-                        *o += v;
+                    let src = &src[r..r + len];
+                    if step == 1 {
+                        // Slices, which the compiler vectorizes (step_by would not be).
+                        for (o, &v) in row[t..t + len].iter_mut().zip(src) {
+                            *o += v;
+                        }
+                    } else {
+                        for (o, &v) in row[t..=t + (len - 1) * step].iter_mut().step_by(step).zip(src) {
+                            *o += v;
+                        }
                     }
                 }
             }
