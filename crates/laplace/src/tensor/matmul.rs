@@ -4,9 +4,10 @@
 //! are behind its nightly-only feature: on a stable compiler it runs AVX2
 //! kernels on a machine that has AVX-512. faer's GEMM (`private-gemm-x86`)
 //! picks AVX-512 at run time. Measured on this project's 2-core AVX-512 VM,
-//! f32, 2 threads (`bench/MATMUL.md`): faer is 1.0–2.4× as fast on the
+//! f32, 2 threads (`bench/MATMUL.md`): faer is 1.3–2.6× as fast on the
 //! shapes the engine multiplies (im2col products of convolutions, MLP
-//! layers, Gram matrices), never slower. On other devices and dtypes
+//! layers and their gradients, square products), and within the run-to-run
+//! noise on a batch of tiny per-sample products. On other devices and dtypes
 //! [`matmul`] is candle's own product, so the result is the same op
 //! everywhere; only its kernel differs.
 //!
