@@ -12,10 +12,9 @@
 //! powers, inverses and log-determinants cost no new factorization:
 //! B ⊗ A = (Q_B ⊗ Q_A) diag(λ_B ⊗ λ_A) (Q_B ⊗ Q_A)ᵀ.
 
-use crate::tensor::Mm;
 use crate::error::{bail, Result};
 use crate::linalg;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// One factor's size: rows of a square factor or length of a diagonal.
 fn factor_len(f: &Tensor) -> Result<usize> {

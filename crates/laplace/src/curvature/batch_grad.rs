@@ -9,10 +9,9 @@
 //! identity this is the Jacobian, with V the rows of √Λ the factor whose
 //! Gram matrix is the GGN, with V = ∇_f ℓ the per-sample gradient.
 
-use crate::tensor::Mm;
 use super::selection::Selected;
 use crate::error::Result;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// `(M, K, n)` gradients of the weight coordinates `ids` (local, row-major
 /// p = o·I + i): the rows o of V and i of U gathered, contracted over r.

@@ -13,12 +13,11 @@
 //! ([`tensor::sum_sq_products`]); for a subset of a weight, its
 //! per-sample gradients are formed a few samples at a time.
 
-use crate::tensor::Mm;
 use super::batch_grad::{bias_grads, grouped_weight_grads, weight_grads};
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::Result;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// Diagonal entries for the selected coordinates of the layer in `view`:
 /// the weight's and the bias's, each `(n,)`. `chunk_elems` bounds the size

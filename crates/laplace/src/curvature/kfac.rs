@@ -18,14 +18,13 @@
 //! parameterized op (BatchNorm's scale and shift) has one block per tensor
 //! holding a single 1-D factor: the exact diagonal of the same curvature.
 
-use crate::tensor::Mm;
 use std::str::FromStr;
 
 use super::diag::diag_gram;
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::{bail, Error, Result};
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// How Conv2d weight-sharing positions enter the factors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -11,11 +11,10 @@
 //! D̃ × N × D̃ instead of one (C·D̃) × (N·K) × (C·D̃) product — 2K times
 //! fewer operations (K = C for the GGN).
 
-use crate::tensor::Mm;
 use super::Curvature;
 use crate::engine;
 use crate::error::Result;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// Does the model end with its final Linear layer (identities after it)?
 pub(crate) fn applies(curv: &Curvature) -> Result<Option<usize>> {

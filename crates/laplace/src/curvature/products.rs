@@ -26,7 +26,6 @@
 //! second-order terms couple two values (a product of two activations) take
 //! the diagonal from Hessian-vector products with unit vectors instead.
 
-use crate::tensor::Mm;
 use std::collections::{BTreeMap, HashMap};
 
 use super::diag::diag_gram;
@@ -35,7 +34,7 @@ use super::{Batch, Curvature, CurvatureKind};
 use crate::engine::{self, AffineView};
 use crate::error::Result;
 use crate::nn::{AffineLayer, Residual};
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// Directions per parameterized node: weight `(K, O, I)`, bias `(K, O)`.
 type Directions = BTreeMap<usize, (Option<Tensor>, Option<Tensor>)>;

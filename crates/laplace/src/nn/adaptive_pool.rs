@@ -5,11 +5,10 @@
 //! P `(H·W, oh·ow)`: y = x P per channel, Jᵀ v = v Pᵀ. With output size 1
 //! (global average pooling) P is a column of 1/(H·W).
 
-use crate::tensor::Mm;
 use super::{Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
-use crate::tensor::{self, DType, Tensor};
+use crate::tensor::{self, DType, Mm, Tensor};
 
 /// Largest pooling matrix (2^26 entries, 512 MiB in f64).
 const MAX_POOL_MATRIX: usize = 1 << 26;

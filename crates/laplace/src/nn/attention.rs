@@ -14,13 +14,12 @@
 //!     dṠ = Ṗ ⊙ (dP − rowsum(dP ⊙ P)) + P ⊙ (dṖ − rowsum(dṖ ⊙ P + dP ⊙ Ṗ)),
 //!     to q: s (dṠ k + dS k̇), to k: s (dṠᵀ q + dSᵀ q̇), to v: Ṗᵀ g.
 
-use crate::tensor::Mm;
 use super::discrete::broadcast_shapes;
 use super::pointwise::softmax;
 use super::{Op, Residual, Saved};
 use crate::error::{bail, Result};
 use crate::spec::MaskKind;
-use crate::tensor::Tensor;
+use crate::tensor::{Mm, Tensor};
 
 /// Batched matrix products with the leading axes broadcast (both operands
 /// of the same rank), on contiguous copies as the GEMM kernels need.

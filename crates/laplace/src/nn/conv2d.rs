@@ -4,14 +4,13 @@
 //! read only the rows of its in_c/g input channels, which are the j-th
 //! block of the im2col rows (the grouped patch form of [`AffineLayer`]).
 
-use crate::tensor::Mm;
 use std::collections::HashMap;
 
 use super::patches::{check_window_size, window_table, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
-use crate::tensor::{DType, Tensor, WindowTable};
+use crate::tensor::{DType, Mm, Tensor, WindowTable};
 
 /// Elements of Wᵀ V per chunk of the backward pass (4 MiB in f32: the
 /// product's output is still in cache when col2im reads it).

@@ -8,14 +8,13 @@
 //! columns; the output `(M, *lead, out)` keeps O last
 //! ([`OutputLayout::ChannelsLast`] when R > 1).
 
-use crate::tensor::Mm;
 use std::collections::HashMap;
 
 use super::flatten::with_leading;
 use super::{AffineLayer, Layer, LayerCtx, OutputLayout, Saved, WeightLayout};
 use crate::error::Result;
 use crate::spec::LayerSpec;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Mm, Tensor};
 
 /// `torch.nn.Linear`: weight `(O, I)` (or `(I, O)` for HuggingFace `Conv1D`), optional bias `(O,)`.
 pub struct Linear {

@@ -21,13 +21,12 @@ pub use cg::{conjugate_gradients, CgResult};
 pub use lanczos::{lanczos_top_k, Eigenpairs};
 pub use trace::{hutchinson_diag, hutchinson_trace, hutchpp_trace};
 
-use crate::tensor::Mm;
 use crate::curvature::Curvature;
 use crate::data::Dataset;
 use crate::distributed::{self, Shard};
 use crate::error::{bail, Result};
 use crate::kron::{Kron, KronDecomposed};
-use crate::tensor::{DType, Device, Tensor};
+use crate::tensor::{DType, Device, Mm, Tensor};
 
 /// A symmetric linear map on R^P.
 pub trait LinearOperator {

@@ -22,7 +22,6 @@ pub mod marglik;
 pub mod metrics;
 pub mod predict;
 
-use crate::tensor::Mm;
 use std::str::FromStr;
 
 use crate::curvature::{BatchSize, Curvature, CurvatureKind, KfacApprox, PerPoint, Subset};
@@ -34,7 +33,7 @@ use crate::likelihood::Likelihood;
 use crate::model::Sequential;
 use crate::operator::{lanczos_top_k, CurvatureOperator};
 use crate::pass::{fold_batches, Monitor};
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Mm, Tensor};
 
 /// How the curvature (and so the posterior precision) is represented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

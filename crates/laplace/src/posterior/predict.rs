@@ -12,7 +12,6 @@
 //! structures (and the last layer of a Kronecker posterior never forms a
 //! P × P matrix).
 
-use crate::tensor::Mm;
 use std::str::FromStr;
 
 use faer::Mat;
@@ -24,7 +23,7 @@ use crate::inputs::Inputs;
 use crate::likelihood::{softmax, Likelihood};
 use crate::linalg::Cholesky;
 use crate::rng::Rng;
-use crate::tensor::{self, DType, Tensor};
+use crate::tensor::{self, DType, Mm, Tensor};
 
 /// Link approximation of the classification GLM predictive.
 #[derive(Clone, Copy, Debug, PartialEq)]

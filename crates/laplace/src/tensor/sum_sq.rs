@@ -8,11 +8,10 @@
 //! synchronizing the thread pool), a `(M, A, I)` temporary, and a squaring
 //! and a reduction pass over it.
 
-use super::Mm;
 use faer::{Accum, MatRef, Par};
 use rayon::prelude::*;
 
-use super::{sum_leading, DType, Device, Tensor};
+use super::{sum_leading, DType, Device, Mm, Tensor};
 use crate::error::{bail, Result};
 
 /// `(A, I)` = Σ_n (V_n U_nᵀ)⊙² for `v (M, A, R)` and `u (M, I, R)` (any

@@ -567,7 +567,7 @@ mod tests {
         // One channel, window_len 3: maxima positions; ties go to the first.
         let a = wt.argmax(&x, 3)?.to_vec2::<u32>()?;
         assert_eq!(a, vec![vec![3, 1], vec![0, 2]]);
-        // A table without padding (the uninitialized-buffer path) too.
+        // A table without padding (runs only, no gaps to fill) too.
         let dense = WindowTable::new(&[0, 1, 2, 3, 1, 2], 3, 2, d, &Device::Cpu)?;
         assert_eq!(diff_f64(dense.gather(&x, -9.0)?, dense.gather_generic(&x, -9.0)?)?, 0.0);
         // The fast kernels agree with candle's generic ops, f32 and f64.

@@ -1,8 +1,7 @@
 //! In-place writes into large results (Jacobians, per-sample gradients):
 //! per-layer pieces go straight to their block, without concatenations.
 
-use super::Mm;
-use super::{DType, Device, Tensor};
+use super::{DType, Device, Mm, Tensor};
 use crate::error::{bail, Result};
 
 /// `dst[row.., col..] = src` for 2-D tensors, in place on the CPU (a candle
