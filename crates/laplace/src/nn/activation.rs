@@ -7,7 +7,7 @@
 use super::{Layer, Saved};
 use crate::error::Result;
 use crate::spec::Activation;
-use crate::tensor::{self, Tensor};
+use crate::tensor::{self, Real, Tensor, WithDerivative};
 
 /// A parameter-free elementwise activation (ReLU, Tanh, GELU, ...).
 pub struct Elementwise {
@@ -45,8 +45,190 @@ fn expm1(x: &Tensor) -> Result<Tensor> {
     Ok(is_one.where_cond(x, &general)?)
 }
 
-/// σ(x) and σ'(x).
+/// σ(x) and σ'(x): one fused pass on the CPU (the scalar formulas below),
+/// tensor ops elsewhere.
 pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    match fused(act, x)? {
+        Some(pair) => Ok(pair),
+        None => value_and_derivative_by_ops(act, x),
+    }
+}
+
+/// [`value_and_derivative`] by the one-pass CPU kernel, or `None` where it
+/// does not run. One formula type per activation, so that the kernel's loop
+/// is compiled for that formula alone (a `match` on the activation inside
+/// the loop kept it from vectorizing and cost a branch per element).
+fn fused(act: Activation, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    use tensor::map_with_derivative as map;
+    match act {
+        Activation::ReLU => map(&Relu, x),
+        Activation::LeakyReLU { negative_slope } => map(&LeakyRelu(negative_slope), x),
+        Activation::Tanh => map(&TanhFn, x),
+        Activation::Sigmoid => map(&SigmoidFn, x),
+        Activation::Softplus { beta, threshold } => map(&Softplus { beta, threshold }, x),
+        Activation::ELU { alpha } => map(&Elu(alpha), x),
+        Activation::GELU { tanh_approximation: false } => map(&Gelu, x),
+        Activation::GELU { tanh_approximation: true } => map(&GeluTanh, x),
+        Activation::ReLU6 => map(&Relu6, x),
+        Activation::Hardsigmoid => map(&Hardsigmoid, x),
+        Activation::Hardswish => map(&Hardswish, x),
+        Activation::SiLU => map(&Silu, x),
+    }
+}
+
+// The scalar formulas of `value_and_derivative_by_ops`, with the same
+// branches at every kink.
+
+fn sigmoid_of<T: Real>(z: T) -> T {
+    T::of(1.0) / (T::of(1.0) + (-z).exp())
+}
+
+fn clamp<T: Real>(v: T, lo: T, hi: T) -> T {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+struct Relu;
+impl WithDerivative for Relu {
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let pos = x > T::of(0.0);
+        (if pos { x } else { T::of(0.0) }, if pos { T::of(1.0) } else { T::of(0.0) })
+    }
+}
+
+struct LeakyRelu(f64);
+impl WithDerivative for LeakyRelu {
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let d = if x > T::of(0.0) { T::of(1.0) } else { T::of(self.0) };
+        (x * d, d)
+    }
+}
+
+struct TanhFn;
+impl WithDerivative for TanhFn {
+    const COST: usize = 8;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let y = x.tanh();
+        (y, T::of(1.0) - y * y)
+    }
+}
+
+struct SigmoidFn;
+impl WithDerivative for SigmoidFn {
+    const COST: usize = 16;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let y = sigmoid_of(x);
+        (y, y * (T::of(1.0) - y))
+    }
+}
+
+/// log(1 + e^z)/β with z = βx, = max(z, 0) + log1p(e^{−|z|}); x itself above the threshold.
+struct Softplus {
+    beta: f64,
+    threshold: f64,
+}
+impl WithDerivative for Softplus {
+    const COST: usize = 32;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let z = x * T::of(self.beta);
+        let relu = if z > T::of(0.0) { z } else { T::of(0.0) };
+        let soft = (relu + (-z.abs()).exp().ln_1p()) / T::of(self.beta);
+        if z > T::of(self.threshold) {
+            (x, T::of(1.0))
+        } else {
+            (soft, sigmoid_of(z))
+        }
+    }
+}
+
+struct Elu(f64);
+impl WithDerivative for Elu {
+    const COST: usize = 32;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let alpha = T::of(self.0);
+        let (neg, slope) = (x.exp_m1() * alpha, x.exp() * alpha);
+        if x > T::of(0.0) {
+            (x, T::of(1.0))
+        } else {
+            (neg, slope)
+        }
+    }
+}
+
+/// x Φ(x), Φ(x) = ½(1 + erf(x/√2)); σ' = Φ(x) + x φ(x).
+struct Gelu;
+impl WithDerivative for Gelu {
+    const COST: usize = 32;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let cdf = ((x / T::of(std::f64::consts::SQRT_2)).erf() + T::of(1.0)) * T::of(0.5);
+        let pdf =
+            (x * x * T::of(-0.5)).exp() * T::of(0.5 * std::f64::consts::FRAC_2_SQRT_PI / std::f64::consts::SQRT_2);
+        (x * cdf, cdf + x * pdf)
+    }
+}
+
+/// ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
+struct GeluTanh;
+impl WithDerivative for GeluTanh {
+    const COST: usize = 8;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let c = T::of((2.0 / std::f64::consts::PI).sqrt());
+        let x2 = x * x;
+        let t = ((x * (x2 * T::of(0.044715)) + x) * c).tanh();
+        let half_one_plus_t = (t + T::of(1.0)) * T::of(0.5);
+        let du = (x2 * T::of(3.0 * 0.044715) + T::of(1.0)) * c;
+        (x * half_one_plus_t, half_one_plus_t + x * T::of(0.5) * (T::of(1.0) - t * t) * du)
+    }
+}
+
+struct Relu6;
+impl WithDerivative for Relu6 {
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let (zero, six) = (T::of(0.0), T::of(6.0));
+        let inside = x > zero && six - x > zero;
+        (clamp(x, zero, six), if inside { T::of(1.0) } else { zero })
+    }
+}
+
+struct Hardsigmoid;
+impl WithDerivative for Hardsigmoid {
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let (zero, three, six) = (T::of(0.0), T::of(3.0), T::of(6.0));
+        let inside = x + three > zero && three - x > zero;
+        (clamp(x + three, zero, six) / six, if inside { T::of(1.0) / six } else { zero })
+    }
+}
+
+/// x ReLU6(x + 3)/6; σ' = 0 below −3, x/3 + ½ on [−3, 3], 1 above.
+struct Hardswish;
+impl WithDerivative for Hardswish {
+    const COST: usize = 2;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let (zero, three, six) = (T::of(0.0), T::of(3.0), T::of(6.0));
+        let y = x * (clamp(x + three, zero, six) / six);
+        let mid = x / three + T::of(0.5);
+        let d = if x > three { T::of(1.0) } else if x >= -three { mid } else { zero };
+        (y, d)
+    }
+}
+
+/// x s(x); σ' = s (1 + x (1 − s)).
+struct Silu;
+impl WithDerivative for Silu {
+    const COST: usize = 16;
+    fn eval<T: Real>(&self, x: T) -> (T, T) {
+        let s = sigmoid_of(x);
+        (x * s, s * (x * (T::of(1.0) - s) + T::of(1.0)))
+    }
+}
+
+/// σ(x) and σ'(x) in tensor ops (any device and dtype).
+fn value_and_derivative_by_ops(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok(match act {
         Activation::ReLU => (x.relu()?, tensor::heaviside(x)?),
         Activation::LeakyReLU { negative_slope } => {
@@ -226,8 +408,7 @@ impl Layer for Elementwise {
 
     fn backward(&self, saved: &Saved, v: &Tensor) -> Result<Tensor> {
         // Jᵀ v = σ'(x) ⊙ v, broadcast over the K columns.
-        let d = saved.get::<ElementwiseSaved>().derivative.unsqueeze(1)?;
-        Ok(v.broadcast_mul(&d)?)
+        tensor::mul_rows(v, &saved.get::<ElementwiseSaved>().derivative)
     }
 
     fn jvp_input(&self, saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
@@ -240,6 +421,82 @@ impl Layer for Elementwise {
         match second_derivative(self.act, &saved.get::<ElementwiseSaved>().input)? {
             Some(d2) => Ok(Some((d2 * g)?)),
             None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{DType, Device};
+
+    fn every_activation() -> Vec<Activation> {
+        vec![
+            Activation::ReLU,
+            Activation::LeakyReLU { negative_slope: 0.1 },
+            Activation::Tanh,
+            Activation::Sigmoid,
+            Activation::Softplus { beta: 2.0, threshold: 5.0 },
+            Activation::ELU { alpha: 0.7 },
+            Activation::GELU { tanh_approximation: false },
+            Activation::GELU { tanh_approximation: true },
+            Activation::ReLU6,
+            Activation::Hardsigmoid,
+            Activation::Hardswish,
+            Activation::SiLU,
+        ]
+    }
+
+    /// A grid over [−9, 9] with every kink of the activations above on it
+    /// (0, ±3, 6, Softplus' switch at βx = 5), their neighbours, and enough
+    /// points for the parallel chunks of the kernel.
+    fn grid() -> Vec<f64> {
+        let mut x: Vec<f64> = (0..40_001).map(|i| -9.0 + 18.0 * i as f64 / 40_000.0).collect();
+        for k in [0.0, -3.0, 3.0, 6.0, 2.5, -0.0, 1e-9, -1e-9, 1e-300] {
+            x.extend([k, k + 1e-7, k - 1e-7]);
+        }
+        x
+    }
+
+    #[test]
+    fn fused_kernel_agrees_with_tensor_ops() {
+        let xs = grid();
+        for dtype in [DType::F64, DType::F32] {
+            let x = crate::tensor::from_f64(xs.clone(), &[xs.len()], dtype, &Device::Cpu).unwrap();
+            for act in every_activation() {
+                let (y, d) = fused(act, &x).unwrap().expect("a CPU float tensor");
+                let (y_ref, d_ref) = value_and_derivative_by_ops(act, &x).unwrap();
+                // f32: within rounding of the saturated tanh (its 1 − t² is a
+                // difference of numbers near 1, so an ulp of t is 1e-7 absolute).
+                let tol = if dtype == DType::F64 { 1e-14 } else { 1e-5 };
+                for (what, got, want) in [("value", &y, &y_ref), ("derivative", &d, &d_ref)] {
+                    let (g, w) = (tensor::to_vec_f64(got).unwrap(), tensor::to_vec_f64(want).unwrap());
+                    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                        assert!(
+                            (a - b).abs() <= tol * b.abs().max(1.0),
+                            "{act:?} {dtype:?} {what} at x = {}: fused {a}, tensor ops {b}",
+                            xs[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_is_the_derivative_times_every_row() {
+        // Jᵀ v on K = 3 rows of M = 2 samples of shape (2, 2): σ'(x) ⊙ v per row.
+        let x = Tensor::new(&[[[0.5f64, -1.0], [2.0, -4.0]], [[3.5, 0.0], [-2.5, 1.0]]], &Device::Cpu).unwrap();
+        let layer = Elementwise::new(Activation::Hardswish, &[2, 2]);
+        let (_, saved) = layer.forward(&x, true).unwrap();
+        let v = Tensor::arange(0.0f64, 24.0, &Device::Cpu).unwrap().reshape((2, 3, 2, 2)).unwrap();
+        let got = layer.backward(&saved.unwrap(), &v).unwrap();
+        let (_, d) = value_and_derivative_by_ops(Activation::Hardswish, &x).unwrap();
+        let want = v.broadcast_mul(&d.unsqueeze(1).unwrap()).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        // Equal up to rounding (candle divides by 3 as a multiplication by 1/3).
+        for (a, b) in tensor::to_vec_f64(&got).unwrap().iter().zip(tensor::to_vec_f64(&want).unwrap()) {
+            assert!((a - b).abs() <= 1e-15 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use super::{AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::LayerSpec;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{self, DType, Tensor};
 
 /// `torch.nn.BatchNorm1d` / `BatchNorm2d` in eval mode: running statistics, affine weight and bias.
 pub struct BatchNorm {
@@ -26,6 +26,10 @@ pub struct BatchNorm {
     inv_std: Tensor,
     /// ∂y/∂x = γ s (or s) `(C,)`.
     slope: Tensor,
+    /// −μ s `(C,)`: x̂ = x s − μ s.
+    centre_shift: Tensor,
+    /// β − μ γ s (or −μ s) `(C,)`: y = x γ s + β − μ γ s, one map from x to y.
+    output_shift: Tensor,
     shape: Vec<usize>,
 }
 
@@ -69,6 +73,11 @@ impl BatchNorm {
             Some(g) => (g * &inv_std)?,
             None => inv_std.clone(),
         };
+        let centre_shift = (&running_mean * &inv_std)?.neg()?;
+        let output_shift = match &bias {
+            Some(b) => (b - (&running_mean * &slope)?)?,
+            None => (&running_mean * &slope)?.neg()?,
+        };
         Ok(BatchNorm {
             weight,
             bias,
@@ -76,19 +85,14 @@ impl BatchNorm {
             running_var,
             inv_std,
             slope,
+            centre_shift,
+            output_shift,
             shape: in_shape.to_vec(),
         })
     }
 
     fn positions(&self) -> usize {
         self.shape[1..].iter().product()
-    }
-
-    /// A per-channel vector `(C,)` shaped to broadcast against `(lead.., C, R)`.
-    fn per_channel(&self, t: &Tensor, lead: usize) -> Result<Tensor> {
-        let mut shape = vec![1; lead];
-        shape.extend([self.shape[0], 1]);
-        Ok(t.reshape(shape)?)
     }
 }
 
@@ -106,31 +110,29 @@ impl Layer for BatchNorm {
     }
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
-        let m = x.dim(0)?;
-        let (c, r) = (self.shape[0], self.positions());
-        let x3 = x.reshape((m, c, r))?;
-        let x_hat = x3
-            .broadcast_sub(&self.per_channel(&self.running_mean, 1)?)?
-            .broadcast_mul(&self.per_channel(&self.inv_std, 1)?)?;
-        let mut y = match &self.weight {
-            Some(g) => x_hat.broadcast_mul(&self.per_channel(g, 1)?)?,
+        // x (M, C, *s): the channel is axis 1. Each map is one pass.
+        if !save {
+            // y = x γ s + (β − μ γ s).
+            return Ok((tensor::channel_affine(x, 1, &self.slope, Some(&self.output_shift))?, None));
+        }
+        // x̂ = x s − μ s, kept as the patches; y = γ x̂ + β.
+        let x_hat = tensor::channel_affine(x, 1, &self.inv_std, Some(&self.centre_shift))?;
+        let y = match &self.weight {
+            Some(g) => tensor::channel_affine(&x_hat, 1, g, self.bias.as_ref())?,
             None => x_hat.clone(),
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&self.per_channel(b, 1)?)?;
-        }
-        let mut shape = vec![m];
-        shape.extend_from_slice(&self.shape);
-        Ok((y.reshape(shape)?, save.then(|| Saved::new(BatchNormSaved { x_hat }))))
+        let m = x.dim(0)?;
+        let x_hat = x_hat.reshape((m, self.shape[0], self.positions()))?;
+        Ok((y, Some(Saved::new(BatchNormSaved { x_hat }))))
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
         // Jᵀ v = γ s ⊙ v per channel.
-        scale_channels(v, &self.slope, &self.shape)
+        scale_channels(v, &self.slope)
     }
 
     fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
-        scale_channels(x_dot, &self.slope, &self.shape)
+        scale_channels(x_dot, &self.slope)
     }
 
     fn params(&self) -> Vec<(&'static str, &Tensor)> {
@@ -154,11 +156,8 @@ impl Layer for BatchNorm {
 }
 
 /// `t (M, K, C, ...)` times a per-channel `(C,)` vector.
-fn scale_channels(t: &Tensor, per_channel: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    let (m, k) = (t.dim(0)?, t.dim(1)?);
-    let (c, r) = (shape[0], shape[1..].iter().product::<usize>());
-    let out = t.reshape((m, k, c, r))?.broadcast_mul(&per_channel.reshape((1, 1, c, 1))?)?;
-    Ok(out.reshape(t.dims())?)
+fn scale_channels(t: &Tensor, per_channel: &Tensor) -> Result<Tensor> {
+    tensor::channel_affine(t, 2, per_channel, None)
 }
 
 impl AffineLayer for BatchNorm {
@@ -185,7 +184,7 @@ impl AffineLayer for BatchNorm {
     fn tangent_patches(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         // x̂̇ = s ⊙ ẋ, as (M, K, C, R).
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
-        let t = scale_channels(x_dot, &self.inv_std, &self.shape)?;
+        let t = scale_channels(x_dot, &self.inv_std)?;
         Ok(t.reshape((m, k, self.shape[0], self.positions()))?)
     }
 

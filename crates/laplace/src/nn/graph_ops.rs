@@ -17,7 +17,7 @@ use super::pointwise::{Cumsum, PointKind, Pointwise, Softmax};
 use super::{Identity, Layer, Op, Residual, Saved};
 use crate::error::{bail, Result};
 use crate::spec::{BinaryOp, CastKind, OpSpec, ReduceOp};
-use crate::tensor::{self, DType, Device, Tensor};
+use crate::tensor::{self, Arith, DType, Device, Tensor};
 
 /// Build the op of a functional node for its inputs' per-sample shapes.
 pub(crate) fn build(op: &OpSpec, label: &str, in_shapes: &[&[usize]], dtype: DType, device: &Device) -> Result<Box<dyn Op>> {
@@ -178,6 +178,16 @@ fn col(t: &Tensor) -> Result<Tensor> {
     Ok(t.unsqueeze(1)?)
 }
 
+/// The kernel of a graph `BinaryOp`.
+fn arith(op: BinaryOp) -> Arith {
+    match op {
+        BinaryOp::Add => Arith::Add,
+        BinaryOp::Sub => Arith::Sub,
+        BinaryOp::Mul => Arith::Mul,
+        BinaryOp::Div => Arith::Div,
+    }
+}
+
 /// Elementwise `a ∘ b` of two values.
 struct Binary {
     op: BinaryOp,
@@ -233,12 +243,7 @@ impl Op for Binary {
         let m = inputs[0].dim(0)?;
         let a = &inputs[0].reshape(with_leading(&[m], &self.a))?;
         let b = &inputs[1].reshape(with_leading(&[m], &self.b))?;
-        let y = match self.op {
-            BinaryOp::Add => a.broadcast_add(b)?,
-            BinaryOp::Sub => a.broadcast_sub(b)?,
-            BinaryOp::Mul => a.broadcast_mul(b)?,
-            BinaryOp::Div => a.broadcast_div(b)?,
-        };
+        let y = tensor::broadcast(arith(self.op), a, b)?;
         if matches!(self.op, BinaryOp::Div) {
             if let Some(pos) = tensor::first_non_finite(&y)? {
                 bail!(NonFinite, "div: the quotient is not finite at index {:?} (division by zero?)", tensor::unravel(pos, y.dims()));
@@ -263,7 +268,7 @@ impl Op for Binary {
         let pull = |d: &Option<Tensor>, shape: &[usize]| -> Result<Tensor> {
             let t = match d {
                 None => v.clone(),
-                Some(d) => v.broadcast_mul(d)?,
+                Some(d) => tensor::broadcast(Arith::Mul, v, d)?,
             };
             unbroadcast(&t, shape)
         };
@@ -285,8 +290,8 @@ impl Op for Binary {
             None => None,
             Some(t) => Some(match self.op {
                 BinaryOp::Add | BinaryOp::Sub => self.widen(t)?,
-                BinaryOp::Mul => t.broadcast_mul(&col(&s.b)?)?,
-                BinaryOp::Div => t.broadcast_div(&col(&s.b)?)?,
+                BinaryOp::Mul => tensor::broadcast(Arith::Mul, &t, &col(&s.b)?)?,
+                BinaryOp::Div => tensor::broadcast(Arith::Div, &t, &col(&s.b)?)?,
             }),
         };
         let part_b = match tb {
@@ -294,12 +299,12 @@ impl Op for Binary {
             Some(t) => Some(match self.op {
                 BinaryOp::Add => self.widen(t)?,
                 BinaryOp::Sub => self.widen(&t.neg()?)?,
-                BinaryOp::Mul => t.broadcast_mul(&col(&s.a)?)?,
-                BinaryOp::Div => t.broadcast_mul(&col(&s.a.neg()?.broadcast_div(&s.b.sqr()?)?)?)?,
+                BinaryOp::Mul => tensor::broadcast(Arith::Mul, &t, &col(&s.a)?)?,
+                BinaryOp::Div => tensor::broadcast(Arith::Mul, &t, &col(&s.a.neg()?.broadcast_div(&s.b.sqr()?)?)?)?,
             }),
         };
         Ok(match (part_a, part_b) {
-            (Some(p), Some(q)) => Some(p.broadcast_add(&q)?),
+            (Some(p), Some(q)) => Some(tensor::broadcast(Arith::Add, &p, &q)?),
             (Some(p), None) | (None, Some(p)) => Some(self.widen(&p)?),
             (None, None) => None,
         })
@@ -315,19 +320,19 @@ impl Op for Binary {
             BinaryOp::Add | BinaryOp::Sub => (None, None),
             // ∂²y/∂a∂b = 1.
             BinaryOp::Mul => (
-                tb.map(|t| g.broadcast_mul(t)).transpose()?,
-                ta.map(|t| g.broadcast_mul(t)).transpose()?,
+                tb.map(|t| tensor::broadcast(Arith::Mul, &g, t)).transpose()?,
+                ta.map(|t| tensor::broadcast(Arith::Mul, &g, t)).transpose()?,
             ),
             // y = a/b: ∂²y/∂a∂b = −1/b², ∂²y/∂b² = 2a/b³, ∂²y/∂a² = 0.
             BinaryOp::Div => {
                 let inv = s.b.recip()?;
                 let cross = col(&inv.sqr()?.neg()?)?;
                 let bb = col(&(&s.a * 2.0)?.broadcast_mul(&inv.powf(3.0)?)?)?;
-                let to_a = tb.map(|t| g.broadcast_mul(&cross)?.broadcast_mul(t)).transpose()?;
-                let from_a = ta.map(|t| g.broadcast_mul(&cross)?.broadcast_mul(t)).transpose()?;
-                let from_b = tb.map(|t| g.broadcast_mul(&bb)?.broadcast_mul(t)).transpose()?;
+                let to_a = tb.map(|t| tensor::broadcast(Arith::Mul, &tensor::broadcast(Arith::Mul, &g, &cross)?, t)).transpose()?;
+                let from_a = ta.map(|t| tensor::broadcast(Arith::Mul, &tensor::broadcast(Arith::Mul, &g, &cross)?, t)).transpose()?;
+                let from_b = tb.map(|t| tensor::broadcast(Arith::Mul, &tensor::broadcast(Arith::Mul, &g, &bb)?, t)).transpose()?;
                 let to_b = match (from_a, from_b) {
-                    (Some(p), Some(q)) => Some(p.broadcast_add(&q)?),
+                    (Some(p), Some(q)) => Some(tensor::broadcast(Arith::Add, &p, &q)?),
                     (p, q) => p.or(q),
                 };
                 (to_a, to_b)

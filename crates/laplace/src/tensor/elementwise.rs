@@ -31,7 +31,7 @@ pub fn tanh(x: &Tensor) -> Result<Tensor> {
 }
 
 #[inline(always)]
-fn fast_tanh_f32(x: f32) -> f32 {
+pub(super) fn fast_tanh_f32(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     const A1: f32 = 4.893_524_6e-3;
     const A3: f32 = 6.372_619_3e-4;

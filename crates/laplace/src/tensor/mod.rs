@@ -35,6 +35,7 @@ macro_rules! float_dispatch {
 }
 
 mod elementwise;
+mod fused;
 mod matmul;
 mod sum_sq;
 mod transpose;
@@ -42,6 +43,7 @@ mod windows;
 mod write;
 
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
+pub use fused::{broadcast, channel_affine, map_with_derivative, mul_rows, Arith, Real, WithDerivative};
 pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope};
 pub use sum_sq::sum_sq_products;
 pub use transpose::{contiguous, move_leading_back, transpose2d};
