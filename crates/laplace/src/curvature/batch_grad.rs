@@ -40,6 +40,10 @@ pub fn bias_grads(v: &Tensor, sel: &Selected) -> Result<Tensor> {
     }
 }
 
+/// (O/G)·I of a group below which [`grouped_weight_grads`] takes dot
+/// products of rows instead of a batched GEMM.
+const SMALL_GROUP: usize = 64;
+
 /// `(M, K, O·I)` per-sample gradients of the whole weight of a grouped layer
 /// (G > 1): group g's block is Σ_r V[n, k, g·O/G + o, r] U[n, g·I + i, r],
 /// one batched product over (sample, group).
@@ -47,6 +51,14 @@ pub fn grouped_weight_grads(u: &Tensor, v: &Tensor, groups: usize) -> Result<Ten
     let (m, gi, r) = u.dims3()?;
     let (_, k, o, _) = v.dims4()?;
     let (g, i, og) = (groups, gi / groups, o / groups);
+    // Small groups (depthwise: O/G = 1, I = kh·kw): dot products of rows,
+    // no copies. Above 64 outputs per group and patch row the batched GEMM
+    // is faster (its register blocking reuses each loaded row).
+    if og * i <= SMALL_GROUP {
+        if let Some(g) = tensor::grouped_row_dots(u, v, groups)? {
+            return Ok(g);
+        }
+    }
     // V (M, K, G, O/G, R) → (M, G, K·O/G, R); U (M, G, I, R) → (M, G, R, I).
     let vv = v.reshape((m, k, g, og, r))?.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((m, g, k * og, r))?;
     let uu = u.reshape((m, g, i, r))?.transpose(2, 3)?.contiguous()?;

@@ -125,11 +125,11 @@ fn chunk_len(n: usize, unit: usize, cost: usize) -> usize {
 }
 
 /// A buffer of `n` elements written by `fill(start, chunk)` over disjoint
-/// chunks (in parallel when `n` is large); `fill` must write every element
-/// of its chunk.
-fn filled<T: Send>(n: usize, unit: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+/// chunks of whole `unit`s (in parallel when `n` times the relative `cost`
+/// per element is large); `fill` must write every element of its chunk.
+pub(super) fn filled<T: Send>(n: usize, unit: usize, cost: usize, fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(n);
-    let len = chunk_len(n, unit, 1);
+    let len = chunk_len(n, unit, cost);
     out.spare_capacity_mut()[..n].par_chunks_mut(len).enumerate().for_each(|(i, c)| fill(i * len, c));
     // SAFETY: `fill` wrote every element of every chunk, and the chunks cover 0..n.
     unsafe { out.set_len(n) };
@@ -333,7 +333,7 @@ impl candle_core::CustomOp2 for Broadcast {
         let op = self.0;
         fn kernel<T: Real>(op: Arith, walk: &Walk, a: &[T], b: &[T], n: usize) -> Vec<T> {
             let len = walk.len;
-            filled(n, len, |start, out| {
+            filled(n, len, 1, |start, out| {
                 let mut pos = start / len.max(1);
                 for o in out.chunks_mut(len.max(1)) {
                     let [oa, ob] = walk.offsets_at(pos);
@@ -391,7 +391,7 @@ impl candle_core::CustomOp2 for ChannelAffine {
         let (c, r) = (self.channels, self.run);
         fn run<T: Real>(x: &[T], p: &[T], c: usize, r: usize) -> Vec<T> {
             let (scale, shift) = p.split_at(c);
-            filled(x.len(), r, |start, out| {
+            filled(x.len(), r, 1, |start, out| {
                 for (j, (o, xx)) in out.chunks_mut(r).zip(x[start..].chunks(r)).enumerate() {
                     let ch = (start / r + j) % c;
                     let (a, b) = (scale[ch], shift[ch]);
