@@ -90,8 +90,8 @@ pub fn output_factor(v: &Tensor, approx: KfacApprox) -> Result<Tensor> {
     let (m, k, o, r) = v.dims4()?;
     match approx {
         _ if r == 1 => gram_rows(&v.reshape((m * k, o))?.t()?),
-        // Σ_n Σ_k Σ_r v vᵀ: V as (O, M·K·R).
-        KfacApprox::Expand => gram_rows(&v.permute((2, 0, 1, 3))?.contiguous()?.reshape((o, m * k * r))?),
+        // Σ_n Σ_k Σ_r v vᵀ: the Gram matrix of the columns of the M·K blocks (O, R).
+        KfacApprox::Expand => crate::linalg::gram_of_blocks(&v.reshape((m * k, o, r))?),
         KfacApprox::Reduce => gram_rows(&tensor::sum_dim(v, 3)?.reshape((m * k, o))?.t()?),
     }
 }

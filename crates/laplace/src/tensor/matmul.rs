@@ -69,7 +69,7 @@ pub fn clear_simd_upper_state(scope: SimdScope) {
 /// threshold of the `gemm` crate (48 · 48 · 256), which candle's products
 /// used; splitting a smaller product costs more in synchronization than it
 /// saves.
-const THREADING_THRESHOLD: usize = 48 * 48 * 256;
+pub const THREADING_THRESHOLD: usize = 48 * 48 * 256;
 
 /// How a faer routine of `macs` multiply-adds runs, and which threads to
 /// clear after it: on rayon's threads at or above the threading threshold,

@@ -46,7 +46,7 @@ mod write;
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
 pub use fused::{broadcast, channel_affine, map_with_derivative, mul_rows, Arith, Real, WithDerivative};
 pub use row_dots::grouped_row_dots;
-pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope};
+pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope, THREADING_THRESHOLD};
 pub use sum_sq::sum_sq_products;
 pub use transpose::{contiguous, move_leading_back, transpose2d};
 pub use windows::WindowTable;
