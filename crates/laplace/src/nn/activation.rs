@@ -47,32 +47,83 @@ fn expm1(x: &Tensor) -> Result<Tensor> {
 
 /// σ(x) and σ'(x): one fused pass on the CPU (the scalar formulas below),
 /// tensor ops elsewhere.
-pub(crate) fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
+fn value_and_derivative(act: Activation, x: &Tensor) -> Result<(Tensor, Tensor)> {
     match fused(act, x)? {
         Some(pair) => Ok(pair),
         None => value_and_derivative_by_ops(act, x),
     }
 }
 
+/// `$body` with `$f` bound to the scalar formula of activation `$act` (one
+/// type per activation, so that the kernel's loop is compiled for that
+/// formula alone: a `match` on the activation inside the loop kept it from
+/// vectorizing and cost a branch per element).
+macro_rules! with_formula {
+    ($act:expr, |$f:ident| $body:expr) => {
+        match $act {
+            Activation::ReLU => {
+                let $f = &Relu;
+                $body
+            }
+            Activation::LeakyReLU { negative_slope } => {
+                let $f = &LeakyRelu(negative_slope);
+                $body
+            }
+            Activation::Tanh => {
+                let $f = &TanhFn;
+                $body
+            }
+            Activation::Sigmoid => {
+                let $f = &SigmoidFn;
+                $body
+            }
+            Activation::Softplus { beta, threshold } => {
+                let $f = &Softplus { beta, threshold };
+                $body
+            }
+            Activation::ELU { alpha } => {
+                let $f = &Elu(alpha);
+                $body
+            }
+            Activation::GELU { tanh_approximation: false } => {
+                let $f = &Gelu;
+                $body
+            }
+            Activation::GELU { tanh_approximation: true } => {
+                let $f = &GeluTanh;
+                $body
+            }
+            Activation::ReLU6 => {
+                let $f = &Relu6;
+                $body
+            }
+            Activation::Hardsigmoid => {
+                let $f = &Hardsigmoid;
+                $body
+            }
+            Activation::Hardswish => {
+                let $f = &Hardswish;
+                $body
+            }
+            Activation::SiLU => {
+                let $f = &Silu;
+                $body
+            }
+        }
+    };
+}
+
 /// [`value_and_derivative`] by the one-pass CPU kernel, or `None` where it
-/// does not run. One formula type per activation, so that the kernel's loop
-/// is compiled for that formula alone (a `match` on the activation inside
-/// the loop kept it from vectorizing and cost a branch per element).
+/// does not run.
 fn fused(act: Activation, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    use tensor::map_with_derivative as map;
-    match act {
-        Activation::ReLU => map(&Relu, x),
-        Activation::LeakyReLU { negative_slope } => map(&LeakyRelu(negative_slope), x),
-        Activation::Tanh => map(&TanhFn, x),
-        Activation::Sigmoid => map(&SigmoidFn, x),
-        Activation::Softplus { beta, threshold } => map(&Softplus { beta, threshold }, x),
-        Activation::ELU { alpha } => map(&Elu(alpha), x),
-        Activation::GELU { tanh_approximation: false } => map(&Gelu, x),
-        Activation::GELU { tanh_approximation: true } => map(&GeluTanh, x),
-        Activation::ReLU6 => map(&Relu6, x),
-        Activation::Hardsigmoid => map(&Hardsigmoid, x),
-        Activation::Hardswish => map(&Hardswish, x),
-        Activation::SiLU => map(&Silu, x),
+    with_formula!(act, |f| tensor::map_with_derivative(f, x))
+}
+
+/// σ(x) alone (a forward pass that keeps nothing for a backward pass).
+fn value(act: Activation, x: &Tensor) -> Result<Tensor> {
+    match with_formula!(act, |f| tensor::map_value(f, x))? {
+        Some(y) => Ok(y),
+        None => Ok(value_and_derivative_by_ops(act, x)?.0),
     }
 }
 
@@ -396,14 +447,15 @@ impl Layer for Elementwise {
     }
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        if !save {
+            return Ok((value(self.act, x)?, None));
+        }
         let (y, d) = value_and_derivative(self.act, x)?;
-        let saved = save.then(|| {
-            Saved::new(ElementwiseSaved {
-                input: x.clone(),
-                derivative: d,
-            })
+        let saved = Saved::new(ElementwiseSaved {
+            input: x.clone(),
+            derivative: d,
         });
-        Ok((y, saved))
+        Ok((y, Some(saved)))
     }
 
     fn backward(&self, saved: &Saved, v: &Tensor) -> Result<Tensor> {
@@ -465,6 +517,7 @@ mod tests {
             let x = crate::tensor::from_f64(xs.clone(), &[xs.len()], dtype, &Device::Cpu).unwrap();
             for act in every_activation() {
                 let (y, d) = fused(act, &x).unwrap().expect("a CPU float tensor");
+                assert_eq!(tensor::to_vec_f64(&value(act, &x).unwrap()).unwrap(), tensor::to_vec_f64(&y).unwrap());
                 let (y_ref, d_ref) = value_and_derivative_by_ops(act, &x).unwrap();
                 // f32: within rounding of the saturated tanh (its 1 − t² is a
                 // difference of numbers near 1, so an ulp of t is 1e-7 absolute).

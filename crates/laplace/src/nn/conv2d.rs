@@ -178,7 +178,7 @@ impl Layer for Conv2d {
     }
 
     fn backward(&self, _saved: &Saved, v: &Tensor) -> Result<Tensor> {
-        // Jᵀ v = col2im(Wᵀ V) for all M·K columns at once:
+        // Jᵀ v = col2im(Wᵀ V) for all M·K columns:
         // V as (O, M·K, R); Wᵀ V (I, M·K, R); col2im → (M·K, C·H·W).
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
@@ -186,12 +186,13 @@ impl Layer for Conv2d {
         let r = self.positions();
         // In chunks of columns whose Wᵀ V (G·I·R per column) stays in cache
         // between the product and the scatter.
-        let vt = v.reshape((m * k, o, r))?.transpose(0, 1)?.contiguous()?; // (O, M·K, R)
+        let v3 = v.reshape((m * k, o, r))?;
         let chunk = (COL2IM_CHUNK / (gi * r)).clamp(1, m * k);
         let mut parts = Vec::with_capacity((m * k).div_ceil(chunk));
         for start in (0..m * k).step_by(chunk) {
             let n = chunk.min(m * k - start);
-            let vc = vt.narrow(1, start, n)?.contiguous()?.reshape((o, n * r))?;
+            // The chunk's columns as (O, n, R): one copy of V in all.
+            let vc = v3.narrow(0, start, n)?.transpose(0, 1)?.contiguous()?.reshape((o, n * r))?;
             let cols = group_mm_t(&self.weight, &vc, self.groups)?;
             parts.push(self.index.scatter(&cols.reshape((gi, n, r))?)?);
         }

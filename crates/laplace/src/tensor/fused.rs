@@ -136,51 +136,86 @@ pub(super) fn filled<T: Send>(n: usize, unit: usize, cost: usize, fill: impl Fn(
     out
 }
 
-/// The values of a contiguous CPU tensor of element type `T`, or `None`.
-fn host<'a, T: candle_core::WithDType>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [T]> {
-    let (start, end) = layout.contiguous_offsets()?;
-    Some(&storage.as_slice::<T>().ok()?[start..end])
-}
-
 /// Is `t` a tensor these kernels run on (CPU, f32 or f64)?
 fn on_cpu_float(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// (f(x), f'(x)) elementwise in one pass, for a CPU f32/f64 tensor; `None`
-/// elsewhere (the caller computes them with tensor ops).
-pub fn map_with_derivative<F: WithDerivative>(f: &F, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+/// `kernel` applied to the values of `x` (made contiguous), for a CPU f32 or
+/// f64 tensor; `None` for other devices and dtypes.
+fn on_host<R>(x: &Tensor, kernel: impl FnOnce(HostSlice<'_>) -> R) -> Result<Option<R>> {
     if !on_cpu_float(x) {
         return Ok(None);
     }
-    fn run<T: Real, F: WithDerivative>(f: &F, x: &[T]) -> Vec<T> {
-        // One buffer [f(x) | f'(x)], split into two views after.
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
+    Ok(match cpu {
+        CpuStorage::F32(v) => slice_of(v, layout).map(|v| kernel(HostSlice::F32(v))),
+        CpuStorage::F64(v) => slice_of(v, layout).map(|v| kernel(HostSlice::F64(v))),
+        _ => None,
+    })
+}
+
+/// The values of a CPU tensor, by dtype.
+enum HostSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// (f(x), f'(x)) elementwise in one pass, for a CPU f32/f64 tensor; `None`
+/// elsewhere (the caller computes them with tensor ops).
+pub fn map_with_derivative<F: WithDerivative>(f: &F, x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    fn run<T: Real, F: WithDerivative>(f: &F, x: &[T]) -> (Vec<T>, Vec<T>) {
         let n = x.len();
-        let mut out: Vec<T> = Vec::with_capacity(2 * n);
-        let (values, slopes) = out.spare_capacity_mut()[..2 * n].split_at_mut(n);
+        let (mut values, mut slopes) = (Vec::<T>::with_capacity(n), Vec::<T>::with_capacity(n));
         let len = chunk_len(n, 1, F::COST);
-        values.par_chunks_mut(len).zip(slopes.par_chunks_mut(len)).enumerate().for_each(|(i, (ys, ds))| {
+        let (ys, ds) = (&mut values.spare_capacity_mut()[..n], &mut slopes.spare_capacity_mut()[..n]);
+        ys.par_chunks_mut(len).zip(ds.par_chunks_mut(len)).enumerate().for_each(|(i, (ys, ds))| {
             for ((y, d), &xv) in ys.iter_mut().zip(ds.iter_mut()).zip(&x[i * len..]) {
                 let (fy, fd) = f.eval(xv);
                 y.write(fy);
                 d.write(fd);
             }
         });
-        // SAFETY: the zipped chunks cover both halves, and every element was written.
-        unsafe { out.set_len(2 * n) };
-        out
+        // SAFETY: the zipped chunks cover 0..n of both, and every element was written.
+        unsafe {
+            values.set_len(n);
+            slopes.set_len(n);
+        }
+        (values, slopes)
     }
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else { return Ok(None) };
-    let both = match x.dtype() {
-        DType::F32 => host::<f32>(cpu, layout).map(|v| Tensor::from_vec(run(f, v), (2, v.len()), x.device())),
-        DType::F64 => host::<f64>(cpu, layout).map(|v| Tensor::from_vec(run(f, v), (2, v.len()), x.device())),
-        _ => None,
-    };
-    let Some(both) = both else { return Ok(None) };
-    let both = both?;
-    Ok(Some((both.get(0)?.reshape(x.shape())?, both.get(1)?.reshape(x.shape())?)))
+    let pair = on_host(x, |v| match v {
+        HostSlice::F32(v) => {
+            let (y, d) = run(f, v);
+            (Tensor::from_vec(y, x.shape(), x.device()), Tensor::from_vec(d, x.shape(), x.device()))
+        }
+        HostSlice::F64(v) => {
+            let (y, d) = run(f, v);
+            (Tensor::from_vec(y, x.shape(), x.device()), Tensor::from_vec(d, x.shape(), x.device()))
+        }
+    })?;
+    Ok(match pair {
+        Some((y, d)) => Some((y?, d?)),
+        None => None,
+    })
+}
+
+/// f(x) alone, elementwise in one pass (the derivative is not computed),
+/// for a CPU f32/f64 tensor; `None` elsewhere.
+pub fn map_value<F: WithDerivative>(f: &F, x: &Tensor) -> Result<Option<Tensor>> {
+    fn run<T: Real, F: WithDerivative>(f: &F, x: &[T]) -> Vec<T> {
+        filled(x.len(), 1, F::COST, |start, out| {
+            for (y, &xv) in out.iter_mut().zip(&x[start..]) {
+                y.write(f.eval(xv).0);
+            }
+        })
+    }
+    let y = on_host(x, |v| match v {
+        HostSlice::F32(v) => Tensor::from_vec(run(f, v), x.shape(), x.device()),
+        HostSlice::F64(v) => Tensor::from_vec(run(f, v), x.shape(), x.device()),
+    })?;
+    Ok(y.transpose()?)
 }
 
 /// `v ⊙ d` with `v (M, K, *s)` and `d (M, *s)`: every one of the K rows of
