@@ -7,6 +7,9 @@ ratio B / A. Used to check that an engine change is no slower.
     venv/bin/python bench/make_workloads.py
     venv/bin/python bench/compare_binaries.py --a OLD/laplace --b target/release/laplace \\
         --rounds 3 --repeat 5 --md compare.md
+    # the shape sweep (make_workloads.py --sweep): name the quantities
+    venv/bin/python bench/compare_binaries.py --a OLD/laplace --b target/release/laplace \\
+        --workloads mlp_w16_d2,resnet_c16_s16 --quantities ggn_diag,ef_kron --md compare.md
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def main():
     rows = []
     for w in args.workloads.split(","):
         wdir = os.path.join(args.workload_dir, w)
-        for q in WORKLOADS[w]:
-            if args.quantities and q not in args.quantities.split(","):
+        # A workload of the sweep (not in WORKLOADS) takes --quantities as given.
+        for q in WORKLOADS.get(w, (args.quantities or "").split(",")):
+            if not q or (args.quantities and q not in args.quantities.split(",")):
                 continue
             med = {"a": [], "b": []}
             rss = {"a": [], "b": []}
