@@ -24,7 +24,7 @@ use crate::tensor::{self, Mm, Tensor};
 /// of temporary per-sample gradients.
 pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let v = &view.sensitivities;
-    let bias = sel.bias.as_ref().map(|s| tensor::sum_leading(&bias_grads(v, s)?.sqr()?, 2)).transpose()?;
+    let bias = sel.bias.as_ref().map(|s| sum_sq_leading(&bias_grads(v, s)?)).transpose()?;
     if let (Some(oh), Some(s)) = (view.one_hot(), &sel.weight) {
         let w = one_hot_diag(&oh, v)?;
         let w = match s {
@@ -45,7 +45,7 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
                 grouped_weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, groups)
             })?,
             Selected::All if r == 1 => {
-                let v2 = tensor::sum_dim(&v.sqr()?, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
+                let v2 = tensor::sum_sq_dim(v, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
                 v2.t()?.mm(&u2)?.reshape(o * i)?
             }
@@ -111,7 +111,7 @@ fn chunked_sum_sq(m: usize, chunk: usize, grads: impl Fn(usize, usize) -> Result
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
-        let part = tensor::sum_leading(&grads(start, len)?.sqr()?, 2)?;
+        let part = sum_sq_leading(&grads(start, len)?)?;
         acc = Some(match acc {
             None => part,
             Some(a) => (a + part)?,
@@ -120,3 +120,10 @@ fn chunked_sum_sq(m: usize, chunk: usize, grads: impl Fn(usize, usize) -> Result
     }
     Ok(acc.expect("at least one sample"))
 }
+
+/// Σ_{n,k} g² of per-sample gradients `g (M, K, n)`: `(n,)`.
+fn sum_sq_leading(g: &Tensor) -> Result<Tensor> {
+    let (m, k, n) = g.dims3()?;
+    Ok(tensor::sum_sq_dim(&g.reshape((1, m * k, n))?, 1)?.reshape(n)?)
+}
+

@@ -218,6 +218,54 @@ pub fn map_value<F: WithDerivative>(f: &F, x: &Tensor) -> Result<Option<Tensor>>
     Ok(y.transpose()?)
 }
 
+/// Σ over axis `dim` of `t²`, removing the axis: `(…, K, …) → (…, …)`, in
+/// one pass on the CPU (the diagonals' Σ_k V² and Σ_n g²; squaring and then
+/// summing were two passes, and a sum over a middle axis a third through a
+/// product with a row of ones).
+pub fn sum_sq_dim(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let mut out_shape = dims.clone();
+    out_shape.remove(dim);
+    let (l, k, r) = (dims[..dim].iter().product::<usize>(), dims[dim], dims[dim + 1..].iter().product::<usize>());
+    /// out[a, j] = Σ_k v[a, k, j]², for the flat output range of each chunk
+    /// (chunks may split a row: each piece sums its own columns).
+    fn run<T: Real>(v: &[T], l: usize, k: usize, r: usize) -> Vec<T> {
+        filled(l * r, 1, k.max(1), |start, out| {
+            let mut pos = start;
+            let mut rest = out;
+            while !rest.is_empty() {
+                let (a, j) = (pos / r, pos % r);
+                let len = (r - j).min(rest.len());
+                let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                let row = |kk: usize| &v[(a * k + kk) * r + j..(a * k + kk) * r + j + len];
+                match k {
+                    0 => piece.iter_mut().for_each(|o| {
+                        o.write(T::of(0.0));
+                    }),
+                    _ => piece.iter_mut().zip(row(0)).for_each(|(o, &x)| {
+                        o.write(x * x);
+                    }),
+                }
+                // SAFETY: every element of `piece` was written just above.
+                let piece = unsafe { &mut *(piece as *mut [MaybeUninit<T>] as *mut [T]) };
+                for kk in 1..k {
+                    piece.iter_mut().zip(row(kk)).for_each(|(o, &x)| *o = *o + x * x);
+                }
+                pos += len;
+                rest = tail;
+            }
+        })
+    }
+    let y = on_host(t, |v| match v {
+        HostSlice::F32(v) => Tensor::from_vec(run(v, l, k, r), out_shape.as_slice(), t.device()),
+        HostSlice::F64(v) => Tensor::from_vec(run(v, l, k, r), out_shape.as_slice(), t.device()),
+    })?;
+    match y {
+        Some(y) => Ok(y?),
+        None => super::sum_dim(&t.sqr()?, dim),
+    }
+}
+
 /// `v ⊙ d` with `v (M, K, *s)` and `d (M, *s)`: every one of the K rows of
 /// sample m times that sample's `d` (the backward pass of a diagonal
 /// Jacobian, Jᵀv = σ'(x) ⊙ v, on K sensitivity rows at once).
@@ -455,6 +503,19 @@ mod tests {
         let (a, b) = (super::super::to_vec_f64(a).unwrap(), super::super::to_vec_f64(b).unwrap());
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
+
+    /// Σ_k t² over every axis, with parallel chunks that split rows, and
+    /// K = 1 and K = 0, against squaring and summing in candle.
+    #[test]
+    fn sum_sq_dim_is_the_sum_of_squares() {
+        for dtype in [DType::F64, DType::F32] {
+            for (dims, dim) in [(vec![3, 4, 5], 1), (vec![3, 4, 5], 0), (vec![3, 4, 5], 2), (vec![1, 640, 4096], 1), (vec![256, 10, 300], 1), (vec![5, 1, 7], 1), (vec![4, 0, 3], 1)] {
+                let t = Tensor::randn(0f64, 1.0, dims.as_slice(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+                let want = t.sqr().unwrap().sum(dim).unwrap();
+                close(&sum_sq_dim(&t, dim).unwrap(), &want);
+            }
         }
     }
 

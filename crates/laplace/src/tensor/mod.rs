@@ -44,7 +44,7 @@ mod windows;
 mod write;
 
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
-pub use fused::{broadcast, channel_affine, map_value, map_with_derivative, mul_rows, Arith, Real, WithDerivative};
+pub use fused::{broadcast, channel_affine, map_value, map_with_derivative, mul_rows, sum_sq_dim, Arith, Real, WithDerivative};
 pub use row_dots::grouped_row_dots;
 pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope, THREADING_THRESHOLD};
 pub use sum_sq::sum_sq_products;
