@@ -11,6 +11,7 @@ mod cmd_demo;
 mod cmd_jacobians;
 mod cmd_operator;
 mod cmd_posterior;
+mod heap;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
 mod parallel;
@@ -68,26 +69,12 @@ enum Command {
     Bench(cmd_bench::BenchArgs),
 }
 
-/// Keep freed memory in the process instead of returning it to the kernel.
-/// A curvature pass allocates and frees large temporaries in every batch;
-/// with glibc's defaults each of them is a fresh `mmap`, page-faulted in
-/// again (measured: half the time of the conv-net GGN diagonal). Peak
-/// memory is unchanged; the heap is simply reused.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
+/// Large blocks on 2 MiB pages; see [`heap`].
+#[global_allocator]
+static ALLOCATOR: heap::LargePages = heap::LargePages;
 
 fn main() -> ExitCode {
-    tune_allocator();
+    heap::tune();
     // candle runs elementwise kernels on its own spin-barrier pool; on a
     // small machine the spinning costs more than it saves (measured on 2
     // cores: the MLP GGN diagonal 91 ms with 2 threads, 20 ms with 1).
