@@ -129,10 +129,15 @@ pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_
     }
     let groups = view.groups();
     let patches = if groups > 1 {
-        // ū = (1/G) Σ_g u_g: (M, G, I, R) averaged over G.
+        // ū = (1/G) Σ_g u_g, averaged over the G groups of U's rows. Summed
+        // as (G, I·M·R) over its leading axis: Conv2d keeps U as a
+        // contiguous (G·I, M, R) buffer, so this reads it in place, where
+        // a (M, G, I, R) view needed a copy and a strided reduction.
         let u = view.patches()?;
         let (m, gi, r) = u.dims3()?;
-        (u.reshape((m, groups, gi / groups, r))?.sum(1)? / groups as f64)?
+        let rows_first = u.transpose(0, 1)?.contiguous()?.reshape((groups, gi / groups * m * r))?;
+        let mean = (tensor::sum_dim(&rows_first, 0)? / groups as f64)?;
+        mean.reshape((gi / groups, m, r))?.transpose(0, 1)?
     } else {
         view.patches()?
     };
