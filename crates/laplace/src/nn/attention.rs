@@ -48,13 +48,9 @@ fn tr(t: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `t (M, K, *s)` summed to the (padded) per-sample shape `target` (same rank as s).
 fn sum_to(t: &Tensor, target: &[usize], orig: &[usize]) -> Result<Tensor> {
-    let mut t = t.clone();
     let lead = t.rank() - target.len();
-    for (a, &n) in target.iter().enumerate() {
-        if n == 1 && t.dim(a + lead)? != 1 {
-            t = t.sum_keepdim(a + lead)?;
-        }
-    }
+    let axes: Vec<usize> = (0..target.len()).filter(|&a| target[a] == 1).map(|a| a + lead).collect();
+    let t = crate::tensor::sum_keepdims(t, &axes)?;
     Ok(t.reshape([&t.dims()[..lead], orig].concat())?)
 }
 

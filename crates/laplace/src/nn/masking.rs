@@ -73,12 +73,8 @@ impl Where {
 
     /// `t (M, K, *out)` summed back to input j's shape `(M, K, *shape_j)`.
     fn narrow_to(&self, t: &Tensor, j: usize) -> Result<Tensor> {
-        let mut t = t.clone();
-        for (a, (&p, &o)) in self.padded[j].iter().zip(&self.out).enumerate() {
-            if p == 1 && o != 1 {
-                t = t.sum_keepdim(a + 2)?;
-            }
-        }
+        let axes: Vec<usize> = self.padded[j].iter().zip(&self.out).enumerate().filter(|(_, (&p, &o))| p == 1 && o != 1).map(|(a, _)| a + 2).collect();
+        let t = crate::tensor::sum_keepdims(t, &axes)?;
         Ok(t.reshape([&t.dims()[..2], &self.shapes[j][..]].concat())?)
     }
 }
