@@ -10,7 +10,7 @@ use super::patches::{check_window_size, window_table, Window};
 use super::{merge_mk, split_mk, AffineLayer, Layer, LayerCtx, Saved};
 use crate::error::Result;
 use crate::spec::{LayerSpec, Padding};
-use crate::tensor::{DType, Mm, Tensor, WindowTable};
+use crate::tensor::{DType, Depthwise, Mm, Tensor, WindowTable};
 
 /// Elements of Wᵀ V per chunk of the backward pass (4 MiB in f32: the
 /// product's output is still in cache when col2im reads it).
@@ -28,6 +28,9 @@ pub struct Conv2d {
     index: WindowTable,
     in_shape: [usize; 3],
     out_shape: [usize; 3],
+    /// With one input channel per group: the direct kernel, for passes
+    /// that keep no patches (see [`Depthwise`]).
+    depthwise: Option<Depthwise>,
 }
 
 /// Forward state: the unfolded input in the layout the forward pass made it,
@@ -106,7 +109,18 @@ impl Conv2d {
             None
         };
         let index = window_table(&window, c, ctx.device)?;
+        let depthwise = (in_channels == groups).then_some(Depthwise {
+            channels: c,
+            out_channels,
+            in_hw: window.in_hw,
+            kernel: window.kernel,
+            stride: window.stride,
+            pad_before: window.pad_before,
+            dilation: window.dilation,
+            out_hw: window.out_hw,
+        });
         Ok(Conv2d {
+            depthwise,
             weight4,
             weight,
             groups,
@@ -160,6 +174,11 @@ impl Layer for Conv2d {
     }
 
     fn forward(&self, x: &Tensor, save: bool) -> Result<(Tensor, Option<Saved>)> {
+        if let (false, Some(dw)) = (save, &self.depthwise) {
+            if let Some(z) = dw.apply(x, &self.weight, self.bias.as_ref())? {
+                return Ok((z, None));
+            }
+        }
         let m = x.dim(0)?;
         let (o, i) = self.weight.dims2()?;
         let gi = i * self.groups;
@@ -204,6 +223,11 @@ impl Layer for Conv2d {
     fn jvp_input(&self, _saved: &Saved, x_dot: &Tensor) -> Result<Tensor> {
         // J ẋ = W im2col(ẋ): the convolution without bias, on all M·K tangents.
         let (m, k) = (x_dot.dim(0)?, x_dot.dim(1)?);
+        if let Some(dw) = &self.depthwise {
+            if let Some(z) = dw.apply(&merge_mk(x_dot)?, &self.weight, None)? {
+                return split_mk(&z, m, k);
+            }
+        }
         let (o, i) = self.weight.dims2()?;
         let r = self.positions();
         let u = self.index.gather(&merge_mk(x_dot)?, 0.0)?; // (G·I, M·K, R)

@@ -137,7 +137,7 @@ pub(super) fn filled<T: Send>(n: usize, unit: usize, cost: usize, fill: impl Fn(
 }
 
 /// Is `t` a tensor these kernels run on (CPU, f32 or f64)?
-fn on_cpu_float(t: &Tensor) -> bool {
+pub(super) fn on_cpu_float(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
@@ -432,7 +432,7 @@ impl candle_core::CustomOp2 for Broadcast {
 }
 
 /// The contiguous part of `v` that `layout` covers.
-fn slice_of<'a, T>(v: &'a [T], layout: &Layout) -> Option<&'a [T]> {
+pub(super) fn slice_of<'a, T>(v: &'a [T], layout: &Layout) -> Option<&'a [T]> {
     let (start, end) = layout.contiguous_offsets()?;
     Some(&v[start..end])
 }

@@ -34,6 +34,7 @@ macro_rules! float_dispatch {
     };
 }
 
+mod depthwise;
 mod elementwise;
 mod fused;
 mod matmul;
@@ -43,6 +44,7 @@ mod transpose;
 mod windows;
 mod write;
 
+pub use depthwise::Depthwise;
 pub use elementwise::{heaviside, log1p, sigmoid, tanh};
 pub use fused::{broadcast, channel_affine, map_value, map_with_derivative, mul_rows, sum_sq_dim, Arith, Real, WithDerivative};
 pub use row_dots::grouped_row_dots;
