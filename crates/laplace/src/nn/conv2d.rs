@@ -205,18 +205,18 @@ impl Layer for Conv2d {
         let r = self.positions();
         // In chunks of columns whose Wᵀ V (G·I·R per column) stays in cache
         // between the product and the scatter.
+        // Each chunk's col2im is added into its rows of one zeroed result.
         let v3 = v.reshape((m * k, o, r))?;
         let chunk = (COL2IM_CHUNK / (gi * r)).clamp(1, m * k);
-        let mut parts = Vec::with_capacity((m * k).div_ceil(chunk));
+        let [c, h, w] = self.in_shape;
+        let mut vin = Tensor::zeros((m * k, c * h * w), v.dtype(), v.device())?;
         for start in (0..m * k).step_by(chunk) {
             let n = chunk.min(m * k - start);
             // The chunk's columns as (O, n, R): one copy of V in all.
             let vc = v3.narrow(0, start, n)?.transpose(0, 1)?.contiguous()?.reshape((o, n * r))?;
             let cols = group_mm_t(&self.weight, &vc, self.groups)?;
-            parts.push(self.index.scatter(&cols.reshape((gi, n, r))?)?);
+            self.index.scatter_add_into(&mut vin, &cols.reshape((gi, n, r))?, start)?;
         }
-        let vin = if parts.len() == 1 { parts.pop().expect("one part") } else { Tensor::cat(&parts, 0)? };
-        let [c, h, w] = self.in_shape;
         split_mk(&vin.reshape((m * k, c, h, w))?, m, k)
     }
 

@@ -109,6 +109,37 @@ impl WindowTable {
         self.scatter_generic(cols)
     }
 
+    /// [`WindowTable::scatter`] of `cols (outer, B, inner)` added into rows
+    /// `row0..row0 + B` of `dst (N, D)`: a backward pass in chunks of
+    /// columns writes each chunk's col2im into its rows of one result,
+    /// instead of concatenating per-chunk results (a copy of all of it).
+    /// In place on the CPU (f32 / f64, `dst` contiguous); elsewhere the rows
+    /// are replaced by their sum with a new tensor.
+    pub fn scatter_add_into(&self, dst: &mut Tensor, cols: &Tensor, row0: usize) -> Result<()> {
+        let (outer, b, inner) = cols.dims3()?;
+        let (n, d) = dst.dims2()?;
+        if (outer, inner, d) != (self.outer, self.inner, self.input_len) || row0 + b > n {
+            return Err(Error::Invalid(format!(
+                "window scatter: columns {:?} into rows {row0}.. of {:?} do not match the table ({}, B, {}) → (B, {})",
+                cols.dims(),
+                dst.dims(),
+                self.outer,
+                self.inner,
+                self.input_len
+            )));
+        }
+        if is_cpu_float(cols) && dst.dtype() == cols.dtype() && dst.is_contiguous() {
+            let op = ScatterInto {
+                scatter: Scatter { runs: self.runs.clone(), outer, inner, input_len: self.input_len },
+                row0,
+            };
+            return Ok(dst.inplace_op2(&cols.contiguous()?, &op)?);
+        }
+        let sum = (dst.narrow(0, row0, b)? + self.scatter(cols)?)?;
+        *dst = dst.slice_assign(&[row0..row0 + b, 0..d], &sum)?;
+        Ok(())
+    }
+
     /// [`WindowTable::scatter`] by candle's `index_add` on rows.
     fn scatter_generic(&self, cols: &Tensor) -> Result<Tensor> {
         let (outer, b, inner) = cols.dims3()?;
@@ -340,11 +371,19 @@ struct Scatter {
 }
 
 fn scatter_kernel<T: WithDType>(cols: &[T], op: &Scatter) -> Vec<T> {
+    let b = cols.len() / (op.outer * op.inner);
+    let mut out = vec![T::from_f64(0.0); b * op.input_len];
+    scatter_add(cols, op, &mut out);
+    out
+}
+
+/// out[b, table[j, r]] += cols[j, b, r] for `out` the `(B, D)` rows.
+fn scatter_add<T: WithDType>(cols: &[T], op: &Scatter, out: &mut [T]) {
     let (d, outer, inner) = (op.input_len, op.outer, op.inner);
     let b = cols.len() / (outer * inner);
-    let mut out = vec![T::from_f64(0.0); b * d];
+    debug_assert_eq!(out.len(), b * d);
     if out.is_empty() {
-        return out;
+        return;
     }
     // Threads own blocks of samples (disjoint output rows); within a block
     // every window row j reads one contiguous run of the columns.
@@ -371,7 +410,6 @@ fn scatter_kernel<T: WithDType>(cols: &[T], op: &Scatter) -> Vec<T> {
             }
         }
     });
-    out
 }
 
 impl CustomOp1 for Scatter {
@@ -386,6 +424,29 @@ impl CustomOp1 for Scatter {
         };
         let out = float_dispatch!("window scatter"; storage => all; |Out| Out(scatter_kernel(&all[start..end], self)));
         Ok((out, Shape::from((b, self.input_len))))
+    }
+}
+
+/// [`Scatter`] added into rows `row0..` of a `(N, D)` result, in place.
+struct ScatterInto {
+    scatter: Scatter,
+    row0: usize,
+}
+
+impl candle_core::InplaceOp2 for ScatterInto {
+    fn name(&self) -> &'static str {
+        "window-scatter-into"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, cols: &CpuStorage, cl: &Layout) -> candle_core::Result<()> {
+        let b = cl.shape().dims()[1];
+        let d = self.scatter.input_len;
+        let (Some((o1, _)), Some((o2, e2))) = (dl.contiguous_offsets(), cl.contiguous_offsets()) else {
+            candle_core::bail!("window scatter-into needs contiguous tensors")
+        };
+        let rows = o1 + self.row0 * d..o1 + (self.row0 + b) * d;
+        float_dispatch!("window scatter-into"; dst => out, cols => c; |_Out| scatter_add(&c[o2..e2], &self.scatter, &mut out[rows]));
+        Ok(())
     }
 }
 
@@ -629,6 +690,38 @@ mod tests {
         assert_eq!(diff_f64(wt.gather(&x, 7.0)?, wt.gather_generic(&x, 7.0)?)?, 0.0);
         let cols = Tensor::randn(0f64, 1.0, (2, 3, 4), &dev)?;
         assert!(diff_f64(wt.scatter(&cols)?, wt.scatter_generic(&cols)?)? < 1e-12);
+        Ok(())
+    }
+
+    /// Chunks of columns added into their rows of one result equal the
+    /// scatter of all columns at once, in place (f32, f64) and on the path
+    /// for a result that is not contiguous; rows outside a chunk keep what
+    /// they held; columns that do not fit are refused.
+    #[test]
+    fn scatter_add_into_rows_equals_one_scatter() -> Result<()> {
+        let dev = Device::Cpu;
+        let (t, outer, inner, d) = table();
+        let wt = WindowTable::new(&t, outer, inner, d, &dev)?;
+        let b = 2 * SAMPLE_BLOCK + 3; // several threads' blocks
+        for dtype in [DType::F64, DType::F32] {
+            let cols = Tensor::randn(0f64, 1.0, (outer, b, inner), &dev)?.to_dtype(dtype)?;
+            let want = wt.scatter(&cols)?;
+            let mut dst = Tensor::zeros((b, d), dtype, &dev)?;
+            for (start, n) in [(0, 5), (5, SAMPLE_BLOCK), (5 + SAMPLE_BLOCK, b - 5 - SAMPLE_BLOCK)] {
+                wt.scatter_add_into(&mut dst, &cols.narrow(1, start, n)?, start)?;
+            }
+            assert!(diff_f64(dst.clone(), want.clone())? < 1e-5, "{dtype:?}");
+            // Adding into rows that already hold values; a transposed result.
+            let base = Tensor::randn(0f64, 1.0, (d, b), &dev)?.to_dtype(dtype)?;
+            let mut strided = base.t()?;
+            wt.scatter_add_into(&mut strided, &cols.narrow(1, 3, 4)?, 3)?;
+            let rows = (base.t()?.narrow(0, 3, 4)? + wt.scatter(&cols.narrow(1, 3, 4)?)?)?;
+            assert!(diff_f64(strided.narrow(0, 3, 4)?, rows)? < 1e-5, "{dtype:?} strided");
+            assert_eq!(diff_f64(strided.narrow(0, 0, 3)?, base.t()?.narrow(0, 0, 3)?)?, 0.0);
+        }
+        let mut small = Tensor::zeros((3, d), DType::F64, &dev)?;
+        let e = wt.scatter_add_into(&mut small, &Tensor::zeros((outer, 2, inner), DType::F64, &dev)?, 2).unwrap_err();
+        assert!(e.to_string().contains("do not match"), "{e}");
         Ok(())
     }
 }
