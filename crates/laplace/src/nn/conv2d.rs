@@ -201,6 +201,13 @@ impl Layer for Conv2d {
         // V as (O, M·K, R); Wᵀ V (I, M·K, R); col2im → (M·K, C·H·W).
         let (m, k) = (v.dim(0)?, v.dim(1)?);
         let (o, i) = self.weight.dims2()?;
+        if let Some(dw) = &self.depthwise {
+            // One input plane per group: the transposed convolution directly.
+            let [_, oh, ow] = self.out_shape;
+            if let Some(vin) = dw.apply_transposed(&v.reshape((m * k, o, oh, ow))?, &self.weight)? {
+                return split_mk(&vin, m, k);
+            }
+        }
         let gi = i * self.groups;
         let r = self.positions();
         // In chunks of columns whose Wᵀ V (G·I·R per column) stays in cache

@@ -11,6 +11,11 @@
 //! Used where no patches are kept: forward passes that save nothing (the
 //! layers below a last-layer subset, predictions) and tangents (J ẋ). A
 //! pass that keeps patches for the weight's curvature still unfolds once.
+//!
+//! The transpose ([`Depthwise::apply_transposed`], Jᵀ v for the backward
+//! pass) mirrors the loop: each input plane gathers its output planes' taps
+//! directly, where im2col's transpose would write Wᵀ V (kh·kw rows per
+//! channel) and then scatter it back.
 
 use candle_core::{CpuStorage, Layout, Shape};
 
@@ -129,6 +134,114 @@ impl Depthwise {
     }
 }
 
+impl Depthwise {
+    /// The transpose of [`Depthwise::apply`] without its bias, the input
+    /// gradient of the backward pass:
+    /// x̄[m, c](yi, xi) = Σ_{o ∈ c's outputs} Σ_{ky,kx : yi = y·s + ky·d − p, xi = x·s + kx·d − p} w[o, ky, kx] · v[m, o](y, x),
+    /// for `v (M, O, H', W')`: `(M, C, H, W)`, every input element written
+    /// (zero where no tap lands). `None` off the CPU or for other dtypes
+    /// than f32 / f64.
+    pub fn apply_transposed(&self, v: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+        let [o, oh, ow] = [self.out_channels, self.out_hw[0], self.out_hw[1]];
+        let taps = self.kernel[0] * self.kernel[1];
+        if self.channels == 0 || o % self.channels != 0 {
+            bail!(Invalid, "depthwise convolution: {o} output channels are not a multiple of {} input channels", self.channels);
+        }
+        if v.rank() != 4 || v.dims()[1..] != [o, oh, ow] {
+            bail!(Invalid, "depthwise convolution: output sensitivities {:?} are not (M, {o}, {oh}, {ow})", v.dims());
+        }
+        if weight.elem_count() != o * taps {
+            bail!(Invalid, "depthwise convolution: weight {:?} does not fit {o} channels of {taps} taps", weight.dims());
+        }
+        if !on_cpu_float(v) || weight.dtype() != v.dtype() {
+            return Ok(None);
+        }
+        Ok(Some(v.contiguous()?.apply_op2_no_bwd(&weight.flatten_all()?, &Transposed(*self))?))
+    }
+
+    /// Input planes `(H, W)` of `m` samples from output planes `v`; every
+    /// element written. The same walk over taps and rows as [`Self::run`],
+    /// with reads and writes swapped.
+    fn run_transposed<T: Real>(&self, v: &[T], weights: &[T], m: usize) -> Vec<T> {
+        let [h, w] = self.in_hw;
+        let [oh, ow] = self.out_hw;
+        let [kh, kw] = self.kernel;
+        let [sy, sx] = self.stride;
+        let [py, px] = self.pad_before;
+        let [dy, dx] = self.dilation;
+        let (c, o) = (self.channels, self.out_channels);
+        let per_input = o / c;
+        let (plane, out_plane) = (h * w, oh * ow);
+        filled(m * c * plane, plane.max(1), per_input * kh * kw, |start, out| {
+            for (j, dst) in out.chunks_mut(plane.max(1)).enumerate() {
+                let (mi, ci) = ((start / plane + j) / c, (start / plane + j) % c);
+                for d in dst.iter_mut() {
+                    d.write(T::of(0.0));
+                }
+                // SAFETY: every element of `dst` was written just above.
+                let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
+                for oc in ci * per_input..(ci + 1) * per_input {
+                    let src = &v[(mi * o + oc) * out_plane..][..out_plane];
+                    let taps = &weights[oc * kh * kw..][..kh * kw];
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let wv = taps[ky * kw + kx];
+                            // Input column of output column xo: xo·sx + off.
+                            let off = (kx * dx) as isize - px as isize;
+                            // Output columns whose input column lies in [0, w).
+                            let lo = if off < 0 { ((-off) as usize).div_ceil(sx) } else { 0 };
+                            let hi = if (w as isize) <= off { 0 } else { (((w as isize - 1 - off) as usize) / sx + 1).min(ow) };
+                            if lo >= hi {
+                                continue;
+                            }
+                            let first = (lo as isize * sx as isize + off) as usize;
+                            for yo in 0..oh {
+                                let yi = (yo * sy + ky * dy) as isize - py as isize;
+                                if yi < 0 || yi >= h as isize {
+                                    continue;
+                                }
+                                let vrow = &src[yo * ow..][lo..hi];
+                                let drow = &mut dst[yi as usize * w..][..w];
+                                if sx == 1 {
+                                    for (d, &g) in drow[first..first + (hi - lo)].iter_mut().zip(vrow) {
+                                        *d = *d + wv * g;
+                                    }
+                                } else {
+                                    for (t, &g) in vrow.iter().enumerate() {
+                                        drow[first + t * sx] = drow[first + t * sx] + wv * g;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// The transposed convolution as a candle op: inputs `v (M, O, H', W')` and
+/// the flat weight `(O·kh·kw,)`.
+struct Transposed(Depthwise);
+
+impl candle_core::CustomOp2 for Transposed {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-transposed"
+    }
+
+    fn cpu_fwd(&self, vs: &CpuStorage, vl: &Layout, ws: &CpuStorage, wl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.0;
+        let m = vl.shape().dims()[0];
+        let out = float_dispatch!("depthwise-conv2d-transposed"; vs => v, ws => w; |Out| {
+            let (Some(v), Some(w)) = (slice_of(v, vl), slice_of(w, wl)) else {
+                candle_core::bail!("depthwise-conv2d-transposed needs contiguous inputs")
+            };
+            Out(g.run_transposed(v, w, m))
+        });
+        Ok((out, Shape::from((m, g.channels, g.in_hw[0], g.in_hw[1]))))
+    }
+}
+
 impl candle_core::CustomOp2 for Depthwise {
     fn name(&self) -> &'static str {
         "depthwise-conv2d"
@@ -218,6 +331,65 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The transpose against the definition (each output element's taps
+    /// scattered back, summed in f64) and against the forward kernel by
+    /// adjointness, ⟨apply(x), v⟩ = ⟨x, apply_transposed(v)⟩, on the same
+    /// geometries as [`matches_the_definition`] (taps that never land leave
+    /// zeros; an empty output gives an all-zero input gradient).
+    #[test]
+    fn transpose_matches_the_definition_and_is_the_adjoint() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = |c, o, in_hw, kernel, stride, pad_before, dilation, out_hw| Depthwise { channels: c, out_channels: o, in_hw, kernel, stride, pad_before, dilation, out_hw };
+        let cases = [
+            (2, g(3, 3, [5, 6], [3, 3], [1, 1], [1, 1], [1, 1], [5, 6])),
+            (2, g(3, 3, [7, 8], [3, 3], [2, 2], [1, 0], [1, 1], [4, 3])),
+            (3, g(2, 4, [6, 6], [3, 2], [1, 2], [2, 1], [2, 1], [6, 3])),
+            (1, g(2, 2, [4, 4], [5, 5], [1, 1], [0, 0], [1, 1], [0, 0])),
+            (1, g(2, 2, [3, 3], [5, 5], [1, 1], [1, 1], [1, 1], [1, 1])),
+            (2, g(4, 4, [3, 5], [1, 1], [1, 1], [0, 0], [1, 1], [3, 5])),
+            (64, g(32, 32, [16, 16], [3, 3], [1, 1], [1, 1], [1, 1], [16, 16])),
+        ];
+        for (m, geo) in cases {
+            let ([h, w], [oh, ow], [kh, kw]) = (geo.in_hw, geo.out_hw, geo.kernel);
+            let (c, o) = (geo.channels, geo.out_channels);
+            let x = Tensor::randn(0f64, 1.0, (m, c, h, w), &dev)?;
+            let v = Tensor::randn(0f64, 1.0, (m, o, oh, ow), &dev)?;
+            let wt = Tensor::randn(0f64, 1.0, (o, 1, kh, kw), &dev)?;
+            let (vs, ws) = (crate::tensor::to_vec_f64(&v)?, crate::tensor::to_vec_f64(&wt)?);
+            let mut want = vec![0.0; m * c * h * w];
+            for mi in 0..m {
+                for oc in 0..o {
+                    let ci = oc / (o / c);
+                    for (yo, xo, ky, kx) in (0..oh).flat_map(|a| (0..ow).flat_map(move |b| (0..kh).flat_map(move |p| (0..kw).map(move |q| (a, b, p, q))))) {
+                        let yi = (yo * geo.stride[0] + ky * geo.dilation[0]) as isize - geo.pad_before[0] as isize;
+                        let xi = (xo * geo.stride[1] + kx * geo.dilation[1]) as isize - geo.pad_before[1] as isize;
+                        if (0..h as isize).contains(&yi) && (0..w as isize).contains(&xi) {
+                            want[((mi * c + ci) * h + yi as usize) * w + xi as usize] += ws[oc * kh * kw + ky * kw + kx] * vs[((mi * o + oc) * oh + yo) * ow + xo];
+                        }
+                    }
+                }
+            }
+            for dtype in [DType::F64, DType::F32] {
+                let (xd, vd, wd) = (x.to_dtype(dtype)?, v.to_dtype(dtype)?, wt.to_dtype(dtype)?);
+                let got = geo.apply_transposed(&vd, &wd)?.expect("CPU float runs the kernel");
+                assert_eq!(got.dims(), &[m, c, h, w]);
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                let got64 = crate::tensor::to_vec_f64(&got)?;
+                let err = got64.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                assert!(err < tol, "{geo:?} {dtype:?}: {err}");
+                let fwd = geo.apply(&xd, &wd, None)?.expect("CPU float runs the kernel");
+                let lhs: f64 = fwd.to_dtype(DType::F64)?.mul(&v)?.sum_all()?.to_scalar()?;
+                let rhs: f64 = x.mul(&got.to_dtype(DType::F64)?)?.sum_all()?.to_scalar()?;
+                assert!((lhs - rhs).abs() <= tol * (1.0 + lhs.abs()) * 10.0, "{geo:?} {dtype:?}: ⟨Ax, v⟩ = {lhs}, ⟨x, Aᵀv⟩ = {rhs}");
+            }
+        }
+        let geo = cases[0].1;
+        let w = Tensor::zeros((3, 1, 3, 3), DType::F32, &dev)?;
+        let e = geo.apply_transposed(&Tensor::zeros((1, 3, 5, 5), DType::F32, &dev)?, &w).unwrap_err().to_string();
+        assert!(e.contains("are not (M, 3, 5, 6)"), "{e}");
         Ok(())
     }
 
