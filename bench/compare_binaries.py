@@ -10,6 +10,8 @@ ratio B / A. Used to check that an engine change is no slower.
     # the shape sweep (make_workloads.py --sweep): name the quantities
     venv/bin/python bench/compare_binaries.py --a OLD/laplace --b target/release/laplace \\
         --workloads mlp_w16_d2,resnet_c16_s16 --quantities ggn_diag,ef_kron --md compare.md
+    # what a shell user waits for: the real command, exec to exit
+    venv/bin/python bench/compare_binaries.py --a OLD/laplace --b target/release/laplace --whole ...
 """
 
 from __future__ import annotations
@@ -20,27 +22,55 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import QUANTITIES, WORKLOADS  # noqa: E402
+from harness import QUANTITIES, WORKLOADS, whole_command  # noqa: E402
+
+SCRATCH = tempfile.mkdtemp(prefix="compare-binaries-")
 
 
-def bench(binary, wdir, q, repeat, threads):
+def bench_argv(binary, wdir, q, repeat, threads):
     lik = open(os.path.join(wdir, "likelihood")).read().strip()
     n = int(np.load(os.path.join(wdir, "data.npz"))["x"].shape[0])
-    argv = [binary, "bench", "--model", os.path.join(wdir, "model.json"),
+    return [binary, "bench", "--model", os.path.join(wdir, "model.json"),
             "--weights", os.path.join(wdir, "weights.safetensors"), "--data", os.path.join(wdir, "data.npz"),
             "--likelihood", lik, *QUANTITIES[q]["ours"], "--batch-size", str(n), "--repeat", str(repeat),
             "--threads", str(threads), "--json"]
+
+
+def bench(binary, wdir, q, repeat, threads):
+    """`laplace bench`: its JSON (times_s, peak_rss_bytes), or None and the error."""
+    argv = bench_argv(binary, wdir, q, repeat, threads)
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     if p.returncode != 0:
         return None, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
     d = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1])
     return d, None
+
+
+def whole(binary, wdir, q, repeat, threads):
+    """The same quantity as the real command (`laplace curvature` / `gradients` /
+    `jacobians ... --out`), exec to exit, `repeat` processes: the times in the
+    shape `bench` returns. No peak RSS: a child's high-water mark from wait4
+    includes the forked interpreter it was before exec (37 MB here), which
+    is larger than a small command's own; `laplace bench` reports it."""
+    argv = whole_command(bench_argv(binary, wdir, q, repeat, threads), os.path.join(SCRATCH, "whole.safetensors"))
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        p = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+        times.append(time.perf_counter() - t0)
+        if p.returncode != 0:
+            return None, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
+        os.remove(argv[argv.index("--out") + 1])
+    return {"times_s": times, "peak_rss_bytes": None}, None
 
 
 def main():
@@ -53,6 +83,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--whole", action="store_true",
+                    help="time the whole process of the real command (exec to exit, writing its --out file) "
+                         "instead of `laplace bench`: --repeat processes per round")
     ap.add_argument("--md", default=None)
     args = ap.parse_args()
     rows = []
@@ -67,7 +100,7 @@ def main():
             err = None
             for _ in range(args.rounds):
                 for side in ("a", "b"):
-                    d, e = bench(getattr(args, side), wdir, q, args.repeat, args.threads)
+                    d, e = (whole if args.whole else bench)(getattr(args, side), wdir, q, args.repeat, args.threads)
                     if d is None:
                         err = e
                         continue
@@ -77,7 +110,8 @@ def main():
                 rows.append((w, q, None, None, None, None, None, err))
                 continue
             a, b = statistics.median(med["a"]), statistics.median(med["b"])
-            rows.append((w, q, a, b, b / a, max(rss["a"]), max(rss["b"]), None))
+            peak = lambda xs: None if None in xs else max(xs)
+            rows.append((w, q, a, b, b / a, peak(rss["a"]), peak(rss["b"]), None))
             print(f"{w:10s} {q:14s} A {a*1e3:9.2f} ms  B {b*1e3:9.2f} ms  B/A {b/a:5.2f}", flush=True)
     lines = ["| workload | quantity | A (ms) | B (ms) | B / A | peak RSS A (MB) | peak RSS B (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -85,7 +119,8 @@ def main():
         if a is None:
             lines.append(f"| {w} | {q} | | | {err} | | |")
         else:
-            lines.append(f"| {w} | {q} | {a*1e3:.2f} | {b*1e3:.2f} | {r:.2f} | {ra/1e6:.0f} | {rb/1e6:.0f} |")
+            mb = lambda x: "—" if x is None else f"{x/1e6:.0f}"
+            lines.append(f"| {w} | {q} | {a*1e3:.2f} | {b*1e3:.2f} | {r:.2f} | {mb(ra)} | {mb(rb)} |")
     ratios = [row[4] for row in rows if row[4] is not None]
     if ratios:
         lines.append("")
