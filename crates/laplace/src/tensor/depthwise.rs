@@ -76,14 +76,24 @@ impl Depthwise {
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&params, self)?))
     }
 
+    /// For kernel column `kx`: the output columns `lo..hi` whose input
+    /// column xo·sx + kx·dx − px lies inside the plane, and the input
+    /// column of `lo`; `None` when the tap never lands.
+    fn tap_columns(&self, kx: usize) -> Option<(usize, usize, usize)> {
+        let (w, ow, sx) = (self.in_hw[1], self.out_hw[1], self.stride[1]);
+        let off = (kx * self.dilation[1]) as isize - self.pad_before[1] as isize;
+        let lo = if off < 0 { ((-off) as usize).div_ceil(sx) } else { 0 };
+        let hi = if (w as isize) <= off { 0 } else { (((w as isize - 1 - off) as usize) / sx + 1).min(ow) };
+        (lo < hi).then(|| (lo, hi, (lo as isize * sx as isize + off) as usize))
+    }
+
     /// Output planes `(H', W')` of `m` samples; every element written.
     fn run<T: Real>(&self, x: &[T], params: &[T], m: usize) -> Vec<T> {
         let [h, w] = self.in_hw;
         let [oh, ow] = self.out_hw;
         let [kh, kw] = self.kernel;
         let [sy, sx] = self.stride;
-        let [py, px] = self.pad_before;
-        let [dy, dx] = self.dilation;
+        let (py, dy) = (self.pad_before[0], self.dilation[0]);
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
         let (weights, bias) = params.split_at(o * kh * kw);
@@ -101,14 +111,7 @@ impl Depthwise {
                 for ky in 0..kh {
                     for kx in 0..kw {
                         let wv = taps[ky * kw + kx];
-                        // Input column of output column xo: xo·sx + off.
-                        let off = (kx * dx) as isize - px as isize;
-                        // Output columns whose input column lies in [0, w).
-                        let lo = if off < 0 { ((-off) as usize).div_ceil(sx) } else { 0 };
-                        let hi = if (w as isize) <= off { 0 } else { (((w as isize - 1 - off) as usize) / sx + 1).min(ow) };
-                        if lo >= hi {
-                            continue;
-                        }
+                        let Some((lo, hi, first)) = self.tap_columns(kx) else { continue };
                         for yo in 0..oh {
                             let yi = (yo * sy + ky * dy) as isize - py as isize;
                             if yi < 0 || yi >= h as isize {
@@ -116,7 +119,6 @@ impl Depthwise {
                             }
                             let row = &src[yi as usize * w..][..w];
                             let drow = &mut dst[yo * ow..][lo..hi];
-                            let first = (lo as isize * sx as isize + off) as usize;
                             if sx == 1 {
                                 for (d, &v) in drow.iter_mut().zip(&row[first..first + (hi - lo)]) {
                                     *d = *d + wv * v;
@@ -167,8 +169,7 @@ impl Depthwise {
         let [oh, ow] = self.out_hw;
         let [kh, kw] = self.kernel;
         let [sy, sx] = self.stride;
-        let [py, px] = self.pad_before;
-        let [dy, dx] = self.dilation;
+        let (py, dy) = (self.pad_before[0], self.dilation[0]);
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
         let (plane, out_plane) = (h * w, oh * ow);
@@ -186,15 +187,7 @@ impl Depthwise {
                     for ky in 0..kh {
                         for kx in 0..kw {
                             let wv = taps[ky * kw + kx];
-                            // Input column of output column xo: xo·sx + off.
-                            let off = (kx * dx) as isize - px as isize;
-                            // Output columns whose input column lies in [0, w).
-                            let lo = if off < 0 { ((-off) as usize).div_ceil(sx) } else { 0 };
-                            let hi = if (w as isize) <= off { 0 } else { (((w as isize - 1 - off) as usize) / sx + 1).min(ow) };
-                            if lo >= hi {
-                                continue;
-                            }
-                            let first = (lo as isize * sx as isize + off) as usize;
+                            let Some((lo, hi, first)) = self.tap_columns(kx) else { continue };
                             for yo in 0..oh {
                                 let yi = (yo * sy + ky * dy) as isize - py as isize;
                                 if yi < 0 || yi >= h as isize {
@@ -292,15 +285,13 @@ mod tests {
         out
     }
 
-    /// Against the definition, in f64 and f32: 3×3 "same" padding, stride
-    /// 2 with asymmetric padding, dilation, a channel multiplier of 2, a
-    /// kernel wider than the padding reaches (taps that never land), a 1×1
-    /// kernel, and a size that runs on several threads.
-    #[test]
-    fn matches_the_definition() -> Result<()> {
-        let dev = Device::Cpu;
+    /// (samples, geometry): 3×3 "same" padding, stride 2 with asymmetric
+    /// padding, dilation, a channel multiplier of 2, a kernel wider than the
+    /// padding reaches (taps that never land; one case with an empty
+    /// output), a 1×1 kernel, and a size that runs on several threads.
+    fn cases() -> [(usize, Depthwise); 7] {
         let g = |c, o, in_hw, kernel, stride, pad_before, dilation, out_hw| Depthwise { channels: c, out_channels: o, in_hw, kernel, stride, pad_before, dilation, out_hw };
-        let cases = [
+        [
             (2, g(3, 3, [5, 6], [3, 3], [1, 1], [1, 1], [1, 1], [5, 6])),
             (2, g(3, 3, [7, 8], [3, 3], [2, 2], [1, 0], [1, 1], [4, 3])),
             (3, g(2, 4, [6, 6], [3, 2], [1, 2], [2, 1], [2, 1], [6, 3])),
@@ -308,7 +299,14 @@ mod tests {
             (1, g(2, 2, [3, 3], [5, 5], [1, 1], [1, 1], [1, 1], [1, 1])),
             (2, g(4, 4, [3, 5], [1, 1], [1, 1], [0, 0], [1, 1], [3, 5])),
             (64, g(32, 32, [16, 16], [3, 3], [1, 1], [1, 1], [1, 1], [16, 16])),
-        ];
+        ]
+    }
+
+    /// Against the definition, in f64 and f32, on every geometry of [`cases`].
+    #[test]
+    fn matches_the_definition() -> Result<()> {
+        let dev = Device::Cpu;
+        let cases = cases();
         for (m, geo) in cases {
             let taps = geo.kernel[0] * geo.kernel[1];
             let x = Tensor::randn(0f64, 1.0, (m, geo.channels, geo.in_hw[0], geo.in_hw[1]), &dev)?;
@@ -336,22 +334,13 @@ mod tests {
 
     /// The transpose against the definition (each output element's taps
     /// scattered back, summed in f64) and against the forward kernel by
-    /// adjointness, ⟨apply(x), v⟩ = ⟨x, apply_transposed(v)⟩, on the same
-    /// geometries as [`matches_the_definition`] (taps that never land leave
+    /// adjointness, ⟨apply(x), v⟩ = ⟨x, apply_transposed(v)⟩, on every
+    /// geometry of [`cases`] (taps that never land leave
     /// zeros; an empty output gives an all-zero input gradient).
     #[test]
     fn transpose_matches_the_definition_and_is_the_adjoint() -> Result<()> {
         let dev = Device::Cpu;
-        let g = |c, o, in_hw, kernel, stride, pad_before, dilation, out_hw| Depthwise { channels: c, out_channels: o, in_hw, kernel, stride, pad_before, dilation, out_hw };
-        let cases = [
-            (2, g(3, 3, [5, 6], [3, 3], [1, 1], [1, 1], [1, 1], [5, 6])),
-            (2, g(3, 3, [7, 8], [3, 3], [2, 2], [1, 0], [1, 1], [4, 3])),
-            (3, g(2, 4, [6, 6], [3, 2], [1, 2], [2, 1], [2, 1], [6, 3])),
-            (1, g(2, 2, [4, 4], [5, 5], [1, 1], [0, 0], [1, 1], [0, 0])),
-            (1, g(2, 2, [3, 3], [5, 5], [1, 1], [1, 1], [1, 1], [1, 1])),
-            (2, g(4, 4, [3, 5], [1, 1], [1, 1], [0, 0], [1, 1], [3, 5])),
-            (64, g(32, 32, [16, 16], [3, 3], [1, 1], [1, 1], [1, 1], [16, 16])),
-        ];
+        let cases = cases();
         for (m, geo) in cases {
             let ([h, w], [oh, ow], [kh, kw]) = (geo.in_hw, geo.out_hw, geo.kernel);
             let (c, o) = (geo.channels, geo.out_channels);
