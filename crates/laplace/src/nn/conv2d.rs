@@ -3,6 +3,9 @@
 //! (depthwise: g = in_c) the product is block diagonal: group j's outputs
 //! read only the rows of its in_c/g input channels, which are the j-th
 //! block of the im2col rows (the grouped patch form of [`AffineLayer`]).
+//! A depthwise layer computes its forward passes that keep no patches, its
+//! tangents and its backward pass directly instead ([`Depthwise`]); only a
+//! pass that needs the patches for the weight's curvature unfolds.
 
 use std::collections::HashMap;
 
@@ -28,8 +31,9 @@ pub struct Conv2d {
     index: WindowTable,
     in_shape: [usize; 3],
     out_shape: [usize; 3],
-    /// With one input channel per group: the direct kernel, for passes
-    /// that keep no patches (see [`Depthwise`]).
+    /// With one input channel per group: the direct kernel and its
+    /// transpose, for passes that keep no patches and for Jᵀ v (see
+    /// [`Depthwise`]).
     depthwise: Option<Depthwise>,
 }
 
