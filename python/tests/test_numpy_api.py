@@ -210,7 +210,15 @@ def test_ctrl_c_interrupts_a_computation():
         elif d > 3:
             raiser.join()
 
-    with pytest.raises(KeyboardInterrupt):
-        laplace_rs.curvature(fx.model, x, y, "classification", structure="diag", batch_size=8, progress=progress)
-    raiser.join()
+    # Python installs its KeyboardInterrupt handler only where SIGINT was not
+    # ignored at start-up, and a shell's background job (`cmd &`) starts with
+    # it ignored: install the handler for this test, as an interactive
+    # session has it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            laplace_rs.curvature(fx.model, x, y, "classification", structure="diag", batch_size=8, progress=progress)
+        raiser.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert 3 <= done[-1] < total, (done[-1], total)
