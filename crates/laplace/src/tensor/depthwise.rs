@@ -53,16 +53,10 @@ impl Depthwise {
     /// or for other dtypes than f32 / f64 (the caller unfolds instead).
     pub fn apply(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
         let [c, h, w] = [self.channels, self.in_hw[0], self.in_hw[1]];
-        let taps = self.kernel[0] * self.kernel[1];
         let o = self.out_channels;
-        if c == 0 || o % c != 0 {
-            bail!(Invalid, "depthwise convolution: {o} output channels are not a multiple of {c} input channels");
-        }
+        self.check_params(weight, bias)?;
         if x.rank() != 4 || x.dims()[1..] != [c, h, w] {
             bail!(Invalid, "depthwise convolution: input {:?} is not (M, {c}, {h}, {w})", x.dims());
-        }
-        if weight.elem_count() != o * taps || bias.is_some_and(|b| b.dims() != [o]) {
-            bail!(Invalid, "depthwise convolution: weight {:?} or bias does not fit {o} channels of {taps} taps", weight.dims());
         }
         let same_dtype = |t: &Tensor| t.dtype() == x.dtype();
         if !on_cpu_float(x) || !same_dtype(weight) || !bias.is_none_or(same_dtype) {
@@ -74,6 +68,45 @@ impl Depthwise {
             None => Tensor::cat(&[&weight, &Tensor::zeros(o, x.dtype(), x.device())?], 0)?,
         }; // (O·taps + O,)
         Ok(Some(x.contiguous()?.apply_op2_no_bwd(&params, self)?))
+    }
+
+    /// The geometry's channels, and a weight `(O, kh·kw)` (any shape of as
+    /// many elements) and bias `(O,)` that fit it; shared by both directions.
+    fn check_params(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<()> {
+        let (c, o) = (self.channels, self.out_channels);
+        let taps = self.kernel[0] * self.kernel[1];
+        if c == 0 || o % c != 0 {
+            bail!(Invalid, "depthwise convolution: {o} output channels are not a multiple of {c} input channels");
+        }
+        if weight.elem_count() != o * taps {
+            bail!(Invalid, "depthwise convolution: weight {:?} does not fit {o} channels of {taps} taps", weight.dims());
+        }
+        if let Some(b) = bias.filter(|b| b.dims() != [o]) {
+            bail!(Invalid, "depthwise convolution: bias {:?} does not fit {o} channels", b.dims());
+        }
+        Ok(())
+    }
+
+    /// Every (tap, output row) pair whose input row lies inside the plane:
+    /// `visit(tap, yo, yi, (lo, hi, first))` with the tap's index ky·kw + kx,
+    /// the output row yo, its input row yi = yo·sy + ky·dy − py, and the
+    /// tap's output columns from [`Self::tap_columns`]. The one walk both
+    /// directions take; they differ only in which side is read.
+    fn for_each_tap_row(&self, mut visit: impl FnMut(usize, usize, usize, (usize, usize, usize))) {
+        let (h, oh) = (self.in_hw[0], self.out_hw[0]);
+        let [kh, kw] = self.kernel;
+        let (sy, py, dy) = (self.stride[0], self.pad_before[0], self.dilation[0]);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let Some(cols) = self.tap_columns(kx) else { continue };
+                for yo in 0..oh {
+                    let yi = (yo * sy + ky * dy) as isize - py as isize;
+                    if (0..h as isize).contains(&yi) {
+                        visit(ky * kw + kx, yo, yi as usize, cols);
+                    }
+                }
+            }
+        }
     }
 
     /// For kernel column `kx`: the output columns `lo..hi` whose input
@@ -92,8 +125,7 @@ impl Depthwise {
         let [h, w] = self.in_hw;
         let [oh, ow] = self.out_hw;
         let [kh, kw] = self.kernel;
-        let [sy, sx] = self.stride;
-        let (py, dy) = (self.pad_before[0], self.dilation[0]);
+        let sx = self.stride[1];
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
         let (weights, bias) = params.split_at(o * kh * kw);
@@ -108,29 +140,20 @@ impl Depthwise {
                 }
                 // SAFETY: every element of `dst` was written just above.
                 let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let wv = taps[ky * kw + kx];
-                        let Some((lo, hi, first)) = self.tap_columns(kx) else { continue };
-                        for yo in 0..oh {
-                            let yi = (yo * sy + ky * dy) as isize - py as isize;
-                            if yi < 0 || yi >= h as isize {
-                                continue;
-                            }
-                            let row = &src[yi as usize * w..][..w];
-                            let drow = &mut dst[yo * ow..][lo..hi];
-                            if sx == 1 {
-                                for (d, &v) in drow.iter_mut().zip(&row[first..first + (hi - lo)]) {
-                                    *d = *d + wv * v;
-                                }
-                            } else {
-                                for (t, d) in drow.iter_mut().enumerate() {
-                                    *d = *d + wv * row[first + t * sx];
-                                }
-                            }
+                self.for_each_tap_row(|tap, yo, yi, (lo, hi, first)| {
+                    let wv = taps[tap];
+                    let row = &src[yi * w..][..w];
+                    let drow = &mut dst[yo * ow..][lo..hi];
+                    if sx == 1 {
+                        for (d, &v) in drow.iter_mut().zip(&row[first..first + (hi - lo)]) {
+                            *d = *d + wv * v;
+                        }
+                    } else {
+                        for (t, d) in drow.iter_mut().enumerate() {
+                            *d = *d + wv * row[first + t * sx];
                         }
                     }
-                }
+                });
             }
         })
     }
@@ -145,15 +168,9 @@ impl Depthwise {
     /// than f32 / f64.
     pub fn apply_transposed(&self, v: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
         let [o, oh, ow] = [self.out_channels, self.out_hw[0], self.out_hw[1]];
-        let taps = self.kernel[0] * self.kernel[1];
-        if self.channels == 0 || o % self.channels != 0 {
-            bail!(Invalid, "depthwise convolution: {o} output channels are not a multiple of {} input channels", self.channels);
-        }
+        self.check_params(weight, None)?;
         if v.rank() != 4 || v.dims()[1..] != [o, oh, ow] {
             bail!(Invalid, "depthwise convolution: output sensitivities {:?} are not (M, {o}, {oh}, {ow})", v.dims());
-        }
-        if weight.elem_count() != o * taps {
-            bail!(Invalid, "depthwise convolution: weight {:?} does not fit {o} channels of {taps} taps", weight.dims());
         }
         if !on_cpu_float(v) || weight.dtype() != v.dtype() {
             return Ok(None);
@@ -168,8 +185,7 @@ impl Depthwise {
         let [h, w] = self.in_hw;
         let [oh, ow] = self.out_hw;
         let [kh, kw] = self.kernel;
-        let [sy, sx] = self.stride;
-        let (py, dy) = (self.pad_before[0], self.dilation[0]);
+        let sx = self.stride[1];
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
         let (plane, out_plane) = (h * w, oh * ow);
@@ -184,29 +200,20 @@ impl Depthwise {
                 for oc in ci * per_input..(ci + 1) * per_input {
                     let src = &v[(mi * o + oc) * out_plane..][..out_plane];
                     let taps = &weights[oc * kh * kw..][..kh * kw];
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let wv = taps[ky * kw + kx];
-                            let Some((lo, hi, first)) = self.tap_columns(kx) else { continue };
-                            for yo in 0..oh {
-                                let yi = (yo * sy + ky * dy) as isize - py as isize;
-                                if yi < 0 || yi >= h as isize {
-                                    continue;
-                                }
-                                let vrow = &src[yo * ow..][lo..hi];
-                                let drow = &mut dst[yi as usize * w..][..w];
-                                if sx == 1 {
-                                    for (d, &g) in drow[first..first + (hi - lo)].iter_mut().zip(vrow) {
-                                        *d = *d + wv * g;
-                                    }
-                                } else {
-                                    for (t, &g) in vrow.iter().enumerate() {
-                                        drow[first + t * sx] = drow[first + t * sx] + wv * g;
-                                    }
-                                }
+                    self.for_each_tap_row(|tap, yo, yi, (lo, hi, first)| {
+                        let wv = taps[tap];
+                        let vrow = &src[yo * ow..][lo..hi];
+                        let drow = &mut dst[yi * w..][..w];
+                        if sx == 1 {
+                            for (d, &g) in drow[first..first + (hi - lo)].iter_mut().zip(vrow) {
+                                *d = *d + wv * g;
+                            }
+                        } else {
+                            for (t, &g) in vrow.iter().enumerate() {
+                                drow[first + t * sx] = drow[first + t * sx] + wv * g;
                             }
                         }
-                    }
+                    });
                 }
             }
         })
@@ -257,28 +264,50 @@ mod tests {
     use super::*;
     use crate::tensor::{DType, Device};
 
-    /// The reference: torch's definition summed term by term in f64.
-    fn reference(g: &Depthwise, x: &[f64], wt: &[f64], b: &[f64], m: usize) -> Vec<f64> {
+    /// torch's definition term by term, independently of the kernels' walk:
+    /// every (output element, tap, input element) triple of one plane pair,
+    /// as (yo·W' + xo, ky·kw + kx, yi·W + xi), where the tap lands inside.
+    fn landings(g: &Depthwise) -> Vec<(usize, usize, usize)> {
         let ([h, w], [oh, ow], [kh, kw]) = (g.in_hw, g.out_hw, g.kernel);
-        let mult = g.out_channels / g.channels;
-        let mut out = vec![0.0; m * g.out_channels * oh * ow];
+        let mut all = Vec::new();
+        for (yo, xo, ky, kx) in (0..oh).flat_map(|a| (0..ow).flat_map(move |b| (0..kh).flat_map(move |p| (0..kw).map(move |q| (a, b, p, q))))) {
+            let yi = (yo * g.stride[0] + ky * g.dilation[0]) as isize - g.pad_before[0] as isize;
+            let xi = (xo * g.stride[1] + kx * g.dilation[1]) as isize - g.pad_before[1] as isize;
+            if (0..h as isize).contains(&yi) && (0..w as isize).contains(&xi) {
+                all.push((yo * ow + xo, ky * kw + kx, yi as usize * w + xi as usize));
+            }
+        }
+        all
+    }
+
+    /// The reference forward pass, summed in f64 over [`landings`].
+    fn reference(g: &Depthwise, x: &[f64], wt: &[f64], b: &[f64], m: usize) -> Vec<f64> {
+        let (plane, out_plane, taps) = (g.in_hw[0] * g.in_hw[1], g.out_hw[0] * g.out_hw[1], g.kernel[0] * g.kernel[1]);
+        let (c, o, mult) = (g.channels, g.out_channels, g.out_channels / g.channels);
+        let mut out = vec![0.0; m * o * out_plane];
+        for (plane_out, chunk) in out.chunks_mut(out_plane.max(1)).enumerate() {
+            chunk.fill(b[plane_out % o]);
+        }
         for mi in 0..m {
-            for o in 0..g.out_channels {
-                let ci = o / mult;
-                for yo in 0..oh {
-                    for xo in 0..ow {
-                        let mut s = b[o];
-                        for ky in 0..kh {
-                            for kx in 0..kw {
-                                let yi = (yo * g.stride[0] + ky * g.dilation[0]) as isize - g.pad_before[0] as isize;
-                                let xi = (xo * g.stride[1] + kx * g.dilation[1]) as isize - g.pad_before[1] as isize;
-                                if (0..h as isize).contains(&yi) && (0..w as isize).contains(&xi) {
-                                    s += wt[o * kh * kw + ky * kw + kx] * x[((mi * g.channels + ci) * h + yi as usize) * w + xi as usize];
-                                }
-                            }
-                        }
-                        out[((mi * g.out_channels + o) * oh + yo) * ow + xo] = s;
-                    }
+            for oc in 0..o {
+                for &(at, tap, from) in &landings(g) {
+                    out[(mi * o + oc) * out_plane + at] += wt[oc * taps + tap] * x[(mi * c + oc / mult) * plane + from];
+                }
+            }
+        }
+        out
+    }
+
+    /// The reference transpose, each output element's taps scattered back
+    /// over [`landings`], summed in f64.
+    fn reference_transposed(g: &Depthwise, v: &[f64], wt: &[f64], m: usize) -> Vec<f64> {
+        let (plane, out_plane, taps) = (g.in_hw[0] * g.in_hw[1], g.out_hw[0] * g.out_hw[1], g.kernel[0] * g.kernel[1]);
+        let (c, o, mult) = (g.channels, g.out_channels, g.out_channels / g.channels);
+        let mut out = vec![0.0; m * c * plane];
+        for mi in 0..m {
+            for oc in 0..o {
+                for &(at, tap, from) in &landings(g) {
+                    out[(mi * c + oc / mult) * plane + from] += wt[oc * taps + tap] * v[(mi * o + oc) * out_plane + at];
                 }
             }
         }
@@ -347,20 +376,7 @@ mod tests {
             let x = Tensor::randn(0f64, 1.0, (m, c, h, w), &dev)?;
             let v = Tensor::randn(0f64, 1.0, (m, o, oh, ow), &dev)?;
             let wt = Tensor::randn(0f64, 1.0, (o, 1, kh, kw), &dev)?;
-            let (vs, ws) = (crate::tensor::to_vec_f64(&v)?, crate::tensor::to_vec_f64(&wt)?);
-            let mut want = vec![0.0; m * c * h * w];
-            for mi in 0..m {
-                for oc in 0..o {
-                    let ci = oc / (o / c);
-                    for (yo, xo, ky, kx) in (0..oh).flat_map(|a| (0..ow).flat_map(move |b| (0..kh).flat_map(move |p| (0..kw).map(move |q| (a, b, p, q))))) {
-                        let yi = (yo * geo.stride[0] + ky * geo.dilation[0]) as isize - geo.pad_before[0] as isize;
-                        let xi = (xo * geo.stride[1] + kx * geo.dilation[1]) as isize - geo.pad_before[1] as isize;
-                        if (0..h as isize).contains(&yi) && (0..w as isize).contains(&xi) {
-                            want[((mi * c + ci) * h + yi as usize) * w + xi as usize] += ws[oc * kh * kw + ky * kw + kx] * vs[((mi * o + oc) * oh + yo) * ow + xo];
-                        }
-                    }
-                }
-            }
+            let want = reference_transposed(&geo, &crate::tensor::to_vec_f64(&v)?, &crate::tensor::to_vec_f64(&wt)?, m);
             for dtype in [DType::F64, DType::F32] {
                 let (xd, vd, wd) = (x.to_dtype(dtype)?, v.to_dtype(dtype)?, wt.to_dtype(dtype)?);
                 let got = geo.apply_transposed(&vd, &wd)?.expect("CPU float runs the kernel");
