@@ -410,5 +410,8 @@ mod tests {
         let x = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev).unwrap();
         let e = geo.apply(&x, &w.narrow(0, 0, 1).unwrap(), None).unwrap_err().to_string();
         assert!(e.contains("does not fit 2 channels"), "{e}");
+        let b = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let e = geo.apply(&x, &w, Some(&b)).unwrap_err().to_string();
+        assert!(e.contains("bias [3] does not fit 2 channels"), "{e}");
     }
 }
