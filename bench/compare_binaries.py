@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from harness import QUANTITIES, WORKLOADS, whole_command  # noqa: E402
+from harness import QUANTITIES, WORKLOADS, time_whole  # noqa: E402
 
 SCRATCH = tempfile.mkdtemp(prefix="compare-binaries-")
 
@@ -60,16 +59,11 @@ def whole(binary, wdir, q, repeat, threads):
     shape `bench` returns. No peak RSS: a child's high-water mark from wait4
     includes the forked interpreter it was before exec (37 MB here), which
     is larger than a small command's own; `laplace bench` reports it."""
-    argv = whole_command(bench_argv(binary, wdir, q, repeat, threads), os.path.join(SCRATCH, "whole.safetensors"))
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        p = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
-        times.append(time.perf_counter() - t0)
-        if p.returncode != 0:
-            return None, p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
-        os.remove(argv[argv.index("--out") + 1])
+    try:
+        times = time_whole(bench_argv(binary, wdir, q, repeat, threads), env, SCRATCH, repeat, 600)
+    except RuntimeError as e:
+        return None, str(e).strip().splitlines()[-1]
     return {"times_s": times, "peak_rss_bytes": None}, None
 
 

@@ -311,7 +311,7 @@ def measure_ours(args, w, q, rnd, out, tmp):
         if args.whole:
             # A failed or timed-out whole-process run is recorded, not fatal to the sweep.
             try:
-                rec["whole_s"] = measure_whole(args, argv, env, tmp)
+                rec["whole_s"] = time_whole(argv, env, tmp, args.whole, args.timeout)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 rec["whole_error"] = str(e)[-500:]
         return rec
@@ -347,16 +347,18 @@ def whole_command(bench_argv, out):
     return [laplace, sub, *argv, "--out", out, "--quiet"]
 
 
-def measure_whole(args, bench_argv, env, tmp):
+def time_whole(bench_argv, env, tmp, runs, timeout):
     """Wall time of the whole `laplace` process, exec to exit (reading the files, computing,
-    writing the result), `args.whole` times; what a shell user waits for."""
+    writing the result): what a shell user waits for. `runs` processes of the real command
+    for `bench_argv` (see `whole_command`), its output written under `tmp` and removed after
+    each run; RuntimeError (with the command's stderr) where one fails."""
     out = os.path.join(tmp, "whole.safetensors")
     argv = whole_command(bench_argv, out)
     times = []
-    for _ in range(args.whole):
+    for _ in range(runs):
         t0 = time.perf_counter()
         r = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           timeout=args.timeout)
+                           timeout=timeout)
         times.append(time.perf_counter() - t0)
         if r.returncode != 0:
             raise RuntimeError(f"{shlex.join(argv)} failed: {r.stderr.decode()[-500:]}")
