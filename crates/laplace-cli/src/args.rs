@@ -29,7 +29,9 @@ pub struct Inputs {
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Points per batch, or auto: the largest batch whose estimated working
-    /// memory fits half of --memory-limit and 512 MiB. Results are sums (or
+    /// memory fits the last-level cache (at least 1024 rows into Kronecker
+    /// factors or a full matrix per batch), and always half of
+    /// --memory-limit. Results are sums (or
     /// concatenations) over batches: the batch size changes only the
     /// summation order.
     #[arg(long, value_name = "auto|N", default_value = "auto")]

@@ -171,7 +171,8 @@ pub fn run(a: &BenchArgs) -> laplace::Result<String> {
     let per_point = match a.quantity {
         QuantityArg::Jacobians => PerPoint::Jacobians,
         QuantityArg::Gradients => PerPoint::Gradients,
-        QuantityArg::Curvature | QuantityArg::Hvp => PerPoint::Sums,
+        QuantityArg::Curvature => a.spec.per_point(),
+        QuantityArg::Hvp => PerPoint::Sums,
     };
     let bs = a.inputs.batch_points(&curv, per_point, &data);
     let mut result = compute(a, &curv, &data, bs)?; // warm-up

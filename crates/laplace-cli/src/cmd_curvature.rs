@@ -91,6 +91,15 @@ impl CurvatureSpec {
         }
     }
 
+    /// What a pass of this structure sums per batch, for the batch size.
+    pub fn per_point(&self) -> PerPoint {
+        match self.structure {
+            StructureArg::Full => PerPoint::Matrix,
+            StructureArg::Diag => PerPoint::Sums,
+            StructureArg::Kron => PerPoint::Factors,
+        }
+    }
+
     /// The curvature object for `model`.
     pub fn curvature<'m>(&self, model: &'m Sequential, mc_samples: u64) -> laplace::Result<Curvature<'m>> {
         Curvature::new(model, self.likelihood, self.kind(mc_samples), &self.subset.subset(model)?)
@@ -129,7 +138,7 @@ pub fn run(a: &CurvatureArgs, job: &Job) -> laplace::Result<String> {
     let (model, data) = a.inputs.load_on(job)?;
     let bar = crate::progress::TerminalBar::new(job.is_root());
     let curv = job.agreed(|| a.spec.curvature(&model, a.mc.samples))?.with_monitor(&bar).with_communicator(job.comm());
-    let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_points(&curv, PerPoint::Sums, &data))?;
+    let (out, metadata) = a.spec.compute(&curv, &data, a.inputs.batch_points(&curv, a.spec.per_point(), &data))?;
     job.on_root(|| laplace::io::write_results(&a.out, &out, &metadata))?;
     Ok(format!("{}; {} points", crate::summary::wrote(&a.out, &out), curv.n_data(&data)?))
 }

@@ -105,8 +105,10 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Points per batch of the curvature passes, or auto: the largest batch
-    /// whose estimated working memory fits half of --memory-limit and 512 MiB (the
-    /// batch size changes only the summation order).
+    /// whose estimated working memory fits the last-level cache (at least
+    /// 1024 rows into Kronecker factors or a full matrix per batch), and
+    /// always half of --memory-limit (the batch size changes only the
+    /// summation order).
     #[arg(long, value_name = "auto|N", default_value = "auto")]
     pub batch_size: BatchSize,
     /// Compute dtype (default: the dtype of the weights).

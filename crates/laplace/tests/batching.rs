@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use laplace::budget::MemoryBudget;
 use laplace::curvature::KfacApprox;
 use laplace::tensor::{Device, Tensor};
-use laplace::curvature::AUTO_BATCH_BYTES;
+use laplace::curvature::{auto_batch_bytes, MIN_UPDATE_ROWS};
 use laplace::{BatchSize, Curvature, CurvatureKind, Dataset, Likelihood, PerPoint, Sequential, Subset};
 
 use common::rel_err;
@@ -106,21 +106,21 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
         let (model, data) = repeated(case, 100);
         let n = data.len();
         let kinds = [
-            ("GGN", CurvatureKind::Ggn),
-            ("MC Fisher, 4 samples", CurvatureKind::FisherMc { samples: 4, seed: 3 }),
-            ("EF", CurvatureKind::Ef),
+            ("GGN", CurvatureKind::Ggn, model.n_outputs()),
+            ("MC Fisher, 4 samples", CurvatureKind::FisherMc { samples: 4, seed: 3 }, 4),
+            ("EF", CurvatureKind::Ef, 1),
         ];
-        for (name, kind) in kinds {
+        for (name, kind, rows) in kinds {
             for subset in [Subset::All, Subset::LastLayer] {
                 let curv = Curvature::new(&model, likelihood, kind, &subset).unwrap().with_chunk_elems(CHUNK_ELEMS);
                 let chunk_bytes = 4 * CHUNK_ELEMS * model.dtype().size_in_bytes();
                 let what = format!("{case} {name} {subset:?}");
 
                 // The batch `Auto` picks: the largest that fits half the budget
-                // and the fixed ceiling.
+                // and the cache-sized ceiling.
                 let per = curv.point_working_bytes(PerPoint::Sums).unwrap();
                 let at = |bytes: u64| curv.batch_points(BatchSize::Auto, PerPoint::Sums, n, MemoryBudget { bytes });
-                assert!(per * n as u64 <= AUTO_BATCH_BYTES, "{what}: the cases are meant to fit one Auto batch");
+                assert!(per * n as u64 <= auto_batch_bytes(), "{what}: the cases are meant to fit one Auto batch");
                 assert_eq!(at(2 * per * n as u64), n, "{what}");
                 assert_eq!(at(u64::MAX), n, "{what}");
                 assert_eq!(at(2 * per * 37 + 1), 37, "{what}");
@@ -129,7 +129,21 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 // However large the budget, a batch's estimate stays under the ceiling.
                 let many = 1 << 40;
                 let ceiling = curv.batch_points(BatchSize::Auto, PerPoint::Sums, many, MemoryBudget { bytes: u64::MAX });
-                assert_eq!(ceiling as u64, AUTO_BATCH_BYTES / per, "{what}");
+                assert_eq!(ceiling as u64, auto_batch_bytes() / per, "{what}");
+                // Passes that add into dense sums send at least MIN_UPDATE_ROWS
+                // rows into them per batch: for Kronecker factors M·R rows of
+                // the final Linear layer's input factor (R = 1), for a full
+                // matrix M·K, even above the ceiling, but never above half
+                // the budget.
+                for (sum, rows_per_point) in [(PerPoint::Factors, 1), (PerPoint::Matrix, rows)] {
+                    let per = curv.point_working_bytes(sum).unwrap();
+                    let floor = MIN_UPDATE_ROWS.div_ceil(rows_per_point);
+                    let big = curv.batch_points(BatchSize::Auto, sum, many, MemoryBudget { bytes: u64::MAX });
+                    assert_eq!(big, ((auto_batch_bytes() / per) as usize).max(floor), "{what} {sum:?}");
+                    assert!(big >= floor, "{what} {sum:?}");
+                    let tight = curv.batch_points(BatchSize::Auto, sum, many, MemoryBudget { bytes: 2 * per * 37 + 1 });
+                    assert_eq!(tight, 37, "{what} {sum:?}: the budget bounds the floor");
+                }
                 assert_eq!(curv.batch_points(BatchSize::Points(1000 * n), PerPoint::Sums, n, MemoryBudget { bytes: 0 }), n);
 
                 // Each pass in one batch of all n points allocates at most
@@ -161,6 +175,9 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
             let (peak, (j, f)) = measured(|| curv.jacobians_over(&data, n, subset == Subset::LastLayer).unwrap());
             let bound = n * per + bytes_of(&[&j, &f]);
             assert!(peak <= bound, "{case} Jacobians {subset:?}: {peak} B allocated, estimate {bound} B");
+            // In batches of 37, written into one result: the same rows.
+            let (j37, f37) = curv.jacobians_over(&data, 37, subset == Subset::LastLayer).unwrap();
+            assert!(rel_err(&j37, &j) < 1e-13 && rel_err(&f37, &f) < 1e-13, "{case} Jacobians {subset:?}: batches of 37 vs one");
             let per = curv.point_working_bytes(PerPoint::Gradients).unwrap() as usize;
             let (peak, (g, loss)) = measured(|| curv.gradients_over(&data, n).unwrap());
             let bound = n * per + bytes_of(&[&g, &loss]);

@@ -2,25 +2,38 @@
 //!
 //! Results are sums (or concatenations) over batches, so the batch size
 //! changes only the summation order, never the quantity. It is a memory knob:
-//! a larger batch means fewer, larger products (faster, until the working set
-//! leaves the caches), a smaller one bounds the memory a pass holds. The
-//! default, [`BatchSize::Auto`], picks the largest batch whose *estimated*
-//! working set fits both half of the memory budget ([`crate::budget`]) and
-//! [`AUTO_BATCH_BYTES`], so a small problem runs in one pass and a large one
-//! never asks for more than the machine has. The other half of the budget is
-//! left for what a pass holds besides its batch: the model, the data set, the
-//! result and the per-chunk temporaries of the diagonal and full kernels,
-//! which are bounded on their own ([`Curvature::with_chunk_elems`]).
+//! a larger batch means fewer, larger products, a smaller one bounds the
+//! memory a pass holds. The default, [`BatchSize::Auto`], picks
 //!
-//! Why a fixed ceiling as well: past a few hundred points per batch the time
-//! per point stops falling (the per-batch costs are paid off, and the products
-//! are as large as the kernels need), while every extra byte of working set is
-//! a page the process must fault in once, and give back at exit. Measured on
-//! four shapes (a 784-100-100-10 MLP, a 3072-1024-1024-10 MLP, a CIFAR-shaped
-//! CNN and an 8×32 regression MLP; GGN and EF diagonals, KFAC), batches whose
-//! estimate is 512 MiB were as fast as one batch of all points, within the
-//! run-to-run noise (±10 %), with a fifth to a half of the peak memory (the
-//! CNN: 320 MB instead of 2.1 GB).
+//! ```text
+//! batch = min( max( ⌊ceiling / w⌋, floor ),  ⌊budget / 2 / w⌋,  N )      (at least 1)
+//! ```
+//!
+//! for w the *estimated* working set of one point (below), N the points of
+//! the pass, and:
+//!
+//! * **budget / 2**, half the memory budget ([`crate::budget`]): a hard
+//!   bound, so a large problem never asks for more than the machine has.
+//!   The other half is left for what a pass holds besides its batch: the
+//!   model, the data set, the result and the per-chunk temporaries of the
+//!   diagonal and full kernels, which are bounded on their own
+//!   ([`Curvature::with_chunk_elems`]).
+//! * **ceiling** ([`auto_batch_bytes`]): this machine's last-level cache
+//!   (clamped to 8–512 MiB). Past the point where one batch's working set
+//!   leaves the cache, a larger batch is no faster per point (its products
+//!   are already as large as the kernels need) but every extra byte is a
+//!   page the process must fault in and zero once, and hold. On the sweep's
+//!   19 workloads (bench/BATCH.md) batches of about the cache's size were
+//!   as fast as one batch of all points or faster (diagonals: 0.73–1.0×),
+//!   with a fraction of the peak memory.
+//! * **floor**: where every batch adds a product into a dense accumulator
+//!   (Kronecker factors, a full `(P, P)` matrix), a batch must contribute at
+//!   least [`MIN_UPDATE_ROWS`] rows to it. The update `S += Xᵀ X` of a
+//!   `(d, d)` sum from `rows` rows costs d²·rows multiply-adds but also
+//!   reads and writes the d² sum: with too few rows that traffic, paid per
+//!   batch, dominates (a 4096-input Linear layer's KFAC factor in batches of
+//!   6 points took 2.8× the time of one batch). The floor may exceed the
+//!   ceiling, never the budget.
 //!
 //! The estimate, per point, in elements of the compute dtype:
 //!
@@ -43,21 +56,63 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use crate::budget::MemoryBudget;
 use crate::error::{bail, Error, Result};
 
 use super::{Curvature, CurvatureKind};
 
-/// The most estimated working memory one [`BatchSize::Auto`] batch holds,
-/// whatever the budget (see the module documentation for why).
-pub const AUTO_BATCH_BYTES: u64 = 512 << 20;
+/// The most estimated working memory one [`BatchSize::Auto`] batch holds
+/// (unless the floor asks for more): the size of this machine's last-level
+/// cache, clamped to 8–512 MiB; 32 MiB where the cache cannot be read. See
+/// the module documentation for why. Read once.
+pub fn auto_batch_bytes() -> u64 {
+    static BYTES: OnceLock<u64> = OnceLock::new();
+    *BYTES.get_or_init(|| last_level_cache_bytes().unwrap_or(32 << 20).clamp(8 << 20, 512 << 20))
+}
+
+/// The largest data or unified cache of CPU 0 (`/sys/devices/system/cpu/cpu0/cache`), in bytes.
+fn last_level_cache_bytes() -> Option<u64> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        let read = |f: &str| std::fs::read_to_string(path.join(f)).ok();
+        if read("type")?.trim() == "Instruction" {
+            return None;
+        }
+        parse_cache_size(&read("size")?)
+    })
+    .max()
+}
+
+/// A sysfs cache size ("32768K", "1M", "512") in bytes.
+fn parse_cache_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+/// Rows one batch contributes, at least, to a dense accumulator (Kronecker
+/// factors, a full matrix) in a [`BatchSize::Auto`] pass. Updating a
+/// `(d, d)` sum from r rows takes d²·r multiply-adds and moves about 3·d²
+/// values (the batch's product written, then added into the sum). On this
+/// machine (faer's f32 GEMM at about 210 GFLOP/s on 2 threads,
+/// bench/YARDSTICK.md; a streaming add at about 30 GB/s) that traffic costs
+/// about 42/r of the update's time: 4 % at 1024 rows.
+pub const MIN_UPDATE_ROWS: usize = 1024;
 
 /// How many points one batch of a pass over data holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BatchSize {
-    /// The largest batch whose estimated working set fits half the memory
-    /// budget and [`AUTO_BATCH_BYTES`] (see the module documentation).
+    /// The largest batch whose estimated working set fits the cache-sized
+    /// ceiling ([`auto_batch_bytes`]), or the floor of a dense accumulator,
+    /// and half the memory budget (see the module documentation).
     #[default]
     Auto,
     /// At most this many points (at least 1).
@@ -90,9 +145,14 @@ impl fmt::Display for BatchSize {
 /// What a pass returns per point, besides its sums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerPoint {
-    /// Nothing: curvature sums (diagonal, Kronecker factors, full matrix),
-    /// losses, curvature-vector products.
+    /// Nothing but vector sums: curvature diagonals, losses,
+    /// curvature-vector products.
     Sums,
+    /// Kronecker factors: each batch adds its products into dense `(d, d)`
+    /// factors (which sets a floor on the batch, see the module documentation).
+    Factors,
+    /// A full `(P, P)` curvature: each batch adds its Gram matrix into it.
+    Matrix,
     /// Per-sample gradients, P values per point.
     Gradients,
     /// Jacobians, C·P values per point (also what a GLM predictive forms).
@@ -107,7 +167,7 @@ impl Curvature<'_> {
         match per_point {
             PerPoint::Jacobians => c,
             PerPoint::Gradients => 1,
-            PerPoint::Sums => match self.kind() {
+            PerPoint::Sums | PerPoint::Factors | PerPoint::Matrix => match self.kind() {
                 CurvatureKind::Ggn | CurvatureKind::Hessian => c,
                 CurvatureKind::FisherMc { samples, .. } => samples,
                 CurvatureKind::Ef => 1,
@@ -136,7 +196,7 @@ impl Curvature<'_> {
         let patches = patches.checked_mul(2 * rows as u64 + 1)?;
         let sensitivity = crate::budget::numel(&[3, rows, model.widest_value()])?;
         let output = match per_point {
-            PerPoint::Sums => 0,
+            PerPoint::Sums | PerPoint::Factors | PerPoint::Matrix => 0,
             PerPoint::Gradients => self.n_params() as u64,
             PerPoint::Jacobians => crate::budget::numel(&[model.n_outputs(), self.n_params()])?,
         };
@@ -147,10 +207,24 @@ impl Curvature<'_> {
             .checked_mul(model.dtype().size_in_bytes() as u64)
     }
 
+    /// Rows a point contributes to the dense accumulator of a pass that
+    /// returns `per_point`: K for a full matrix, and for Kronecker factors
+    /// the fewest positions R of any factored layer (its input factor A
+    /// sums the M·R patch columns); `None` where there is no such sum.
+    fn update_rows_per_point(&self, per_point: PerPoint) -> Option<usize> {
+        match per_point {
+            PerPoint::Matrix => Some(self.rows(per_point)),
+            PerPoint::Factors => self.model().nodes().iter().filter_map(|node| node.op.affine()).filter(|a| a.kron_factored()).map(|a| a.affine_dims().2).min(),
+            PerPoint::Sums | PerPoint::Gradients | PerPoint::Jacobians => None,
+        }
+    }
+
     /// The number of points per batch for a pass over `n_points` points
     /// that returns `per_point`: `size` itself, or for [`BatchSize::Auto`]
-    /// the largest batch whose estimated working set is at most half of
-    /// `budget` and at most [`AUTO_BATCH_BYTES`] (at least 1, at most
+    /// the rule of the module documentation: the most points whose
+    /// estimated working set fits [`auto_batch_bytes`], raised to the floor
+    /// of [`MIN_UPDATE_ROWS`] where the pass adds into a dense accumulator,
+    /// and lowered to what fits half of `budget` (at least 1, at most
     /// `n_points`).
     pub fn batch_points(&self, size: BatchSize, per_point: PerPoint, n_points: usize, budget: MemoryBudget) -> usize {
         let n = n_points.max(1);
@@ -158,8 +232,9 @@ impl Curvature<'_> {
             BatchSize::Points(p) => p.clamp(1, n),
             BatchSize::Auto => {
                 let per = self.point_working_bytes(per_point).unwrap_or(u64::MAX).max(1);
-                let fit = (budget.bytes / 2).min(AUTO_BATCH_BYTES) / per;
-                usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, n)
+                let points = |bytes: u64| usize::try_from(bytes / per).unwrap_or(usize::MAX);
+                let floor = self.update_rows_per_point(per_point).map_or(1, |r| MIN_UPDATE_ROWS.div_ceil(r.max(1)));
+                points(auto_batch_bytes()).max(floor).min(points(budget.bytes / 2)).clamp(1, n)
             }
         }
     }
@@ -179,5 +254,17 @@ mod tests {
             assert!(e.contains("auto") && e.contains(&format!("{bad:?}")), "{e}");
         }
         assert_eq!(BatchSize::Points(7).to_string(), "7");
+    }
+
+    #[test]
+    fn cache_sizes_parse() {
+        assert_eq!(parse_cache_size("32768K\n"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1M"), Some(1 << 20));
+        assert_eq!(parse_cache_size("2G"), Some(2 << 30));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size("K"), None);
+        assert_eq!(parse_cache_size("big"), None);
+        let b = auto_batch_bytes();
+        assert!((8 << 20..=512 << 20).contains(&b), "{b}");
     }
 }

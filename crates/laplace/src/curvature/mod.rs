@@ -26,7 +26,7 @@ mod over_data;
 mod products;
 mod selection;
 
-pub use batching::{BatchSize, PerPoint, AUTO_BATCH_BYTES};
+pub use batching::{auto_batch_bytes, BatchSize, PerPoint, MIN_UPDATE_ROWS};
 pub use kfac::KfacApprox;
 pub use selection::{LayerSelection, ParamSelection, Selected, SelectedTensor, Subset};
 
@@ -218,17 +218,43 @@ impl<'m> Curvature<'m> {
         jacobians_for(self.model, &sel, &x.into(), self.chunk_elems)
     }
 
+    /// The Jacobians' selection: this curvature's, or the final Linear
+    /// layer's with `last_layer`.
+    pub(crate) fn jacobian_selection(&self, last_layer: bool) -> Result<std::borrow::Cow<'_, ParamSelection>> {
+        Ok(if last_layer {
+            std::borrow::Cow::Owned(ParamSelection::new(self.model, &Subset::LastLayer)?)
+        } else {
+            std::borrow::Cow::Borrowed(&self.selection)
+        })
+    }
+
     /// Per-sample gradients G `(M, P)` of ℓ(f(x_n), y_n), and Σ_n ℓ_n `(1,)`.
     pub fn gradients(&self, x: impl Into<Inputs>, y: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = &x.into();
         let m = x.len();
-        let chunk = (self.chunk_elems / self.selection.len().max(1)).clamp(1, m.max(1));
-        if chunk >= m {
+        if self.gradient_chunk(m) >= m {
             return self.gradients_chunk(x, y);
         }
-        // A chunk of samples at a time, written into the result.
-        let y = self.targets(y, x)?;
         let mut out = Tensor::zeros((m, self.selection.len()), self.model.dtype(), self.model.device())?;
+        let loss = self.gradients_into(x, y, &mut out, 0)?;
+        Ok((self.finish_gradients(out)?, loss))
+    }
+
+    /// Samples per chunk of a gradient pass over `m` samples: as many
+    /// `(·, P)` rows as `chunk_elems` holds.
+    fn gradient_chunk(&self, m: usize) -> usize {
+        (self.chunk_elems / self.selection.len().max(1)).clamp(1, m.max(1))
+    }
+
+    /// The per-sample gradients of `x` written into rows `row0..row0 + M`
+    /// of `out (·, P)` (selection order, unchecked: see
+    /// [`finish_gradients`](Self::finish_gradients)), a chunk of samples at
+    /// a time; returns their Σ_n ℓ_n `(1,)`. A pass over data writes every
+    /// batch into one result this way, with no per-batch copy.
+    pub(crate) fn gradients_into(&self, x: &Inputs, y: &Tensor, out: &mut Tensor, row0: usize) -> Result<Tensor> {
+        let m = x.len();
+        let chunk = self.gradient_chunk(m);
+        let y = self.targets(y, x)?;
         let mut loss: Option<Tensor> = None;
         let mut start = 0;
         while start < m {
@@ -237,15 +263,17 @@ impl<'m> Curvature<'m> {
             let yc = y.narrow(0, start, len)?;
             let l = self.likelihood.loss(&tape.output, &yc)?;
             let rows = self.likelihood.gradient(&tape.output, &yc)?.unsqueeze(1)?;
-            batch_grads_into(self.model, &self.selection, &tape, rows, &mut out, start)?;
-            loss = Some(match loss {
-                None => l,
-                Some(l0) => (l0 + l)?,
-            });
+            batch_grads_into(self.model, &self.selection, &tape, rows, out, row0 + start)?;
+            loss = crate::pass::accumulate(loss, l, |a, b| Ok((a + b)?))?;
             start += len;
         }
-        let g = self.selection.reorder(out, 1)?;
-        Ok((check_finite(g, "gradients")?, loss.expect("at least one sample")))
+        Ok(loss.expect("at least one sample"))
+    }
+
+    /// Gradients written by [`gradients_into`](Self::gradients_into), in θ
+    /// order and checked finite.
+    pub(crate) fn finish_gradients(&self, g: Tensor) -> Result<Tensor> {
+        check_finite(self.selection.reorder(g, 1)?, "gradients")
     }
 
     fn gradients_chunk(&self, x: &Inputs, y: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -254,7 +282,7 @@ impl<'m> Curvature<'m> {
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.likelihood.gradient(&tape.output, &y)?.unsqueeze(1)?;
         let g = batch_grads(self.model, &self.selection, &tape, rows)?.squeeze(1)?;
-        Ok((check_finite(self.selection.reorder(g, 1)?, "gradients")?, loss))
+        Ok((self.finish_gradients(g)?, loss))
     }
 
     /// Σ_n ℓ_n `(1,)` and the dense curvature H `(P, P)`, accumulated from
@@ -439,24 +467,45 @@ impl<'m> Curvature<'m> {
 fn jacobians_for(model: &Sequential, sel: &ParamSelection, x: &Inputs, chunk_elems: usize) -> Result<(Tensor, Tensor)> {
     let m = x.len();
     let c = model.n_outputs();
-    let chunk = (chunk_elems / (c * sel.len()).max(1)).clamp(1, m.max(1));
-    if chunk >= m {
+    if jacobian_chunk(model, sel, chunk_elems, m) >= m {
         return jacobians_chunk(model, sel, x);
     }
-    // Every chunk writes its rows of the (M·C, P) result directly.
     let mut out = Tensor::zeros((m * c, sel.len()), model.dtype(), model.device())?;
+    let f = jacobians_into(model, sel, x, chunk_elems, &mut out, 0)?;
+    Ok((finish_jacobians(sel, out, m, c)?, f))
+}
+
+/// Samples per chunk of a Jacobian pass over `m` samples: as many
+/// `(C, P)` blocks as `chunk_elems` holds.
+fn jacobian_chunk(model: &Sequential, sel: &ParamSelection, chunk_elems: usize, m: usize) -> usize {
+    (chunk_elems / (model.n_outputs() * sel.len()).max(1)).clamp(1, m.max(1))
+}
+
+/// The Jacobians of `x` written into rows `row0·C..(row0 + M)·C` of `out
+/// (·, P)` (selection order, unchecked: see [`finish_jacobians`]), a chunk
+/// of samples at a time; returns the outputs f `(M, C)`. A pass over data
+/// writes every batch into one result this way, with no per-batch copy.
+pub(crate) fn jacobians_into(model: &Sequential, sel: &ParamSelection, x: &Inputs, chunk_elems: usize, out: &mut Tensor, row0: usize) -> Result<Tensor> {
+    let m = x.len();
+    let c = model.n_outputs();
+    let chunk = jacobian_chunk(model, sel, chunk_elems, m);
     let mut fs = Vec::new();
     let mut start = 0;
     while start < m {
         let len = chunk.min(m - start);
         let tape = engine::forward(model, &x.narrow(start, len)?, sel.active())?;
         let rows = identity_rows(len, c, model)?;
-        batch_grads_into(model, sel, &tape, rows, &mut out, start * c)?;
+        batch_grads_into(model, sel, &tape, rows, out, (row0 + start) * c)?;
         fs.push(tape.output);
         start += len;
     }
-    let j = sel.reorder(out.reshape((m, c, sel.len()))?, 2)?;
-    Ok((check_finite(j, "Jacobians")?, Tensor::cat(&fs, 0)?))
+    Ok(Tensor::cat(&fs, 0)?)
+}
+
+/// Jacobians written by [`jacobians_into`] as `(M·C, P)`: `(M, C, P)`, in
+/// θ order and checked finite.
+pub(crate) fn finish_jacobians(sel: &ParamSelection, j: Tensor, m: usize, c: usize) -> Result<Tensor> {
+    check_finite(sel.reorder(j.reshape((m, c, sel.len()))?, 2)?, "Jacobians")
 }
 
 /// C identity rows for each of M points `(M, C, C)`.

@@ -21,25 +21,6 @@ fn add_pair((l, h): (Tensor, Tensor), (l2, h2): (Tensor, Tensor)) -> Result<(Ten
     Ok(((l + l2)?, (h + h2)?))
 }
 
-/// Rows `offset..offset + len` of an `(N, *)` result, written in place: a
-/// one-batch pass keeps its batch's tensor, a longer one allocates the whole
-/// result once (no second copy of `(N, C, P)` Jacobians).
-fn write_batch_rows(out: Option<Tensor>, part: Tensor, offset: usize, n: usize, single: bool) -> Result<Option<Tensor>> {
-    if single {
-        return Ok(Some(part));
-    }
-    let dst = match out {
-        Some(d) => d,
-        None => {
-            let mut dims = part.dims().to_vec();
-            dims[0] = n;
-            Tensor::zeros(dims, part.dtype(), part.device())?
-        }
-    };
-    crate::tensor::write_rows(&dst, &part, offset)?;
-    Ok(Some(dst))
-}
-
 /// Points `offset..offset + len` of this rank's shard, with their global offset.
 fn shard_batch(data: &Dataset, shard: Shard, offset: usize, len: usize) -> Result<Batch> {
     let mut batch = data.batch(offset, len)?;
@@ -138,20 +119,29 @@ impl Curvature<'_> {
         Ok(j.zip(distributed::gather_rows_to_root(self.comm, f)?))
     }
 
-    /// This rank's rows of J and f.
+    /// This rank's rows of J and f. One batch returns its own result; more
+    /// write their rows into one `(N·C, P)` result, allocated once (no
+    /// per-batch copy, no second `(N, C, P)`).
     fn jacobians_local(&self, data: &Dataset, batch_size: usize, last_layer: bool) -> Result<(Tensor, Tensor)> {
         self.local_pass(data, |shard| {
             // Rank 0 gathers every rank's rows.
             let (n, c, p) = (shard.total, self.model().n_outputs(), self.n_params());
             crate::budget::check(&format!("Jacobians J (N, C, P) = ({n}, {c}, {p})"), &[n, c, p], self.model().dtype().size_in_bytes())?;
-            let single = data.len() <= batch_size.max(1);
-            let (j, fs) = fold_batches(data, batch_size, self.monitor, "Jacobians", (None, Vec::new()), |(out, mut fs), o, n| {
-                let x = data.inputs(o, n)?;
-                let (j, f) = if last_layer { self.last_layer_jacobians(&x)? } else { self.jacobians(&x)? };
-                fs.push(f);
-                Ok((write_batch_rows(out, j, o, data.len(), single)?, fs))
+            if data.len() <= batch_size.max(1) {
+                let jf = fold_batches(data, batch_size, self.monitor, "Jacobians", None, |_, o, n| {
+                    let x = data.inputs(o, n)?;
+                    Ok(Some(if last_layer { self.last_layer_jacobians(&x)? } else { self.jacobians(&x)? }))
+                })?;
+                return Ok(jf.expect("one batch"));
+            }
+            let sel = self.jacobian_selection(last_layer)?;
+            let (m, p) = (data.len(), sel.len());
+            let mut out = Tensor::zeros((m * c, p), self.model().dtype(), self.model().device())?;
+            let fs = fold_batches(data, batch_size, self.monitor, "Jacobians", Vec::new(), |mut fs, o, n| {
+                fs.push(super::jacobians_into(self.model(), &sel, &data.inputs(o, n)?, self.chunk_elems(), &mut out, o)?);
+                Ok(fs)
             })?;
-            Ok((j.expect("a data set has at least one point"), Tensor::cat(&fs, 0)?))
+            Ok((super::finish_jacobians(&sel, out, m, c)?, Tensor::cat(&fs, 0)?))
         })
     }
 
@@ -169,19 +159,26 @@ impl Curvature<'_> {
         Ok(distributed::gather_rows_to_root(self.comm, g)?.map(|g| (g, loss)))
     }
 
-    /// This rank's rows of G, and its shard's summed loss.
+    /// This rank's rows of G, and its shard's summed loss. One batch
+    /// returns its own result; more write their rows into one `(N, P)`
+    /// result, allocated once.
     fn gradients_local(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
         self.local_pass(data, |shard| {
             let (n, p) = (shard.total, self.n_params());
             crate::budget::check(&format!("per-sample gradients G (N, P) = ({n}, {p})"), &[n, p], self.model().dtype().size_in_bytes())?;
             let y = data.targets()?;
-            let single = data.len() <= batch_size.max(1);
-            let (g, loss) = fold_batches(data, batch_size, self.monitor, "gradients", (None, None), |(out, loss), o, n| {
-                let (g, l) = self.gradients(&data.inputs(o, n)?, &y.narrow(0, o, n)?)?;
-                let loss = accumulate(loss, l, |a, b| Ok((a + b)?))?;
-                Ok((write_batch_rows(out, g, o, data.len(), single)?, loss))
+            if data.len() <= batch_size.max(1) {
+                let gl = fold_batches(data, batch_size, self.monitor, "gradients", None, |_, o, n| {
+                    Ok(Some(self.gradients(&data.inputs(o, n)?, &y.narrow(0, o, n)?)?))
+                })?;
+                return Ok(gl.expect("one batch"));
+            }
+            let mut out = Tensor::zeros((data.len(), p), self.model().dtype(), self.model().device())?;
+            let loss = fold_batches(data, batch_size, self.monitor, "gradients", None, |loss, o, n| {
+                let l = self.gradients_into(&data.inputs(o, n)?, &y.narrow(0, o, n)?, &mut out, o)?;
+                accumulate(loss, l, |a, b| Ok((a + b)?))
             })?;
-            Ok((g.expect("a data set has at least one point"), loss.expect("a data set has at least one point")))
+            Ok((self.finish_gradients(out)?, loss.expect("a data set has at least one point")))
         })
     }
 }

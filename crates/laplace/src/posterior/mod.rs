@@ -298,7 +298,12 @@ impl Posterior {
         let (mean, groups, n_groups) = subset_values(&model, &opts.subset)?;
         let curv = Curvature::new(&model, likelihood, opts.curvature, &opts.subset)?.with_monitor(monitor).with_communicator(comm);
         let n_data = curv.n_data(data)?;
-        let batch = curv.batch_points(opts.batch_size, PerPoint::Sums, data.len(), crate::budget::current());
+        let per_point = match opts.structure {
+            Structure::Full => PerPoint::Matrix,
+            Structure::Kron => PerPoint::Factors,
+            Structure::Diag | Structure::LowRank { .. } => PerPoint::Sums,
+        };
+        let batch = curv.batch_points(opts.batch_size, per_point, data.len(), crate::budget::current());
         let (loss, fitted) = match opts.structure {
             Structure::Full => {
                 // H, its f64 copy and eigenvectors, and the eigensolver's workspace.
