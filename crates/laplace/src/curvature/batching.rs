@@ -28,7 +28,8 @@
 //!   with a fraction of the peak memory.
 //! * **floor**: where every batch adds a product into a dense accumulator
 //!   (Kronecker factors, a full `(P, P)` matrix), a batch must contribute at
-//!   least [`MIN_UPDATE_ROWS`] rows to it. The update `S += Xᵀ X` of a
+//!   least [`MIN_UPDATE_ROWS`] rows to it (a full matrix: that many
+//!   points). The update `S += Xᵀ X` of a
 //!   `(d, d)` sum from `rows` rows costs d²·rows multiply-adds but also
 //!   reads and writes the d² sum: with too few rows that traffic, paid per
 //!   batch, dominates (a 4096-input Linear layer's KFAC factor in batches of
@@ -208,12 +209,15 @@ impl Curvature<'_> {
     }
 
     /// Rows a point contributes to the dense accumulator of a pass that
-    /// returns `per_point`: K for a full matrix, and for Kronecker factors
-    /// the fewest positions R of any factored layer (its input factor A
-    /// sums the M·R patch columns); `None` where there is no such sum.
+    /// returns `per_point`: for Kronecker factors the fewest positions R of
+    /// any factored layer (its input factor A sums the M·R patch columns);
+    /// for a full matrix 1, not K: the last-layer kernel sums over points
+    /// (each point's K rows folded into one C × C weight first), and every
+    /// batch builds a whole `(P, P)` matrix before it is added to the sum.
+    /// `None` where there is no such sum.
     fn update_rows_per_point(&self, per_point: PerPoint) -> Option<usize> {
         match per_point {
-            PerPoint::Matrix => Some(self.rows(per_point)),
+            PerPoint::Matrix => Some(1),
             PerPoint::Factors => self.model().nodes().iter().filter_map(|node| node.op.affine()).filter(|a| a.kron_factored()).map(|a| a.affine_dims().2).min(),
             PerPoint::Sums | PerPoint::Gradients | PerPoint::Jacobians => None,
         }

@@ -34,9 +34,9 @@ pub(crate) fn applies(curv: &Curvature) -> Result<Option<usize>> {
     Ok(None)
 }
 
-/// Σ_n ℓ_n and the full last-layer curvature `(C·D [+ C], C·D [+ C])` in the
-/// weight-then-bias layout, on one batch.
-pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Result<(Tensor, Tensor)> {
+/// Add the batch's full last-layer curvature into `h (C·D [+ C], C·D [+ C])`
+/// (the weight-then-bias layout), in place; returns its Σ_n ℓ_n.
+pub(crate) fn add_full(curv: &Curvature, batch: &super::Batch, last: usize, h: &mut Tensor) -> Result<Tensor> {
     let model = curv.model();
     let y = curv.targets(&batch.y, &batch.x)?;
     let tape = engine::forward(model, &batch.x, &model.downstream_of(&[last]))?;
@@ -52,16 +52,19 @@ pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Resul
     let dt = if bias { d + 1 } else { d };
     let x = if bias { Tensor::cat(&[&phi, &Tensor::ones((m, 1), phi.dtype(), phi.device())?], 1)? } else { phi };
     let lam = lam.reshape((m, c * c))?;
-    // H in θ order, written block by block (no permuted copy of the (P, P)
+    // H in θ order, added block by block (no permuted copy of the (P, P)
     // result): the weight (class-major, C·D) first, then the bias (C), so
     // feature k < D of class a is θ index a·D + k and its bias C·D + a.
-    let mut h = Tensor::zeros((c * dt, c * dt), x.dtype(), x.device())?;
+    let (hr, hc) = h.dims2()?;
+    if (hr, hc) != (c * dt, c * dt) {
+        crate::error::bail!(Invalid, "last-layer curvature sum of shape ({hr}, {hc}), expected ({0}, {0})", c * dt);
+    }
     let place = |h: &mut Tensor, block: &Tensor, a: usize, b: usize| -> Result<()> {
-        tensor::write_block(h, &block.narrow(0, 0, d)?.narrow(1, 0, d)?, a * d, b * d)?;
+        tensor::add_block(h, &block.narrow(0, 0, d)?.narrow(1, 0, d)?, a * d, b * d)?;
         if bias {
-            tensor::write_block(h, &block.narrow(0, 0, d)?.narrow(1, d, 1)?, a * d, c * d + b)?;
-            tensor::write_block(h, &block.narrow(0, d, 1)?.narrow(1, 0, d)?, c * d + a, b * d)?;
-            tensor::write_block(h, &block.narrow(0, d, 1)?.narrow(1, d, 1)?, c * d + a, c * d + b)?;
+            tensor::add_block(h, &block.narrow(0, 0, d)?.narrow(1, d, 1)?, a * d, c * d + b)?;
+            tensor::add_block(h, &block.narrow(0, d, 1)?.narrow(1, 0, d)?, c * d + a, b * d)?;
+            tensor::add_block(h, &block.narrow(0, d, 1)?.narrow(1, d, 1)?, c * d + a, c * d + b)?;
         }
         Ok(())
     };
@@ -69,11 +72,11 @@ pub(crate) fn full(curv: &Curvature, batch: &super::Batch, last: usize) -> Resul
         for b in a..c {
             let w = lam.narrow(1, a * c + b, 1)?; // (M, 1)
             let block = x.broadcast_mul(&w)?.t()?.mm(&x)?; // Σ_n Λ̃_ab φ̃φ̃ᵀ (D̃, D̃)
-            place(&mut h, &block, a, b)?;
+            place(h, &block, a, b)?;
             if a != b {
-                place(&mut h, &block.t()?, b, a)?;
+                place(h, &block.t()?, b, a)?;
             }
         }
     }
-    Ok((loss, h))
+    Ok(loss)
 }

@@ -288,41 +288,73 @@ impl<'m> Curvature<'m> {
     /// Σ_n ℓ_n `(1,)` and the dense curvature H `(P, P)`, accumulated from
     /// per-sample gradients a chunk of samples at a time.
     pub fn full(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let mut sum = self.full_sum()?;
+        let loss = self.add_full(batch, &mut sum)?;
+        Ok((loss, self.finish_full(sum)?))
+    }
+
+    /// An empty full-curvature sum for the kernel this curvature uses:
+    /// one for a whole pass over data, so that its batches add into one
+    /// `(P, P)` matrix instead of building one each.
+    pub(crate) fn full_sum(&self) -> Result<FullSum> {
         self.check_full_size()?;
+        let p = self.selection.len();
+        let matrix = || Tensor::zeros((p, p), self.model.dtype(), self.model.device());
         if self.kind == CurvatureKind::Hessian {
-            // Hessian-vector products with identity columns, a block at a time.
-            let p = self.selection.len();
-            let (loss, h) = products::full_by_products(self, batch, p.min(64))?;
-            return Ok((loss, check_finite(h, "Hessian")?));
+            return Ok(FullSum::Matrix { h: matrix()?, kernel: MatrixKernel::HessianProducts });
         }
         if *self.subset() == Subset::LastLayer {
             if let Some(last) = last_layer::applies(self)? {
-                let (loss, h) = last_layer::full(self, batch, last)?;
-                return Ok((loss, check_finite(h, "curvature")?));
+                return Ok(FullSum::Matrix { h: matrix()?, kernel: MatrixKernel::LastLayer(last) });
             }
         }
-        let m = batch.x.len();
-        let p = self.selection.len();
-        let rows_per_point = self.rows_per_point();
-        let chunk = (self.chunk_elems / (rows_per_point * p).max(1)).clamp(1, m.max(1));
-        let targets = self.targets(&batch.y, &batch.x)?;
-        let mut gram = crate::linalg::GramAccumulator::new(p, self.model.dtype());
-        let mut loss = Tensor::zeros(1, self.model.dtype(), self.model.device())?;
-        let mut start = 0;
-        while start < m {
-            let len = chunk.min(m - start);
-            let (x, y) = (batch.x.narrow(start, len)?, targets.narrow(0, start, len)?);
-            let tape = engine::forward(self.model, &x, self.selection.active())?;
-            loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
-            let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
-            let k = rows.dim(1)?;
-            // H += Aᵀ A, A = the (len·K, P) stacked per-sample gradients.
-            gram.add(&batch_grads(self.model, &self.selection, &tape, rows)?.reshape((len * k, p))?)?;
-            start += len;
+        Ok(FullSum::Gram(crate::linalg::GramAccumulator::new(p, self.model.dtype())))
+    }
+
+    /// Add the batch's curvature to `sum`; returns its Σ_n ℓ_n `(1,)`.
+    pub(crate) fn add_full(&self, batch: &Batch, sum: &mut FullSum) -> Result<Tensor> {
+        match sum {
+            FullSum::Matrix { h, kernel: MatrixKernel::HessianProducts } => {
+                // Hessian-vector products with identity columns, a block at a time.
+                let p = self.selection.len();
+                let (loss, hb) = products::full_by_products(self, batch, p.min(64))?;
+                crate::tensor::add_assign(h, &hb)?;
+                Ok(loss)
+            }
+            FullSum::Matrix { h, kernel: MatrixKernel::LastLayer(last) } => last_layer::add_full(self, batch, *last, h),
+            FullSum::Gram(gram) => {
+                let m = batch.x.len();
+                let p = self.selection.len();
+                let chunk = (self.chunk_elems / (self.rows_per_point() * p).max(1)).clamp(1, m.max(1));
+                let targets = self.targets(&batch.y, &batch.x)?;
+                let mut loss = Tensor::zeros(1, self.model.dtype(), self.model.device())?;
+                let mut start = 0;
+                while start < m {
+                    let len = chunk.min(m - start);
+                    let (x, y) = (batch.x.narrow(start, len)?, targets.narrow(0, start, len)?);
+                    let tape = engine::forward(self.model, &x, self.selection.active())?;
+                    loss = (loss + self.likelihood.loss(&tape.output, &y)?)?;
+                    let rows = self.output_rows(&tape.output, &y, batch.offset + start)?;
+                    let k = rows.dim(1)?;
+                    // H += Aᵀ A, A = the (len·K, P) stacked per-sample gradients.
+                    gram.add(&batch_grads(self.model, &self.selection, &tape, rows)?.reshape((len * k, p))?)?;
+                    start += len;
+                }
+                Ok(loss)
+            }
         }
-        let h = gram.finish(self.model.dtype(), self.model.device())?;
-        let h = self.selection.reorder(self.selection.reorder(h, 0)?, 1)?;
-        Ok((loss, check_finite(h, "curvature")?))
+    }
+
+    /// The summed H `(P, P)`, in θ order and checked finite.
+    pub(crate) fn finish_full(&self, sum: FullSum) -> Result<Tensor> {
+        match sum {
+            FullSum::Matrix { h, kernel: MatrixKernel::HessianProducts } => check_finite(h, "Hessian"),
+            FullSum::Matrix { h, kernel: MatrixKernel::LastLayer(_) } => check_finite(h, "curvature"),
+            FullSum::Gram(gram) => {
+                let h = gram.finish(self.model.dtype(), self.model.device())?;
+                check_finite(self.selection.reorder(self.selection.reorder(h, 0)?, 1)?, "curvature")
+            }
+        }
     }
 
     /// Σ_n ℓ_n `(1,)` and the diagonal of H `(P,)`, without per-sample
@@ -459,6 +491,24 @@ impl<'m> Curvature<'m> {
         let m = x.len();
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
     }
+}
+
+/// A full curvature being summed over batches (see [`Curvature::full_sum`]).
+pub(crate) enum FullSum {
+    /// The lower triangle of Σ Aᵀ A over the stacked per-sample gradients
+    /// (the general kernel), in selection order.
+    Gram(crate::linalg::GramAccumulator),
+    /// A θ-ordered `(P, P)` sum that batches add into in place.
+    Matrix { h: Tensor, kernel: MatrixKernel },
+}
+
+/// The kernels that add into a [`FullSum::Matrix`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum MatrixKernel {
+    /// Hessian-vector products with identity columns.
+    HessianProducts,
+    /// The last-layer curvature from its features (the final Linear node).
+    LastLayer(usize),
 }
 
 /// Jacobians over a selection: identity rows pushed back, a chunk of

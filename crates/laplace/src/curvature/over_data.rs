@@ -54,15 +54,17 @@ impl Curvature<'_> {
         Ok((s.pop().expect("two tensors"), h))
     }
 
-    /// `full` summed over the data set in batches of `batch_size` points.
+    /// `full` summed over the data set in batches of `batch_size` points,
+    /// every batch added into one `(P, P)` sum.
     pub fn full_over(&self, data: &Dataset, batch_size: usize) -> Result<(Tensor, Tensor)> {
         let local = self.local_pass(data, |shard| {
             data.targets()?;
-            self.check_full_size()?;
-            let acc = fold_batches(data, batch_size, self.monitor, "full curvature", None, |acc, o, n| {
-                accumulate(acc, self.full(&shard_batch(data, shard, o, n)?)?, add_pair)
+            let mut sum = self.full_sum()?;
+            let loss = fold_batches(data, batch_size, self.monitor, "full curvature", None, |loss, o, n| {
+                let l = self.add_full(&shard_batch(data, shard, o, n)?, &mut sum)?;
+                accumulate(loss, l, |a, b| Ok((a + b)?))
             })?;
-            Ok(acc.expect("a data set has at least one point"))
+            Ok((loss.expect("a data set has at least one point"), self.finish_full(sum)?))
         })?;
         self.sum_pair(local)
     }

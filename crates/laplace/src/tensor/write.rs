@@ -1,6 +1,8 @@
 //! In-place writes into large results (Jacobians, per-sample gradients):
 //! per-layer pieces go straight to their block, without concatenations.
 
+use candle_core::IndexOp;
+
 use super::{DType, Device, Mm, Tensor};
 use crate::error::{bail, Result};
 
@@ -9,6 +11,24 @@ use crate::error::{bail, Result};
 /// concatenation and a second copy of results as large as Jacobians), and
 /// by `slice_assign` (a new tensor) elsewhere.
 pub fn write_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Result<()> {
+    block_op(dst, src, row, col, BlockWrite::Replace)
+}
+
+/// `dst[row.., col..] += src` for 2-D tensors, in place on the CPU (as
+/// [`write_block`]; elsewhere a new tensor). The caller must own `dst`'s
+/// storage alone (see [`add_assign`]).
+pub fn add_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Result<()> {
+    block_op(dst, src, row, col, BlockWrite::Add)
+}
+
+/// What a block write does with the values already there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockWrite {
+    Replace,
+    Add,
+}
+
+fn block_op(dst: &mut Tensor, src: &Tensor, row: usize, col: usize, mode: BlockWrite) -> Result<()> {
     let (r, c) = src.dims2()?;
     let (dr, dc) = dst.dims2()?;
     if row + r > dr || col + c > dc {
@@ -17,10 +37,15 @@ pub fn write_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Re
     match (dst.device(), dst.dtype()) {
         (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
             let src = src.to_dtype(dst.dtype())?.contiguous()?;
-            Ok(dst.inplace_op2(&src, &WriteBlock { row, col })?)
+            Ok(dst.inplace_op2(&src, &WriteBlock { row, col, mode })?)
         }
         _ => {
-            *dst = dst.slice_assign(&[row..row + r, col..col + c], src)?;
+            let ranges = [row..row + r, col..col + c];
+            let src = match mode {
+                BlockWrite::Replace => src.clone(),
+                BlockWrite::Add => (dst.i((row..row + r, col..col + c))? + src)?,
+            };
+            *dst = dst.slice_assign(&ranges, &src)?;
             Ok(())
         }
     }
@@ -29,12 +54,17 @@ pub fn write_block(dst: &mut Tensor, src: &Tensor, row: usize, col: usize) -> Re
 struct WriteBlock {
     row: usize,
     col: usize,
+    mode: BlockWrite,
 }
 
-fn write_block_slices<T: Copy>(dst: &mut [T], dst_cols: usize, src: &[T], rows: usize, cols: usize, row: usize, col: usize) {
+fn write_block_slices<T: Copy + std::ops::AddAssign>(dst: &mut [T], dst_cols: usize, src: &[T], rows: usize, cols: usize, row: usize, col: usize, mode: BlockWrite) {
     for i in 0..rows {
         let d = (row + i) * dst_cols + col;
-        dst[d..d + cols].copy_from_slice(&src[i * cols..(i + 1) * cols]);
+        let (d, s) = (&mut dst[d..d + cols], &src[i * cols..(i + 1) * cols]);
+        match mode {
+            BlockWrite::Replace => d.copy_from_slice(s),
+            BlockWrite::Add => d.iter_mut().zip(s).for_each(|(d, s)| *d += *s),
+        }
     }
 }
 
@@ -55,7 +85,56 @@ impl candle_core::InplaceOp2 for WriteBlock {
         let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
             candle_core::bail!("write_block needs contiguous tensors")
         };
-        float_dispatch!("write_block"; s1 => d, s2 => s; |_Out| write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col));
+        float_dispatch!("write_block"; s1 => d, s2 => s; |_Out| write_block_slices(&mut d[o1..e1], dc, &s[o2..e2], r, c, self.row, self.col, self.mode));
+        Ok(())
+    }
+}
+
+/// `dst += src` for two tensors of one shape, in place on the CPU (a
+/// candle in-place op; elsewhere a new sum replaces `dst`). For running
+/// sums as large as a full `(P, P)` curvature: `acc = acc + part` would
+/// hold a third matrix, and fault in a fresh one, every batch.
+///
+/// The caller must own `dst`'s storage alone: candle tensors share storage
+/// between clones, and all of them see the write.
+pub fn add_assign(dst: &mut Tensor, src: &Tensor) -> Result<()> {
+    if dst.dims() != src.dims() {
+        bail!(Invalid, "add_assign: shapes {:?} and {:?} differ", dst.dims(), src.dims());
+    }
+    match (dst.device(), dst.dtype()) {
+        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
+            let src = src.to_dtype(dst.dtype())?.contiguous()?;
+            Ok(dst.inplace_op2(&src, &AddAssign)?)
+        }
+        _ => {
+            *dst = (&*dst + src)?;
+            Ok(())
+        }
+    }
+}
+
+struct AddAssign;
+
+impl candle_core::InplaceOp2 for AddAssign {
+    fn name(&self) -> &'static str {
+        "add_assign"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("add_assign needs contiguous tensors")
+        };
+        float_dispatch!("add_assign"; s1 => d, s2 => s; |_Out| {
+            for (d, s) in d[o1..e1].iter_mut().zip(&s[o2..e2]) {
+                *d += *s;
+            }
+        });
         Ok(())
     }
 }
@@ -231,6 +310,41 @@ impl candle_core::InplaceOp3 for WriteProducts {
         };
         let (us, u0) = (l3.stride(), l3.start_offset());
         float_dispatch!("write_products_rows"; s1 => d, s2 => v, s3 => u; |_Out| write_products_slices(&mut d[o1..e1], dc, &v[o2..e2], (k, o, r), &u[u0..], i, us, self));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `add_assign` equals candle's sum: in place for contiguous f32 and
+    /// f64 tensors (with a strided or other-dtype operand), by a new sum
+    /// for a strided destination; shapes that differ are refused.
+    #[test]
+    fn add_assign_matches_candles_sum() -> Result<()> {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::F64] {
+            let a = Tensor::randn(0f64, 1.0, (7, 5), &dev)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f64, 1.0, (5, 7), &dev)?.to_dtype(dtype)?.t()?; // strided
+            let want = crate::tensor::to_vec_f64(&(&a + &b)?)?;
+            let mut dst = a.copy()?;
+            add_assign(&mut dst, &b)?;
+            assert_eq!(crate::tensor::to_vec_f64(&dst)?, want, "{dtype:?}");
+            // The other dtype as the operand is converted first.
+            let mut dst = a.copy()?;
+            add_assign(&mut dst, &b.to_dtype(DType::F64)?.to_dtype(if dtype == DType::F32 { DType::F64 } else { DType::F32 })?)?;
+            let got = crate::tensor::to_vec_f64(&dst)?;
+            assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6), "{dtype:?} mixed");
+            // A strided destination is replaced by a new sum.
+            let mut dst = a.t()?.contiguous()?.t()?;
+            assert!(!dst.is_contiguous());
+            add_assign(&mut dst, &b)?;
+            assert_eq!(crate::tensor::to_vec_f64(&dst)?, want, "{dtype:?} strided");
+        }
+        let mut dst = Tensor::zeros((2, 3), DType::F32, &dev)?;
+        let e = add_assign(&mut dst, &Tensor::zeros((3, 2), DType::F32, &dev)?).unwrap_err().to_string();
+        assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
         Ok(())
     }
 }
