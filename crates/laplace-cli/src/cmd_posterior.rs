@@ -105,8 +105,9 @@ pub struct FitArgs {
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f64,
     /// Points per batch of the curvature passes, or auto: the largest batch
-    /// whose estimated working memory fits the last-level cache (at least
-    /// 1024 rows into Kronecker factors or a full matrix per batch), and
+    /// whose estimated working memory fits the last-level cache (raised
+    /// for Kronecker factors and full matrices, whose sums every batch
+    /// reads and writes), and
     /// always half of --memory-limit (the batch size changes only the
     /// summation order).
     #[arg(long, value_name = "auto|N", default_value = "auto")]

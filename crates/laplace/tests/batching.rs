@@ -106,11 +106,11 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
         let (model, data) = repeated(case, 100);
         let n = data.len();
         let kinds = [
-            ("GGN", CurvatureKind::Ggn),
-            ("MC Fisher, 4 samples", CurvatureKind::FisherMc { samples: 4, seed: 3 }),
-            ("EF", CurvatureKind::Ef),
+            ("GGN", CurvatureKind::Ggn, model.n_outputs()),
+            ("MC Fisher, 4 samples", CurvatureKind::FisherMc { samples: 4, seed: 3 }, 4),
+            ("EF", CurvatureKind::Ef, 1),
         ];
-        for (name, kind) in kinds {
+        for (name, kind, rows) in kinds {
             for subset in [Subset::All, Subset::LastLayer] {
                 let curv = Curvature::new(&model, likelihood, kind, &subset).unwrap().with_chunk_elems(CHUNK_ELEMS);
                 let chunk_bytes = 4 * CHUNK_ELEMS * model.dtype().size_in_bytes();
@@ -130,14 +130,21 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let many = 1 << 40;
                 let ceiling = curv.batch_points(BatchSize::Auto, PerPoint::Sums, many, MemoryBudget { bytes: u64::MAX });
                 assert_eq!(ceiling as u64, auto_batch_bytes() / per, "{what}");
-                // Passes that add into dense sums send at least MIN_UPDATE_ROWS
-                // rows into them per batch: for Kronecker factors M·R rows of
-                // the final Linear layer's input factor (R = 1), for a full
-                // matrix M points, even above the ceiling, but never above
-                // half the budget.
-                for (sum, rows_per_point) in [(PerPoint::Factors, 1), (PerPoint::Matrix, 1)] {
+                // Passes that add into dense sums bring them MIN_UPDATE_ROWS
+                // rows of work per value of the sums, even above the ceiling,
+                // but never above half the budget: a full matrix that many
+                // points; Kronecker factors ⌈rows · S / F⌉, S = Σ I² + O² the
+                // factors' elements and F = Σ R·I² + K·R·O² the work of one
+                // point, over the Kronecker-factored layers.
+                let (sums, work) = model.nodes().iter().filter_map(|n| n.op.affine()).filter(|a| a.kron_factored()).fold((0.0, 0.0), |(s, f), a| {
+                    let (o, i, r) = a.affine_dims();
+                    let (o, i, r, k) = (o as f64, i as f64, r as f64, rows as f64);
+                    (s + i * i + o * o, f + r * i * i + k * r * o * o)
+                });
+                let kron_floor = (MIN_UPDATE_ROWS as f64 * sums / work).ceil() as usize;
+                assert!((1..=MIN_UPDATE_ROWS).contains(&kron_floor), "{what}: {kron_floor}");
+                for (sum, floor) in [(PerPoint::Factors, kron_floor), (PerPoint::Matrix, MIN_UPDATE_ROWS)] {
                     let per = curv.point_working_bytes(sum).unwrap();
-                    let floor = MIN_UPDATE_ROWS.div_ceil(rows_per_point);
                     let big = curv.batch_points(BatchSize::Auto, sum, many, MemoryBudget { bytes: u64::MAX });
                     assert_eq!(big, ((auto_batch_bytes() / per) as usize).max(floor), "{what} {sum:?}");
                     assert!(big >= floor, "{what} {sum:?}");

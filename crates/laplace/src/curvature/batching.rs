@@ -26,15 +26,17 @@
 //!   19 workloads (bench/BATCH.md) batches of about the cache's size were
 //!   as fast as one batch of all points or faster (diagonals: 0.73–1.0×),
 //!   with a fraction of the peak memory.
-//! * **floor**: where every batch adds a product into a dense accumulator
-//!   (Kronecker factors, a full `(P, P)` matrix), a batch must contribute at
-//!   least [`MIN_UPDATE_ROWS`] rows to it (a full matrix: that many
-//!   points). The update `S += Xᵀ X` of a
-//!   `(d, d)` sum from `rows` rows costs d²·rows multiply-adds but also
-//!   reads and writes the d² sum: with too few rows that traffic, paid per
-//!   batch, dominates (a 4096-input Linear layer's KFAC factor in batches of
-//!   6 points took 2.8× the time of one batch). The floor may exceed the
-//!   ceiling, never the budget.
+//! * **floor**: where every batch adds products into dense sums (Kronecker
+//!   factors, a full `(P, P)` matrix), a batch must bring them at least
+//!   [`MIN_UPDATE_ROWS`] rows of work for each value of the sums. The
+//!   update `S += Xᵀ X` of a `(d, d)` sum from `rows` rows costs d²·rows
+//!   multiply-adds but also reads and writes the d² sum: with too few rows
+//!   that traffic, paid per batch, dominates (a 4096-input Linear layer's
+//!   KFAC factor in batches of 6 points took 2.8× the time of one batch).
+//!   The floor (`min_batch_points`) weighs every sum by its size against
+//!   the work a point adds to it, so small factors beside a wide output
+//!   (100 classes) ask for few points. It may exceed the ceiling, never the
+//!   budget.
 //!
 //! The estimate, per point, in elements of the compute dtype:
 //!
@@ -208,18 +210,45 @@ impl Curvature<'_> {
             .checked_mul(model.dtype().size_in_bytes() as u64)
     }
 
-    /// Rows a point contributes to the dense accumulator of a pass that
-    /// returns `per_point`: for Kronecker factors the fewest positions R of
-    /// any factored layer (its input factor A sums the M·R patch columns);
-    /// for a full matrix 1, not K: the last-layer kernel sums over points
-    /// (each point's K rows folded into one C × C weight first), and every
-    /// batch builds a whole `(P, P)` matrix before it is added to the sum.
-    /// `None` where there is no such sum.
-    fn update_rows_per_point(&self, per_point: PerPoint) -> Option<usize> {
+    /// The fewest points an Auto batch holds (the floor of the module
+    /// documentation): enough that the dense sums the pass adds into get
+    /// [`MIN_UPDATE_ROWS`] rows of work per batch for every value of theirs
+    /// a batch reads and writes,
+    ///
+    /// ```text
+    /// floor = ⌈MIN_UPDATE_ROWS · S / F⌉,   S the elements of the sums,
+    ///                                      F the multiply-adds one point adds to them.
+    /// ```
+    ///
+    /// Kronecker factors: S = Σ (I² + O²) and F = Σ (R·I² + K·R·O²) over the
+    /// factored layers (A from M·R patch columns, B from M·K·R rows), so a
+    /// lone Linear layer with K = 1 needs MIN_UPDATE_ROWS points, and a
+    /// model whose factors are small next to its K rows of work far fewer.
+    /// A full matrix: S = P² and F = P² (the last-layer kernel's work per
+    /// point once its K rows are folded into a C × C weight; the general
+    /// kernel does K times more, the bound stays safe), so MIN_UPDATE_ROWS
+    /// points. 1 where the pass has no dense sum.
+    fn min_batch_points(&self, per_point: PerPoint) -> usize {
+        let rows = MIN_UPDATE_ROWS as f64;
         match per_point {
-            PerPoint::Matrix => Some(1),
-            PerPoint::Factors => self.model().nodes().iter().filter_map(|node| node.op.affine()).filter(|a| a.kron_factored()).map(|a| a.affine_dims().2).min(),
-            PerPoint::Sums | PerPoint::Gradients | PerPoint::Jacobians => None,
+            PerPoint::Matrix => MIN_UPDATE_ROWS,
+            PerPoint::Factors => {
+                let k = self.rows(per_point) as f64;
+                let (sums, work) = self
+                    .model()
+                    .nodes()
+                    .iter()
+                    .filter_map(|node| node.op.affine())
+                    .filter(|a| a.kron_factored())
+                    .map(|a| {
+                        let (o, i, r) = a.affine_dims();
+                        let (o, i, r) = (o as f64, i as f64, r as f64);
+                        (i * i + o * o, r * i * i + k * r * o * o)
+                    })
+                    .fold((0.0, 0.0), |(s, f), (s1, f1)| (s + s1, f + f1));
+                if work > 0.0 { (rows * sums / work).ceil().min(usize::MAX as f64) as usize } else { 1 }
+            }
+            PerPoint::Sums | PerPoint::Gradients | PerPoint::Jacobians => 1,
         }
     }
 
@@ -227,7 +256,7 @@ impl Curvature<'_> {
     /// that returns `per_point`: `size` itself, or for [`BatchSize::Auto`]
     /// the rule of the module documentation: the most points whose
     /// estimated working set fits [`auto_batch_bytes`], raised to the floor
-    /// of [`MIN_UPDATE_ROWS`] where the pass adds into a dense accumulator,
+    /// (`min_batch_points`) where the pass adds into dense sums,
     /// and lowered to what fits half of `budget` (at least 1, at most
     /// `n_points`).
     pub fn batch_points(&self, size: BatchSize, per_point: PerPoint, n_points: usize, budget: MemoryBudget) -> usize {
@@ -237,7 +266,7 @@ impl Curvature<'_> {
             BatchSize::Auto => {
                 let per = self.point_working_bytes(per_point).unwrap_or(u64::MAX).max(1);
                 let points = |bytes: u64| usize::try_from(bytes / per).unwrap_or(usize::MAX);
-                let floor = self.update_rows_per_point(per_point).map_or(1, |r| MIN_UPDATE_ROWS.div_ceil(r.max(1)));
+                let floor = self.min_batch_points(per_point);
                 points(auto_batch_bytes()).max(floor).min(points(budget.bytes / 2)).clamp(1, n)
             }
         }
