@@ -146,6 +146,32 @@ impl Kron {
         Ok(Kron { blocks })
     }
 
+    /// `self += other`, factor by factor, in place (see
+    /// [`tensor::add_assign`](crate::tensor::add_assign)): a pass over
+    /// data adds each batch's factors into the first batch's, instead of
+    /// building a third set every batch.
+    ///
+    /// A factor that is a clone of an earlier one (KFAC's weight and bias
+    /// blocks hold one output factor B) shares its storage and is one sum:
+    /// it is added once. `self` must own its factors alone otherwise.
+    pub fn add_assign(&mut self, other: &Kron) -> Result<()> {
+        if self.blocks.len() != other.blocks.len() {
+            bail!(Invalid, "cannot add Kron with {} blocks to one with {}", self.blocks.len(), other.blocks.len());
+        }
+        let mut added = std::collections::HashSet::new();
+        for (b, (x, y)) in self.blocks.iter_mut().zip(&other.blocks).enumerate() {
+            if x.len() != y.len() || x.iter().zip(y).any(|(f, g)| f.dims() != g.dims()) {
+                bail!(Invalid, "Kronecker block {b} has different factor shapes in the two summands");
+            }
+            for (f, g) in x.iter_mut().zip(y) {
+                if added.insert(f.id()) {
+                    crate::tensor::add_assign(f, g)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `s · K`: every factor of a block times s^(1/#factors).
     pub fn scale(&self, s: f64) -> Result<Kron> {
         let blocks = self

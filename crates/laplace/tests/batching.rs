@@ -130,20 +130,25 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let many = 1 << 40;
                 let ceiling = curv.batch_points(BatchSize::Auto, PerPoint::Sums, many, MemoryBudget { bytes: u64::MAX });
                 assert_eq!(ceiling as u64, auto_batch_bytes() / per, "{what}");
-                // Passes that add into dense sums bring them MIN_UPDATE_ROWS
-                // rows of work per value of the sums, even above the ceiling,
-                // but never above half the budget: a full matrix that many
-                // points; Kronecker factors ⌈rows · S / F⌉, S = Σ I² + O² the
-                // factors' elements and F = Σ R·I² + K·R·O² the work of one
-                // point, over the Kronecker-factored layers.
-                let (sums, work) = model.nodes().iter().filter_map(|n| n.op.affine()).filter(|a| a.kron_factored()).fold((0.0, 0.0), |(s, f), a| {
-                    let (o, i, r) = a.affine_dims();
-                    let (o, i, r, k) = (o as f64, i as f64, r as f64, rows as f64);
-                    (s + i * i + o * o, f + r * i * i + k * r * o * o)
-                });
-                let kron_floor = (MIN_UPDATE_ROWS as f64 * sums / work).ceil() as usize;
-                assert!((1..=MIN_UPDATE_ROWS).contains(&kron_floor), "{what}: {kron_floor}");
-                for (sum, floor) in [(PerPoint::Factors, kron_floor), (PerPoint::Matrix, MIN_UPDATE_ROWS)] {
+                // The floor: MIN_UPDATE_ROWS rows of work for every value a
+                // batch moves whatever its size, ⌈rows · S / F⌉: the weights
+                // (S = Σ O·I, F = Σ (1 + K)·R·O·I), for Kronecker factors
+                // also the factors (S = Σ I² + O², F = Σ R·I² + K·R·O²); a
+                // full matrix MIN_UPDATE_ROWS points. Even above the ceiling,
+                // never above half the budget.
+                let floor_of = |factors: bool| {
+                    let (moved, work) = model.nodes().iter().filter_map(|n| n.op.affine()).fold((0.0, 0.0), |(s, f), a| {
+                        let (o, i, r) = a.affine_dims();
+                        let (o, i, r, k) = (o as f64, i as f64, r as f64, rows as f64);
+                        let (s1, f1) = if factors && a.kron_factored() { (i * i + o * o, r * i * i + k * r * o * o) } else { (0.0, 0.0) };
+                        (s + o * i + s1, f + (1.0 + k) * r * o * i + f1)
+                    });
+                    ((MIN_UPDATE_ROWS as f64 * moved / work).ceil() as usize).max(1)
+                };
+                assert_eq!(curv.min_batch_points(PerPoint::Sums), floor_of(false), "{what}");
+                assert!((1..=MIN_UPDATE_ROWS).contains(&floor_of(true)), "{what}: {}", floor_of(true));
+                for (sum, floor) in [(PerPoint::Factors, floor_of(true)), (PerPoint::Matrix, MIN_UPDATE_ROWS)] {
+                    assert_eq!(curv.min_batch_points(sum), floor, "{what} {sum:?}");
                     let per = curv.point_working_bytes(sum).unwrap();
                     let big = curv.batch_points(BatchSize::Auto, sum, many, MemoryBudget { bytes: u64::MAX });
                     assert_eq!(big, ((auto_batch_bytes() / per) as usize).max(floor), "{what} {sum:?}");
@@ -166,6 +171,16 @@ fn auto_batches_fit_the_budget_and_the_estimate_bounds_the_pass() {
                 let blocks: Vec<&Tensor> = kron.blocks.iter().flatten().collect();
                 let bound = n * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&blocks) + chunk_bytes;
                 assert!(peak <= bound, "{what} KFAC: {peak} B allocated, estimate {bound} B");
+                // In batches of 37, added into the first batch's factors in
+                // place (the weight's and bias's shared B once): the same sums.
+                let (peak, (_, kron37)) = measured(|| curv.kron_over(&data, 37, n, KfacApprox::Expand).unwrap());
+                let bound = 37 * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&blocks) + chunk_bytes;
+                assert!(peak <= bound, "{what} KFAC in batches of 37: {peak} B allocated, estimate {bound} B");
+                for (b, (x, y)) in kron37.blocks.iter().zip(&kron.blocks).enumerate() {
+                    for (f37, f) in x.iter().zip(y) {
+                        assert!(rel_err(f37, f) < 1e-13, "{what} KFAC block {b}: batches of 37 vs one: {:e}", rel_err(f37, f));
+                    }
+                }
 
                 let (peak, (loss, h)) = measured(|| curv.full_over(&data, n).unwrap());
                 let bound = n * per as usize + bytes_of(&[&loss]) + 2 * bytes_of(&[&h]) + chunk_bytes;

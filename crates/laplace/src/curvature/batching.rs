@@ -26,17 +26,20 @@
 //!   19 workloads (bench/BATCH.md) batches of about the cache's size were
 //!   as fast as one batch of all points or faster (diagonals: 0.73–1.0×),
 //!   with a fraction of the peak memory.
-//! * **floor**: where every batch adds products into dense sums (Kronecker
-//!   factors, a full `(P, P)` matrix), a batch must bring them at least
-//!   [`MIN_UPDATE_ROWS`] rows of work for each value of the sums. The
-//!   update `S += Xᵀ X` of a `(d, d)` sum from `rows` rows costs d²·rows
+//! * **floor** (`min_batch_points`): some values every batch reads or
+//!   writes in full, whatever its size: the weights (every product reads
+//!   them), and where a pass adds into dense sums (Kronecker factors, a
+//!   full `(P, P)` matrix) those sums. A batch must bring at least
+//!   [`MIN_UPDATE_ROWS`] rows of work for each such value. The update
+//!   `S += Xᵀ X` of a `(d, d)` sum from `rows` rows costs d²·rows
 //!   multiply-adds but also reads and writes the d² sum: with too few rows
 //!   that traffic, paid per batch, dominates (a 4096-input Linear layer's
-//!   KFAC factor in batches of 6 points took 2.8× the time of one batch).
-//!   The floor (`min_batch_points`) weighs every sum by its size against
-//!   the work a point adds to it, so small factors beside a wide output
-//!   (100 classes) ask for few points. It may exceed the ceiling, never the
-//!   budget.
+//!   KFAC factor in batches of 6 points took 2.8× the time of one batch;
+//!   a 4096-wide MLP's EF diagonal in batches of 204, 1.3×). The floor
+//!   weighs each of these by its size against the work a point does with
+//!   it, so small factors beside a wide output (100 classes) or a
+//!   convolution's few weights ask for few points. It may exceed the
+//!   ceiling, never the budget.
 //!
 //! The estimate, per point, in elements of the compute dtype:
 //!
@@ -211,52 +214,54 @@ impl Curvature<'_> {
     }
 
     /// The fewest points an Auto batch holds (the floor of the module
-    /// documentation): enough that the dense sums the pass adds into get
-    /// [`MIN_UPDATE_ROWS`] rows of work per batch for every value of theirs
-    /// a batch reads and writes,
+    /// documentation): enough that every value a batch must read or write
+    /// whatever its size gets [`MIN_UPDATE_ROWS`] rows of work,
     ///
     /// ```text
-    /// floor = ⌈MIN_UPDATE_ROWS · S / F⌉,   S the elements of the sums,
-    ///                                      F the multiply-adds one point adds to them.
+    /// floor = ⌈MIN_UPDATE_ROWS · S / F⌉,   S the values every batch moves,
+    ///                                      F the multiply-adds one point does with them.
     /// ```
     ///
-    /// Kronecker factors: S = Σ (I² + O²) and F = Σ (R·I² + K·R·O²) over the
-    /// factored layers (A from M·R patch columns, B from M·K·R rows), so a
-    /// lone Linear layer with K = 1 needs MIN_UPDATE_ROWS points, and a
-    /// model whose factors are small next to its K rows of work far fewer.
-    /// A full matrix: S = P² and F = P² (the last-layer kernel's work per
-    /// point once its K rows are folded into a C × C weight; the general
-    /// kernel does K times more, the bound stays safe), so MIN_UPDATE_ROWS
-    /// points. 1 where the pass has no dense sum.
-    fn min_batch_points(&self, per_point: PerPoint) -> usize {
-        let rows = MIN_UPDATE_ROWS as f64;
-        match per_point {
-            PerPoint::Matrix => MIN_UPDATE_ROWS,
-            PerPoint::Factors => {
-                let k = self.rows(per_point) as f64;
-                let (sums, work) = self
-                    .model()
-                    .nodes()
-                    .iter()
-                    .filter_map(|node| node.op.affine())
-                    .filter(|a| a.kron_factored())
-                    .map(|a| {
-                        let (o, i, r) = a.affine_dims();
-                        let (o, i, r) = (o as f64, i as f64, r as f64);
-                        (i * i + o * o, r * i * i + k * r * o * o)
-                    })
-                    .fold((0.0, 0.0), |(s, f), (s1, f1)| (s + s1, f + f1));
-                if work > 0.0 { (rows * sums / work).ceil().min(usize::MAX as f64) as usize } else { 1 }
-            }
-            PerPoint::Sums | PerPoint::Gradients | PerPoint::Jacobians => 1,
+    /// Every pass reads the weights: S = Σ O·I, F = Σ (1 + K)·R·O·I over the
+    /// affine layers (the forward product and K rows pulled back), so a
+    /// wide MLP's batch holds at least 1024 / (1 + K) points, a
+    /// convolution's, whose weights are few next to its positions R, far
+    /// fewer. Kronecker factors add S = Σ (I² + O²) and F = Σ (R·I² +
+    /// K·R·O²) over the factored layers (A from M·R patch columns, B from
+    /// M·K·R rows). A full matrix needs MIN_UPDATE_ROWS points: S = P² and
+    /// F = P² (the last-layer kernel's work per point once its K rows are
+    /// folded into a C × C weight; the general kernel does K times more,
+    /// the bound stays safe).
+    pub fn min_batch_points(&self, per_point: PerPoint) -> usize {
+        if per_point == PerPoint::Matrix {
+            return MIN_UPDATE_ROWS;
         }
+        let k = self.rows(per_point) as f64;
+        let factors = per_point == PerPoint::Factors;
+        let (moved, work) = self
+            .model()
+            .nodes()
+            .iter()
+            .filter_map(|node| node.op.affine())
+            .map(|a| {
+                let (o, i, r) = a.affine_dims();
+                let (o, i, r) = (o as f64, i as f64, r as f64);
+                let (mut s, mut f) = (o * i, (1.0 + k) * r * o * i);
+                if factors && a.kron_factored() {
+                    s += i * i + o * o;
+                    f += r * i * i + k * r * o * o;
+                }
+                (s, f)
+            })
+            .fold((0.0, 0.0), |(s, f), (s1, f1)| (s + s1, f + f1));
+        if work > 0.0 { (MIN_UPDATE_ROWS as f64 * moved / work).ceil().clamp(1.0, usize::MAX as f64) as usize } else { 1 }
     }
 
     /// The number of points per batch for a pass over `n_points` points
     /// that returns `per_point`: `size` itself, or for [`BatchSize::Auto`]
     /// the rule of the module documentation: the most points whose
     /// estimated working set fits [`auto_batch_bytes`], raised to the floor
-    /// (`min_batch_points`) where the pass adds into dense sums,
+    /// (`min_batch_points`),
     /// and lowered to what fits half of `budget` (at least 1, at most
     /// `n_points`).
     pub fn batch_points(&self, size: BatchSize, per_point: PerPoint, n_points: usize, budget: MemoryBudget) -> usize {

@@ -88,8 +88,14 @@ impl Curvature<'_> {
         let (loss, kron) = self.local_pass(data, |shard| {
             data.targets()?;
             let acc = fold_batches(data, batch_size, self.monitor, "Kronecker factors", None, |acc, o, n| {
+                // The first batch's factors are the sum: built fresh by
+                // `kron` and owned here alone (but for the B that a layer's
+                // weight and bias blocks share, which `add_assign` adds once).
                 let part = self.kron(&shard_batch(data, shard, o, n)?, n_data, approx)?;
-                accumulate(acc, part, |(l0, k0), (l, k)| Ok(((l0 + l)?, k0.add(&k)?)))
+                accumulate(acc, part, |(l0, mut k0), (l, k)| {
+                    k0.add_assign(&k)?;
+                    Ok(((l0 + l)?, k0))
+                })
             })?;
             Ok(acc.expect("a data set has at least one point"))
         })?;
