@@ -29,8 +29,8 @@ pub struct Inputs {
     #[arg(long, value_enum)]
     pub dtype: Option<DTypeArg>,
     /// Points per batch, or auto: the largest batch whose estimated working
-    /// memory fits the last-level cache (raised for Kronecker factors and full
-    /// matrices, whose sums every batch reads and writes), and always half of
+    /// memory fits the last-level cache (raised so that the weights, Kronecker
+    /// factors or full matrix every batch reads and writes get enough work), and always half of
     /// --memory-limit. Results are sums (or
     /// concatenations) over batches: the batch size changes only the
     /// summation order.

@@ -106,8 +106,8 @@ pub struct FitArgs {
     pub temperature: f64,
     /// Points per batch of the curvature passes, or auto: the largest batch
     /// whose estimated working memory fits the last-level cache (raised
-    /// for Kronecker factors and full matrices, whose sums every batch
-    /// reads and writes), and
+    /// so that the weights, Kronecker factors or full matrix every batch
+    /// reads and writes get enough work), and
     /// always half of --memory-limit (the batch size changes only the
     /// summation order).
     #[arg(long, value_name = "auto|N", default_value = "auto")]

@@ -104,14 +104,18 @@ fn parse_cache_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
-/// Rows one batch contributes, at least, to a dense accumulator (Kronecker
-/// factors, a full matrix) in a [`BatchSize::Auto`] pass. Updating a
-/// `(d, d)` sum from r rows takes d²·r multiply-adds and moves about 3·d²
-/// values (the batch's product written, then added into the sum). On this
-/// machine (faer's f32 GEMM at about 210 GFLOP/s on 2 threads,
-/// bench/YARDSTICK.md; a streaming add at about 30 GB/s) that traffic costs
-/// about 42/r of the update's time: 4 % at 1024 rows.
-pub const MIN_UPDATE_ROWS: usize = 1024;
+/// Rows of work a batch brings, at least, to every value it must read or
+/// write whatever its size (the floor of the module documentation).
+/// Updating a `(d, d)` sum from r rows takes d²·r multiply-adds and moves
+/// about 3·d² values (the batch's product written, then added into the
+/// sum); on this machine (faer's f32 GEMM at about 210 GFLOP/s on 2
+/// threads, bench/YARDSTICK.md; a streaming add at about 30 GB/s) that
+/// model puts the traffic at 42/r of the update's time. Measured, the
+/// per-batch costs are larger (packing, small products at the edges of
+/// the sums, allocation): at 1024 rows the sweep's widest MLP paid 16–18 %
+/// for batches of 94–155 points over one batch (bench/BATCH.md), so the
+/// floor asks for four times that.
+pub const MIN_UPDATE_ROWS: usize = 4096;
 
 /// How many points one batch of a pass over data holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -224,7 +228,7 @@ impl Curvature<'_> {
     ///
     /// Every pass reads the weights: S = Σ O·I, F = Σ (1 + K)·R·O·I over the
     /// affine layers (the forward product and K rows pulled back), so a
-    /// wide MLP's batch holds at least 1024 / (1 + K) points, a
+    /// wide MLP's batch holds at least MIN_UPDATE_ROWS / (1 + K) points, a
     /// convolution's, whose weights are few next to its positions R, far
     /// fewer. Kronecker factors add S = Σ (I² + O²) and F = Σ (R·I² +
     /// K·R·O²) over the factored layers (A from M·R patch columns, B from
