@@ -23,9 +23,10 @@
 //!   leaves the cache, a larger batch is no faster per point (its products
 //!   are already as large as the kernels need) but every extra byte is a
 //!   page the process must fault in and zero once, and hold. On the sweep's
-//!   19 workloads (bench/BATCH.md) batches of about the cache's size were
-//!   as fast as one batch of all points or faster (diagonals: 0.73–1.0×),
-//!   with a fraction of the peak memory.
+//!   19 workloads (bench/BATCH.md), in the 27 cells this rule splits into
+//!   batches, the whole command took 0.74–1.13× the time of one batch of all
+//!   points (median 0.94×; the run's noise is 0.74–1.24×) with 0.12–1.00×
+//!   its peak memory (median 0.47×).
 //! * **floor** (`min_batch_points`): some values every batch reads or
 //!   writes in full, whatever its size: the weights (every product reads
 //!   them), and where a pass adds into dense sums (Kronecker factors, a
