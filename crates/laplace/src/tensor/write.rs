@@ -34,21 +34,17 @@ fn block_op(dst: &mut Tensor, src: &Tensor, row: usize, col: usize, mode: BlockW
     if row + r > dr || col + c > dc {
         bail!(Invalid, "block ({r}, {c}) at ({row}, {col}) does not fit in ({dr}, {dc})");
     }
-    match (dst.device(), dst.dtype()) {
-        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
-            let src = src.to_dtype(dst.dtype())?.contiguous()?;
-            Ok(dst.inplace_op2(&src, &WriteBlock { row, col, mode })?)
-        }
-        _ => {
-            let ranges = [row..row + r, col..col + c];
-            let src = match mode {
-                BlockWrite::Replace => src.clone(),
-                BlockWrite::Add => (dst.i((row..row + r, col..col + c))? + src)?,
-            };
-            *dst = dst.slice_assign(&ranges, &src)?;
-            Ok(())
-        }
+    if writes_in_place(dst) {
+        let src = src.to_dtype(dst.dtype())?.contiguous()?;
+        return Ok(dst.inplace_op2(&src, &WriteBlock { row, col, mode })?);
     }
+    let ranges = [row..row + r, col..col + c];
+    let src = match mode {
+        BlockWrite::Replace => src.clone(),
+        BlockWrite::Add => (dst.i((row..row + r, col..col + c))? + src)?,
+    };
+    *dst = dst.slice_assign(&ranges, &src)?;
+    Ok(())
 }
 
 struct WriteBlock {
@@ -101,42 +97,21 @@ pub fn add_assign(dst: &mut Tensor, src: &Tensor) -> Result<()> {
     if dst.dims() != src.dims() {
         bail!(Invalid, "add_assign: shapes {:?} and {:?} differ", dst.dims(), src.dims());
     }
-    match (dst.device(), dst.dtype()) {
-        (Device::Cpu, DType::F32 | DType::F64) if dst.is_contiguous() => {
-            let src = src.to_dtype(dst.dtype())?.contiguous()?;
-            Ok(dst.inplace_op2(&src, &AddAssign)?)
-        }
-        _ => {
-            *dst = (&*dst + src)?;
-            Ok(())
-        }
+    if !writes_in_place(dst) {
+        *dst = (&*dst + src)?;
+        return Ok(());
     }
+    // One (1, n) block over the whole tensor: the flat view shares `dst`'s
+    // storage, so the in-place block add writes `dst` (which stays the same
+    // tensor, clones included).
+    let n = dst.elem_count();
+    add_block(&mut dst.reshape((1, n))?, &src.reshape((1, n))?, 0, 0)
 }
 
-struct AddAssign;
-
-impl candle_core::InplaceOp2 for AddAssign {
-    fn name(&self) -> &'static str {
-        "add_assign"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        let (Some((o1, e1)), Some((o2, e2))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("add_assign needs contiguous tensors")
-        };
-        float_dispatch!("add_assign"; s1 => d, s2 => s; |_Out| {
-            for (d, s) in d[o1..e1].iter_mut().zip(&s[o2..e2]) {
-                *d += *s;
-            }
-        });
-        Ok(())
-    }
+/// Whether the block writes here change `dst` in place (a contiguous f32 or
+/// f64 tensor on the CPU) rather than replace it by a new tensor.
+fn writes_in_place(dst: &Tensor) -> bool {
+    matches!((dst.device(), dst.dtype()), (Device::Cpu, DType::F32 | DType::F64)) && dst.is_contiguous()
 }
 
 /// `dst[row0 + n·K + k, col + o·I + i] = v[n, k, o] · u[n, i]` for
@@ -329,8 +304,13 @@ mod tests {
             let b = Tensor::randn(0f64, 1.0, (5, 7), &dev)?.to_dtype(dtype)?.t()?; // strided
             let want = crate::tensor::to_vec_f64(&(&a + &b)?)?;
             let mut dst = a.copy()?;
+            let alias = dst.clone();
             add_assign(&mut dst, &b)?;
             assert_eq!(crate::tensor::to_vec_f64(&dst)?, want, "{dtype:?}");
+            // In place: `dst` stays the same tensor, and its clones see the sum
+            // (what Kron::add_assign's once-per-shared-factor rule relies on).
+            assert_eq!(dst.id(), alias.id(), "{dtype:?}");
+            assert_eq!(crate::tensor::to_vec_f64(&alias)?, want, "{dtype:?} clone");
             // The other dtype as the operand is converted first.
             let mut dst = a.copy()?;
             add_assign(&mut dst, &b.to_dtype(DType::F64)?.to_dtype(if dtype == DType::F32 { DType::F64 } else { DType::F32 })?)?;
@@ -345,6 +325,30 @@ mod tests {
         let mut dst = Tensor::zeros((2, 3), DType::F32, &dev)?;
         let e = add_assign(&mut dst, &Tensor::zeros((3, 2), DType::F32, &dev)?).unwrap_err().to_string();
         assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+        Ok(())
+    }
+
+    /// `add_block` adds into its block only, in place and on a strided
+    /// destination alike, and refuses a block that does not fit.
+    #[test]
+    fn add_block_adds_into_its_block_only() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f64, 1.0, (6, 5), &dev)?;
+        let b = Tensor::randn(0f64, 1.0, (2, 3), &dev)?;
+        let want: Vec<f64> = {
+            let (av, bv) = (crate::tensor::to_vec_f64(&a)?, crate::tensor::to_vec_f64(&b)?);
+            (0..30).map(|p| {
+                let (r, c) = (p / 5, p % 5);
+                av[p] + if (3..5).contains(&r) && (1..4).contains(&c) { bv[(r - 3) * 3 + c - 1] } else { 0.0 }
+            }).collect()
+        };
+        for dst in [a.copy()?, a.t()?.contiguous()?.t()?] {
+            let mut dst = dst;
+            add_block(&mut dst, &b, 3, 1)?;
+            assert_eq!(crate::tensor::to_vec_f64(&dst)?, want);
+        }
+        let e = add_block(&mut a.copy()?, &b, 5, 1).unwrap_err().to_string();
+        assert!(e.contains("does not fit"), "{e}");
         Ok(())
     }
 }
