@@ -52,7 +52,7 @@ pub use matmul::{clear_simd_upper_state, faer_par, matmul, Mm, SimdScope, THREAD
 pub use sum_sq::sum_sq_products;
 pub use transpose::{contiguous, move_leading_back, transpose2d};
 pub use windows::WindowTable;
-pub use write::{add_assign, add_block, write_block, write_outer_rows, write_products_rows, write_rows};
+pub use write::{add_assign, add_block, write_block, write_outer_rows, write_products_rows};
 
 /// An index tensor (u32) for `index_select` / `index_add` style operations.
 pub fn index_tensor(ids: &[usize], device: &Device) -> Result<Tensor> {

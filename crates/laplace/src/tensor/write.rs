@@ -1,5 +1,6 @@
 //! In-place writes into large results (Jacobians, per-sample gradients):
-//! per-layer pieces go straight to their block, without concatenations.
+//! per-layer pieces go straight to their block, without concatenations;
+//! and in-place sums (a full curvature, Kronecker factors over batches).
 
 use candle_core::IndexOp;
 
@@ -192,11 +193,6 @@ impl candle_core::InplaceOp3 for WriteOuter {
         float_dispatch!("write_outer_rows"; s1 => d, s2 => v, s3 => u; |_Out| write_outer_slices(&mut d[o1..e1], dc, &v[o2..e2], &u[o3..e3], (k, o, i), self));
         Ok(())
     }
-}
-
-/// Write `src` into `dst` (both contiguous) at row `offset` of axis 0, in place.
-pub fn write_rows(dst: &Tensor, src: &Tensor, offset: usize) -> Result<()> {
-    Ok(dst.slice_set(&src.contiguous()?, 0, offset)?)
 }
 
 /// `dst[row0 + n·K + k, col + o·I + i] = (V_{n,k} U_nᵀ)[o, i]` for
