@@ -128,22 +128,27 @@ impl Kron {
 
     /// Factor-wise sum (how laplace-torch accumulates over batches).
     pub fn add(&self, other: &Kron) -> Result<Kron> {
-        if self.blocks.len() != other.blocks.len() {
-            bail!(Invalid, "cannot add Kron with {} blocks to one with {}", self.blocks.len(), other.blocks.len());
-        }
+        self.check_summand(other)?;
         let blocks = self
             .blocks
             .iter()
             .zip(&other.blocks)
-            .enumerate()
-            .map(|(b, (x, y))| {
-                if x.len() != y.len() || x.iter().zip(y).any(|(f, g)| f.dims() != g.dims()) {
-                    bail!(Invalid, "Kronecker block {b} has different factor shapes in the two summands");
-                }
-                x.iter().zip(y).map(|(f, g)| Ok((f + g)?)).collect::<Result<Vec<_>>>()
-            })
+            .map(|(x, y)| x.iter().zip(y).map(|(f, g)| Ok((f + g)?)).collect::<Result<Vec<_>>>())
             .collect::<Result<_>>()?;
         Ok(Kron { blocks })
+    }
+
+    /// `other` has this Kron's blocks and factor shapes (both sums need it).
+    fn check_summand(&self, other: &Kron) -> Result<()> {
+        if self.blocks.len() != other.blocks.len() {
+            bail!(Invalid, "cannot add Kron with {} blocks to one with {}", self.blocks.len(), other.blocks.len());
+        }
+        for (b, (x, y)) in self.blocks.iter().zip(&other.blocks).enumerate() {
+            if x.len() != y.len() || x.iter().zip(y).any(|(f, g)| f.dims() != g.dims()) {
+                bail!(Invalid, "Kronecker block {b} has different factor shapes in the two summands");
+            }
+        }
+        Ok(())
     }
 
     /// `self += other`, factor by factor, in place (see
@@ -155,14 +160,9 @@ impl Kron {
     /// blocks hold one output factor B) shares its storage and is one sum:
     /// it is added once. `self` must own its factors alone otherwise.
     pub fn add_assign(&mut self, other: &Kron) -> Result<()> {
-        if self.blocks.len() != other.blocks.len() {
-            bail!(Invalid, "cannot add Kron with {} blocks to one with {}", self.blocks.len(), other.blocks.len());
-        }
+        self.check_summand(other)?;
         let mut added = std::collections::HashSet::new();
-        for (b, (x, y)) in self.blocks.iter_mut().zip(&other.blocks).enumerate() {
-            if x.len() != y.len() || x.iter().zip(y).any(|(f, g)| f.dims() != g.dims()) {
-                bail!(Invalid, "Kronecker block {b} has different factor shapes in the two summands");
-            }
+        for (x, y) in self.blocks.iter_mut().zip(&other.blocks) {
             for (f, g) in x.iter_mut().zip(y) {
                 if added.insert(f.id()) {
                     crate::tensor::add_assign(f, g)?;
