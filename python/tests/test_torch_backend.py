@@ -575,3 +575,37 @@ def test_an_export_is_shared_by_backends_of_the_same_module(monkeypatch):
     model.train()  # another mode: exported again
     RustGGN(model, c.lik).diag(x, y)
     assert len(calls) == 3
+
+
+def test_a_shared_export_gets_the_modules_current_parameters():
+    """A new backend object that reuses an export sets θ first (as marglik_training needs:
+    it trains the module between fits, each fit with a new backend)."""
+    c = case("mlp_cls")
+    model = copy.deepcopy(c.model)
+    x, y = first_batch(c)
+    RustGGN(model, c.lik).diag(x, y)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    got = RustGGN(model, c.lik).diag(x, y)[1]
+    assert rel(got, CurvlinopsGGN(model, c.lik).diag(x, y)[1]) < 1e-10
+
+
+def test_the_export_traces_a_few_points_of_a_large_batch(monkeypatch):
+    """The export's example is the batch's first EXAMPLE_POINTS points, not the whole batch;
+    the curvature is still that of the whole batch."""
+    import laplace_rs.torch as lrt
+    seen = []
+    real = lrt.exporter.to_model
+    monkeypatch.setattr(lrt.exporter, "to_model", lambda net, ex, **k: seen.append(ex.shape[0]) or real(net, ex, **k))
+    c = case("mlp_cls")
+    model = copy.deepcopy(c.model)
+    x, y = first_batch(c)
+    x, y = torch.cat([x] * 4), torch.cat([y] * 4)
+    assert x.shape[0] > lrt.EXAMPLE_POINTS
+    got = RustGGN(model, c.lik).diag(x, y)[1]
+    assert seen == [lrt.EXAMPLE_POINTS]
+    assert rel(got, CurvlinopsGGN(model, c.lik).diag(x, y)[1]) < 1e-10
+    one = RustGGN(copy.deepcopy(c.model), c.lik).diag(x[:1], y[:1])[1]  # a batch of one: repeated
+    assert seen[-1] == 2
+    assert rel(one, CurvlinopsGGN(model, c.lik).diag(x[:1], y[:1])[1]) < 1e-10
