@@ -282,6 +282,12 @@ impl PyModel {
         Ok(idx.into_pyarray(py).into_any())
     }
 
+    /// The θ indices of the last layer's parameters (what subset="last_layer" selects).
+    fn last_layer_indices<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let idx = self.inner.last_layer_indices().map_err(err)?;
+        Ok(idx.into_pyarray(py).into_any())
+    }
+
     /// f(x) `(N, C)`.
     fn forward<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         let x = to_inputs(x, self.inner.dtype())?;

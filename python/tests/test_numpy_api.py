@@ -123,6 +123,17 @@ def test_parameters_can_be_replaced_without_reloading():
     assert fx.model.parameter_names[0] == "0.weight"
 
 
+def test_last_layer_indices_are_the_columns_of_the_last_layer():
+    fx = Fixture("cls_cnn")
+    names = fx.model.parameter_names
+    assert names[-2:] == ["7.weight", "7.bias"]  # the final Linear (fixture cls_cnn)
+    idx = fx.model.last_layer_indices()
+    np.testing.assert_array_equal(idx, fx.model.param_indices(names[-2:]))
+    j_ll, _ = laplace_rs.jacobians(fx.model, fx.x, subset="last_layer")
+    j_ix, _ = laplace_rs.jacobians(fx.model, fx.x, subset=idx)
+    assert rel(j_ll, j_ix) == 0.0
+
+
 def test_bad_input_raises_laplace_rs_error():
     fx = Fixture("transformer/hf_bert")
     with pytest.raises(laplace_rs.Error, match="attention_mask"):

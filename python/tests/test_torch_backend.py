@@ -609,3 +609,34 @@ def test_the_export_traces_a_few_points_of_a_large_batch(monkeypatch):
     one = RustGGN(copy.deepcopy(c.model), c.lik).diag(x[:1], y[:1])[1]  # a batch of one: repeated
     assert seen[-1] == 2
     assert rel(one, CurvlinopsGGN(model, c.lik).diag(x[:1], y[:1])[1]) < 1e-10
+
+
+class _HeadRegisteredFirst(nn.Module):
+    """laplace-torch's FeatureExtractor takes the last *registered* leaf (``body``) as the
+    last layer; laplace-rs's last layer is the last Linear *executed* (``head``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(6, 3)
+        self.body = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def test_the_last_layer_is_matched_by_parameter_indices():
+    from laplace.utils.feature_extractor import FeatureExtractor
+    c = case("mlp_cls")
+    x, y = first_batch(c)
+    model = copy.deepcopy(c.model)
+    last = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    b = RustGGN(FeatureExtractor(model, last_layer_name=last), c.lik, last_layer=True)
+    b.diag(x, y)
+    assert b._rs_ll_subset == "last_layer"  # the same layer: laplace-rs's own last-layer path
+    torch.manual_seed(0)
+    net = _HeadRegisteredFirst().double()
+    fe = FeatureExtractor(net, last_layer_name="body")
+    b = RustGGN(fe, c.lik, last_layer=True)
+    b.diag(x, y)
+    n_head = sum(p.numel() for p in net.head.parameters())
+    assert list(b._rs_ll_subset) == list(range(n_head, n_head + 4 * 6 + 6))  # body's θ indices

@@ -309,6 +309,18 @@ impl Model {
             .collect())
     }
 
+    /// The θ indices of the last layer's parameters ([`last_linear`](Self::last_linear)),
+    /// in θ order: the columns `Subset::LastLayer` selects.
+    pub fn last_layer_indices(&self) -> Result<Vec<i64>> {
+        let last = self.last_linear()?;
+        Ok(self
+            .params
+            .iter()
+            .filter(|p| p.layer == last)
+            .flat_map(|p| (p.offset..p.offset + p.numel).map(|i| i as i64))
+            .collect())
+    }
+
     /// The nodes that depend on any of `sources` (themselves included):
     /// where sensitivities of their parameters must be pulled back through.
     pub fn downstream_of(&self, sources: &[usize]) -> Vec<bool> {
