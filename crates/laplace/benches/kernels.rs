@@ -108,9 +108,36 @@ fn kfac_factors(c: &mut Criterion) {
     }
 }
 
+/// The direct depthwise kernels, both directions: an MNIST first layer
+/// (one input channel, eight outputs, 5 × 5), a MobileNet block's 3 × 3
+/// "same" layer and its stride-2 form (the row walk), and a shape no
+/// workload has (7 × 7, padding 3, dilation 2, multiplier 4). Both
+/// directions on M planes per channel, so that the buffers stay below
+/// glibc's mmap threshold and the time is the kernel's, not the first touch
+/// of fresh pages.
+fn depthwise(c: &mut Criterion) {
+    use laplace::tensor::Depthwise;
+    let g = |c, o, in_hw, kernel, stride, pad_before, dilation, out_hw| Depthwise { channels: c, out_channels: o, in_hw, kernel, stride, pad_before, dilation, out_hw };
+    for (name, m, geo) in [
+        ("mnist 1→8 5×5 28×28", 256, g(1, 8, [28, 28], [5, 5], [1, 1], [0, 0], [1, 1], [24, 24])),
+        ("mobilenet 32 3×3 16×16", 128, g(32, 32, [16, 16], [3, 3], [1, 1], [1, 1], [1, 1], [16, 16])),
+        ("mobilenet 32 3×3 stride 2", 128, g(32, 32, [16, 16], [3, 3], [2, 2], [1, 1], [1, 1], [8, 8])),
+        ("untuned 3→12 7×7 dil 2 20×20", 64, g(3, 12, [20, 20], [7, 7], [1, 1], [3, 3], [2, 2], [14, 14])),
+    ] {
+        let x = randn(&[m, geo.channels, geo.in_hw[0], geo.in_hw[1]], 7);
+        let w = randn(&[geo.out_channels, 1, geo.kernel[0], geo.kernel[1]], 8);
+        let b = randn(&[geo.out_channels], 9);
+        let v = randn(&[m, geo.out_channels, geo.out_hw[0], geo.out_hw[1]], 10);
+        c.bench_function(&format!("depthwise {name} (M = {m})"), |bn| bn.iter(|| geo.apply(&x, &w, Some(&b)).unwrap()));
+        c.bench_function(&format!("depthwise transposed {name} (M = {m})"), |bn| {
+            bn.iter(|| geo.apply_transposed(&v, &w).unwrap())
+        });
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = layer_backward, quantities, kfac_factors
+    targets = layer_backward, quantities, kfac_factors, depthwise
 }
 criterion_main!(benches);
