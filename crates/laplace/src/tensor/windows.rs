@@ -458,15 +458,16 @@ struct Argmax {
     input_len: usize,
 }
 
+/// Each window's argmax, over the (sample, channel) planes of positions in
+/// parallel (a window costs about L comparisons).
 fn argmax_kernel<T: WithDType>(x: &[T], op: &Argmax) -> Vec<u32> {
     let (d, c, l, r) = (op.input_len, op.channels, op.window_len, op.positions);
     let b = x.len() / d;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
-    let mut out = vec![0u32; b * c * r];
-    for s in 0..b {
-        let row = &x[s * d..(s + 1) * d];
-        for ch in 0..c {
-            let arg = &mut out[(s * c + ch) * r..(s * c + ch + 1) * r];
+    super::fused::filled(b * c * r, r.max(1), l, |start, planes| {
+        for (j, arg) in planes.chunks_mut(r.max(1)).enumerate() {
+            let (s, ch) = ((start / r + j) / c, (start / r + j) % c);
+            let row = &x[s * d..(s + 1) * d];
             for (p, a) in arg.iter_mut().enumerate() {
                 // Window of output p: entries table[(ch, e, p)], e = 0..L.
                 let mut best_t = op.table[ch * l * r + p];
@@ -480,11 +481,10 @@ fn argmax_kernel<T: WithDType>(x: &[T], op: &Argmax) -> Vec<u32> {
                     best_t = std::hint::select_unpredictable(gt, t, best_t);
                     best_v = std::hint::select_unpredictable(gt, v, best_v);
                 }
-                *a = best_t;
+                a.write(best_t);
             }
         }
-    }
-    out
+    })
 }
 
 impl CustomOp1 for Argmax {
