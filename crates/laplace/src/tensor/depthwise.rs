@@ -5,25 +5,19 @@
 //! kh·kw times and the product that follows is a batch of (1 × kh·kw)
 //! rows: on MobileNet-style blocks the unfolding was 40 % of a forward pass.
 //! Here each output plane is accumulated from its input plane, one kernel
-//! tap at a time, as row-wise multiply-adds that vectorize at stride 1; the
-//! output is written in its final `(M, O, H', W')` layout.
-//!
-//! At stride 1 each tap is instead one long multiply-add over the whole
-//! plane ([`Padded`]): the plane is zero-padded once to the rows and
-//! columns the taps reach, and the output is accumulated in rows of the
-//! padded width, so a tap's reads are one contiguous run at a fixed offset.
-//! The row-wise walk costs a loop setup per (tap, row) pair: on a 28 × 28
-//! MNIST plane with a 5 × 5 kernel, 600 multiply-adds of 24 elements
-//! each, where the padded form does 25 of 668.
+//! tap at a time, and written in its final `(M, O, H', W')` layout. The
+//! input plane is first zero-padded and split into its stride phases
+//! ([`Phases`]), so that every tap, at any stride and dilation, is one
+//! contiguous multiply-add over the whole plane.
 //!
 //! Used where no patches are kept: forward passes that save nothing (the
 //! layers below a last-layer subset, predictions) and tangents (J ẋ). A
 //! pass that keeps patches for the weight's curvature still unfolds once.
 //!
 //! The transpose ([`Depthwise::apply_transposed`], Jᵀ v for the backward
-//! pass) mirrors the loop: each input plane gathers its output planes' taps
-//! directly, where im2col's transpose would write Wᵀ V (kh·kw rows per
-//! channel) and then scatter it back.
+//! pass) runs the same offsets the other way: each input plane gathers its
+//! output planes' taps directly, where im2col's transpose would write
+//! Wᵀ V (kh·kw rows per channel) and then scatter it back.
 
 use candle_core::{CpuStorage, Layout, Shape};
 
@@ -95,74 +89,40 @@ impl Depthwise {
         Ok(())
     }
 
-    /// Every (tap, output row) pair whose input row lies inside the plane:
-    /// `visit(tap, yo, yi, (lo, hi, first))` with the tap's index ky·kw + kx,
-    /// the output row yo, its input row yi = yo·sy + ky·dy − py, and the
-    /// tap's output columns from [`Self::tap_columns`]. The one walk both
-    /// directions take; they differ only in which side is read.
-    fn for_each_tap_row(&self, mut visit: impl FnMut(usize, usize, usize, (usize, usize, usize))) {
-        let (h, oh) = (self.in_hw[0], self.out_hw[0]);
-        let [kh, kw] = self.kernel;
-        let (sy, py, dy) = (self.stride[0], self.pad_before[0], self.dilation[0]);
-        for ky in 0..kh {
-            for kx in 0..kw {
-                let Some(cols) = self.tap_columns(kx) else { continue };
-                for yo in 0..oh {
-                    let yi = (yo * sy + ky * dy) as isize - py as isize;
-                    if (0..h as isize).contains(&yi) {
-                        visit(ky * kw + kx, yo, yi as usize, cols);
-                    }
-                }
-            }
-        }
-    }
-
-    /// For kernel column `kx`: the output columns `lo..hi` whose input
-    /// column xo·sx + kx·dx − px lies inside the plane, and the input
-    /// column of `lo`; `None` when the tap never lands.
-    fn tap_columns(&self, kx: usize) -> Option<(usize, usize, usize)> {
-        let (w, ow, sx) = (self.in_hw[1], self.out_hw[1], self.stride[1]);
-        let off = (kx * self.dilation[1]) as isize - self.pad_before[1] as isize;
-        let lo = if off < 0 { ((-off) as usize).div_ceil(sx) } else { 0 };
-        let hi = if (w as isize) <= off { 0 } else { (((w as isize - 1 - off) as usize) / sx + 1).min(ow) };
-        (lo < hi).then(|| (lo, hi, (lo as isize * sx as isize + off) as usize))
-    }
-
     /// Output planes `(H', W')` of `m` samples; every element written.
+    /// Per plane: its input plane into the phase buffer (once for the
+    /// O/C output channels that read it), then one multiply-add per tap
+    /// into a wide output, whose rows are copied out.
     fn run<T: Real>(&self, x: &[T], params: &[T], m: usize) -> Vec<T> {
-        if let Some(pad) = Padded::of(self) {
-            return self.run_padded(&pad, x, params, m);
-        }
-        let [h, w] = self.in_hw;
+        let Some(ph) = Phases::of(self) else { return Vec::new() }; // H'·W' = 0
         let [oh, ow] = self.out_hw;
-        let [kh, kw] = self.kernel;
-        let sx = self.stride[1];
+        let taps = self.kernel[0] * self.kernel[1];
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
-        let (weights, bias) = params.split_at(o * kh * kw);
-        let plane = oh * ow;
-        filled(m * o * plane, plane.max(1), kh * kw, |start, out| {
-            for (j, dst) in out.chunks_mut(plane.max(1)).enumerate() {
+        let (weights, bias) = params.split_at(o * taps);
+        let (in_plane, plane) = (self.in_hw[0] * self.in_hw[1], oh * ow);
+        filled(m * o * plane, plane, taps, |start, out| {
+            // Scratch per chunk. The slots no input element fills stay zero.
+            let mut buf = vec![T::of(0.0); ph.size];
+            let mut wide = vec![T::of(0.0); ph.len];
+            let mut loaded = usize::MAX; // the input plane now in `buf`
+            for (j, dst) in out.chunks_mut(plane).enumerate() {
                 let (mi, oc) = ((start / plane + j) / o, (start / plane + j) % o);
-                let src = &x[(mi * c + oc / per_input) * h * w..][..h * w];
-                let taps = &weights[oc * kh * kw..][..kh * kw];
-                for d in dst.iter_mut() {
-                    d.write(bias[oc]);
+                let from = mi * c + oc / per_input;
+                if from != loaded {
+                    let src = &x[from * in_plane..][..in_plane];
+                    ph.for_each_run(self, |at, step, n, slot| copy_run(&src[at..], step, &mut buf[slot..][..n]));
+                    loaded = from;
                 }
-                // SAFETY: every element of `dst` was written just above.
-                let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-                self.for_each_tap_row(|tap, yo, yi, (lo, hi, first)| {
-                    let wv = taps[tap];
-                    let row = &src[yi * w..][..w];
-                    let drow = &mut dst[yo * ow..][lo..hi];
-                    if sx == 1 {
-                        axpy(drow, wv, &row[first..first + (hi - lo)]);
-                    } else {
-                        for (t, d) in drow.iter_mut().enumerate() {
-                            *d = *d + wv * row[first + t * sx];
-                        }
+                wide.fill(bias[oc]);
+                for (&wv, &off) in weights[oc * taps..][..taps].iter().zip(&ph.offsets) {
+                    axpy(&mut wide, wv, &buf[off..]);
+                }
+                for (yo, drow) in dst.chunks_mut(ow).enumerate() {
+                    for (d, &z) in drow.iter_mut().zip(&wide[yo * ph.wq..][..ow]) {
+                        d.write(z);
                     }
-                });
+                }
             }
         })
     }
@@ -188,87 +148,135 @@ impl Depthwise {
     }
 
     /// Input planes `(H, W)` of `m` samples from output planes `v`; every
-    /// element written. The same walk over taps and rows as [`Self::run`],
-    /// with reads and writes swapped.
+    /// element written. [`Self::run`]'s offsets the other way: each of the
+    /// plane's O/C output planes, widened (zero in the scratch columns), is
+    /// added into the phase buffer at every tap's offset, and the input
+    /// gradient is read back out of the phases.
     fn run_transposed<T: Real>(&self, v: &[T], weights: &[T], m: usize) -> Vec<T> {
-        if let Some(pad) = Padded::of(self) {
-            return self.run_transposed_padded(&pad, v, weights, m);
-        }
-        let [h, w] = self.in_hw;
+        let in_plane = self.in_hw[0] * self.in_hw[1];
+        let Some(ph) = Phases::of(self) else { return vec![T::of(0.0); m * self.channels * in_plane] };
         let [oh, ow] = self.out_hw;
-        let [kh, kw] = self.kernel;
-        let sx = self.stride[1];
+        let taps = self.kernel[0] * self.kernel[1];
         let (c, o) = (self.channels, self.out_channels);
         let per_input = o / c;
-        let (plane, out_plane) = (h * w, oh * ow);
-        filled(m * c * plane, plane.max(1), per_input * kh * kw, |start, out| {
-            for (j, dst) in out.chunks_mut(plane.max(1)).enumerate() {
-                let (mi, ci) = ((start / plane + j) / c, (start / plane + j) % c);
+        let out_plane = oh * ow;
+        filled(m * c * in_plane, in_plane.max(1), per_input * taps, |start, out| {
+            let mut buf = vec![T::of(0.0); ph.size];
+            // The scratch columns stay zero: only the first W' of each row are written.
+            let mut wide = vec![T::of(0.0); ph.len];
+            for (j, dst) in out.chunks_mut(in_plane.max(1)).enumerate() {
+                let (mi, ci) = ((start / in_plane + j) / c, (start / in_plane + j) % c);
+                buf.fill(T::of(0.0));
+                for oc in ci * per_input..(ci + 1) * per_input {
+                    let src = &v[(mi * o + oc) * out_plane..][..out_plane];
+                    for (yo, row) in src.chunks(ow).enumerate() {
+                        wide[yo * ph.wq..][..ow].copy_from_slice(row);
+                    }
+                    for (&wv, &off) in weights[oc * taps..][..taps].iter().zip(&ph.offsets) {
+                        axpy(&mut buf[off..][..ph.len], wv, &wide);
+                    }
+                }
                 for d in dst.iter_mut() {
                     d.write(T::of(0.0));
                 }
                 // SAFETY: every element of `dst` was written just above.
                 let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-                for oc in ci * per_input..(ci + 1) * per_input {
-                    let src = &v[(mi * o + oc) * out_plane..][..out_plane];
-                    let taps = &weights[oc * kh * kw..][..kh * kw];
-                    self.for_each_tap_row(|tap, yo, yi, (lo, hi, first)| {
-                        let wv = taps[tap];
-                        let vrow = &src[yo * ow..][lo..hi];
-                        let drow = &mut dst[yi * w..][..w];
-                        if sx == 1 {
-                            axpy(&mut drow[first..first + (hi - lo)], wv, vrow);
-                        } else {
-                            for (t, &g) in vrow.iter().enumerate() {
-                                drow[first + t * sx] = drow[first + t * sx] + wv * g;
-                            }
+                ph.for_each_run(self, |at, step, n, slot| {
+                    let run = &buf[slot..][..n];
+                    if step == 1 {
+                        dst[at..][..n].copy_from_slice(run);
+                    } else {
+                        for (k, &g) in run.iter().enumerate() {
+                            dst[at + k * step] = g;
                         }
-                    });
-                }
+                    }
+                });
             }
         })
     }
 }
 
-/// Stride 1 in the padded form. With the plane zero-padded to
-/// (Hp, Wp) = (H' + (kh−1)·dy, W' + (kw−1)·dx), input element (yi, xi) at
-/// (yi + py, xi + px) (rows and columns past Hp, Wp are never read), output
-/// element (yo, xo) is
-///   z(yo, xo) = b + Σ_{ky,kx} w[ky, kx] · P[(yo + ky·dy)·Wp + xo + kx·dx].
-/// In a "wide" output of row length Wp, at index t = yo·Wp + xo, each tap
-/// is one multiply-add of `len` = (H'−1)·Wp + W' elements,
-/// z[t] += w_tap · P[t + off_tap] with off_tap = ky·dy·Wp + kx·dx; the
-/// columns xo ≥ W' of the wide rows are scratch, dropped when the rows are
-/// copied out. The transpose runs the same offsets the other way: the
-/// wide sensitivities (zero in the scratch columns) are added into P at
-/// t + off_tap, and the input gradient is P's interior.
-struct Padded {
-    /// Rows and columns of the padded plane.
-    hp: usize,
-    wp: usize,
-    /// Elements of a wide output, (H'−1)·Wp + W'.
+/// The zero-padded input plane split into its stride phases, where every
+/// tap is one contiguous multiply-add.
+///
+/// With P the plane zero-padded by (py, px) before, P[i, j] = x[i − py, j − px],
+/// the output is z(yo, xo) = b + Σ_{ky,kx} w[ky, kx] · P[yo·sy + ky·dy, xo·sx + kx·dx].
+/// Split P into its sy·sx phases Φ_{a,b}[u, v] = P[u·sy + a, v·sx + b],
+/// each (Hq, Wq) = (H' + ⌊(kh−1)·dy / sy⌋, W' + ⌊(kw−1)·dx / sx⌋). Writing
+/// ky·dy = qy·sy + a and kx·dx = qx·sx + b, tap (ky, kx) reads
+/// Φ_{a,b}[yo + qy, xo + qx]. In a wide output of row length Wq, at
+/// t = yo·Wq + xo, the tap is one multiply-add of `len` = (H'−1)·Wq + W'
+/// elements, z[t] += w · Φ_{a,b}[t + qy·Wq + qx]; the columns xo ≥ W' of
+/// the wide rows are scratch, dropped when the rows are copied out. At
+/// stride 1 there is one phase, the padded plane itself.
+///
+/// Against a walk over (tap, output row) pairs, which sets up a loop per
+/// pair (a 28 × 28 MNIST plane, 5 × 5 kernel: 600 multiply-adds of 24
+/// elements), this does one per tap (25 of 668).
+struct Phases {
+    /// Rows and columns of one phase.
+    hq: usize,
+    wq: usize,
+    /// Elements of the phase buffer, sy·sx·Hq·Wq.
+    size: usize,
+    /// Elements of a wide output, (H'−1)·Wq + W'.
     len: usize,
-    /// Each tap's offset ky·dy·Wp + kx·dx, in weight order (ky·kw + kx).
+    /// Each tap's start in the phase buffer, in weight order (ky·kw + kx):
+    /// phase (a, b) at row qy, column qx.
     offsets: Vec<usize>,
 }
 
-impl Padded {
-    /// The padded form of a stride-1 geometry with a non-empty output.
-    fn of(g: &Depthwise) -> Option<Padded> {
-        let ([oh, ow], [kh, kw], [dy, dx]) = (g.out_hw, g.kernel, g.dilation);
-        if g.stride != [1, 1] || oh == 0 || ow == 0 {
+impl Phases {
+    /// The phase form of a geometry with a non-empty output.
+    fn of(g: &Depthwise) -> Option<Phases> {
+        let ([oh, ow], [kh, kw], [sy, sx], [dy, dx]) = (g.out_hw, g.kernel, g.stride, g.dilation);
+        if oh == 0 || ow == 0 || sy == 0 || sx == 0 {
             return None;
         }
-        let (hp, wp) = (oh + (kh - 1) * dy, ow + (kw - 1) * dx);
-        let offsets = (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * dy * wp + kx * dx)).collect();
-        Some(Padded { hp, wp, len: (oh - 1) * wp + ow, offsets })
+        let (hq, wq) = (oh + (kh - 1) * dy / sy, ow + (kw - 1) * dx / sx);
+        let phase = hq * wq;
+        let offsets = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky * dy, kx * dx)))
+            .map(|(ry, rx)| ((ry % sy) * sx + rx % sx) * phase + (ry / sy) * wq + rx / sx)
+            .collect();
+        Some(Phases { hq, wq, size: sy * sx * phase, len: (oh - 1) * wq + ow, offsets })
     }
 
-    /// The input elements inside the padded plane: rows `0..rows`, columns
-    /// `0..cols` of the input, at padded (yi + py, xi + px).
-    fn interior(&self, g: &Depthwise) -> (usize, usize) {
-        let (rows, cols) = (self.hp.saturating_sub(g.pad_before[0]), self.wp.saturating_sub(g.pad_before[1]));
-        (rows.min(g.in_hw[0]), cols.min(g.in_hw[1]))
+    /// Every run of input elements that lie side by side in one phase row,
+    /// as `visit(at, step, n, slot)`: the input elements at, at + step, …
+    /// (n of them, in an input plane `(H, W)`) are the phase buffer's
+    /// slot, slot + 1, …. Input elements no tap reads are in no run.
+    fn for_each_run(&self, g: &Depthwise, mut visit: impl FnMut(usize, usize, usize, usize)) {
+        let ([h, w], [sy, sx], [py, px]) = (g.in_hw, g.stride, g.pad_before);
+        let phase = self.hq * self.wq;
+        for yi in 0..h {
+            let (a, u) = ((yi + py) % sy, (yi + py) / sy);
+            if u >= self.hq {
+                break; // later rows lie further down
+            }
+            for b in 0..sx {
+                // The input columns xi with (xi + px) mod sx = b, from xi0.
+                let xi0 = (b + sx - px % sx) % sx;
+                let v0 = (xi0 + px) / sx;
+                if xi0 >= w || v0 >= self.wq {
+                    continue;
+                }
+                let n = (w - xi0).div_ceil(sx).min(self.wq - v0);
+                visit(yi * w + xi0, sx, n, (a * sx + b) * phase + u * self.wq + v0);
+            }
+        }
+    }
+}
+
+/// `dst[k] = src[k · step]` for every k of `dst`.
+#[inline]
+fn copy_run<T: Copy>(src: &[T], step: usize, dst: &mut [T]) {
+    if step == 1 {
+        dst.copy_from_slice(&src[..dst.len()]);
+    } else {
+        for (k, d) in dst.iter_mut().enumerate() {
+            *d = src[k * step];
+        }
     }
 }
 
@@ -297,86 +305,6 @@ fn axpy_portable<T: Real>(acc: &mut [T], w: T, src: &[T]) {
 #[target_feature(enable = "avx2")]
 unsafe fn axpy_avx2<T: Real>(acc: &mut [T], w: T, src: &[T]) {
     axpy_portable(acc, w, src)
-}
-
-impl Depthwise {
-    /// [`Self::run`] at stride 1, in the padded form of [`Padded`].
-    fn run_padded<T: Real>(&self, pad: &Padded, x: &[T], params: &[T], m: usize) -> Vec<T> {
-        let [h, w] = self.in_hw;
-        let [oh, ow] = self.out_hw;
-        let taps = self.kernel[0] * self.kernel[1];
-        let (c, o) = (self.channels, self.out_channels);
-        let per_input = o / c;
-        let (weights, bias) = params.split_at(o * taps);
-        let (rows, cols) = pad.interior(self);
-        let [py, px] = self.pad_before;
-        let plane = oh * ow;
-        filled(m * o * plane, plane, taps, |start, out| {
-            // Scratch per chunk: the padded input plane and one wide output.
-            let mut padded = vec![T::of(0.0); pad.hp * pad.wp];
-            let mut wide = vec![T::of(0.0); pad.len];
-            let mut padded_from = usize::MAX; // the input plane now in `padded`
-            for (j, dst) in out.chunks_mut(plane).enumerate() {
-                let (mi, oc) = ((start / plane + j) / o, (start / plane + j) % o);
-                let from = mi * c + oc / per_input;
-                if from != padded_from {
-                    // Rows and columns outside the interior stay zero.
-                    let src = &x[from * h * w..][..h * w];
-                    for yi in 0..rows {
-                        padded[(yi + py) * pad.wp + px..][..cols].copy_from_slice(&src[yi * w..][..cols]);
-                    }
-                    padded_from = from;
-                }
-                wide.fill(bias[oc]);
-                for (&wv, &off) in weights[oc * taps..][..taps].iter().zip(&pad.offsets) {
-                    axpy(&mut wide, wv, &padded[off..]);
-                }
-                for (yo, drow) in dst.chunks_mut(ow).enumerate() {
-                    for (d, &z) in drow.iter_mut().zip(&wide[yo * pad.wp..][..ow]) {
-                        d.write(z);
-                    }
-                }
-            }
-        })
-    }
-
-    /// [`Self::run_transposed`] at stride 1, in the padded form of [`Padded`].
-    fn run_transposed_padded<T: Real>(&self, pad: &Padded, v: &[T], weights: &[T], m: usize) -> Vec<T> {
-        let [h, w] = self.in_hw;
-        let [oh, ow] = self.out_hw;
-        let taps = self.kernel[0] * self.kernel[1];
-        let (c, o) = (self.channels, self.out_channels);
-        let per_input = o / c;
-        let (rows, cols) = pad.interior(self);
-        let [py, px] = self.pad_before;
-        let (plane, out_plane) = (h * w, oh * ow);
-        filled(m * c * plane, plane.max(1), per_input * taps, |start, out| {
-            let mut padded = vec![T::of(0.0); pad.hp * pad.wp];
-            // The scratch columns stay zero: only the first W' of each row are written.
-            let mut wide = vec![T::of(0.0); pad.len];
-            for (j, dst) in out.chunks_mut(plane.max(1)).enumerate() {
-                let (mi, ci) = ((start / plane + j) / c, (start / plane + j) % c);
-                padded.fill(T::of(0.0));
-                for oc in ci * per_input..(ci + 1) * per_input {
-                    let src = &v[(mi * o + oc) * out_plane..][..out_plane];
-                    for (yo, row) in src.chunks(ow).enumerate() {
-                        wide[yo * pad.wp..][..ow].copy_from_slice(row);
-                    }
-                    for (&wv, &off) in weights[oc * taps..][..taps].iter().zip(&pad.offsets) {
-                        axpy(&mut padded[off..][..pad.len], wv, &wide);
-                    }
-                }
-                for d in dst.iter_mut() {
-                    d.write(T::of(0.0));
-                }
-                // SAFETY: every element of `dst` was written just above.
-                let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<T>] as *mut [T]) };
-                for yi in 0..rows {
-                    dst[yi * w..][..cols].copy_from_slice(&padded[(yi + py) * pad.wp + px..][..cols]);
-                }
-            }
-        })
-    }
 }
 
 /// The transposed convolution as a candle op: inputs `v (M, O, H', W')` and
@@ -479,10 +407,10 @@ mod tests {
     /// output), a 1×1 kernel, a size that runs on several threads, stride 1
     /// with dilation, a multiplier and input columns the output never reads
     /// (the padded form's interior), and one input channel with eight
-    /// outputs (an MNIST first layer), and stride 2 down the rows only (the
-    /// row walk's contiguous rows). Stride-1 cases run the padded form, the
-    /// others the row walk.
-    fn cases() -> [(usize, Depthwise); 10] {
+    /// outputs (an MNIST first layer), stride 2 down the rows only, and
+    /// strides 3 × 2 with dilation, padding and a multiplier (six phases,
+    /// taps in several of them).
+    fn cases() -> [(usize, Depthwise); 11] {
         let g = |c, o, in_hw, kernel, stride, pad_before, dilation, out_hw| Depthwise { channels: c, out_channels: o, in_hw, kernel, stride, pad_before, dilation, out_hw };
         [
             (2, g(3, 3, [5, 6], [3, 3], [1, 1], [1, 1], [1, 1], [5, 6])),
@@ -495,6 +423,7 @@ mod tests {
             (2, g(2, 4, [6, 7], [3, 3], [1, 1], [2, 1], [2, 2], [6, 4])),
             (3, g(1, 8, [12, 12], [5, 5], [1, 1], [0, 0], [1, 1], [8, 8])),
             (2, g(2, 2, [7, 6], [3, 3], [2, 1], [1, 1], [1, 1], [4, 6])),
+            (2, g(2, 4, [11, 10], [3, 4], [3, 2], [2, 1], [2, 1], [4, 5])),
         ]
     }
 
