@@ -110,7 +110,7 @@ fn kfac_factors(c: &mut Criterion) {
 
 /// The direct depthwise kernels, both directions: an MNIST first layer
 /// (one input channel, eight outputs, 5 × 5), a MobileNet block's 3 × 3
-/// "same" layer and its stride-2 form (the row walk), and a shape no
+/// "same" layer and its stride-2 form (four phases), and a shape no
 /// workload has (7 × 7, padding 3, dilation 2, multiplier 4). Both
 /// directions on M planes per channel, so that the buffers stay below
 /// glibc's mmap threshold and the time is the kernel's, not the first touch

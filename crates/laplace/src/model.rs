@@ -71,6 +71,11 @@ pub struct Model {
 /// The chain of layers of an `nn.Sequential` is a graph like any other.
 pub type Sequential = Model;
 
+/// Every θ index of these parameter tensors, in their order.
+fn theta_indices<'a>(params: impl Iterator<Item = &'a ParamInfo>) -> Vec<i64> {
+    params.flat_map(|p| (p.offset..p.offset + p.numel).map(|i| i as i64)).collect()
+}
+
 impl Model {
     /// Build from a spec and a state dict. `dtype` is the compute dtype; with
     /// `None` it is the dtype of the weights (f32 or f64).
@@ -301,24 +306,14 @@ impl Model {
                 bail!(Invalid, "parameter pattern {pat:?} matches no parameter (parameters: {shown})");
             }
         }
-        Ok(self
-            .params
-            .iter()
-            .filter(|p| patterns.iter().any(|pat| glob_match(pat, &p.name)))
-            .flat_map(|p| (p.offset..p.offset + p.numel).map(|i| i as i64))
-            .collect())
+        Ok(theta_indices(self.params.iter().filter(|p| patterns.iter().any(|pat| glob_match(pat, &p.name)))))
     }
 
     /// The θ indices of the last layer's parameters ([`last_linear`](Self::last_linear)),
     /// in θ order: the columns `Subset::LastLayer` selects.
     pub fn last_layer_indices(&self) -> Result<Vec<i64>> {
         let last = self.last_linear()?;
-        Ok(self
-            .params
-            .iter()
-            .filter(|p| p.layer == last)
-            .flat_map(|p| (p.offset..p.offset + p.numel).map(|i| i as i64))
-            .collect())
+        Ok(theta_indices(self.params.iter().filter(|p| p.layer == last)))
     }
 
     /// The nodes that depend on any of `sources` (themselves included):

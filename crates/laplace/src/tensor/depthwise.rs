@@ -405,8 +405,7 @@ mod tests {
     /// padding, dilation, a channel multiplier of 2, a kernel wider than the
     /// padding reaches (taps that never land; one case with an empty
     /// output), a 1×1 kernel, a size that runs on several threads, stride 1
-    /// with dilation, a multiplier and input columns the output never reads
-    /// (the padded form's interior), and one input channel with eight
+    /// with dilation, asymmetric padding and a multiplier, one input channel with eight
     /// outputs (an MNIST first layer), stride 2 down the rows only, and
     /// strides 3 × 2 with dilation, padding and a multiplier (six phases,
     /// taps in several of them).
