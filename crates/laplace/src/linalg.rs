@@ -160,19 +160,20 @@ impl Cholesky {
 /// product), in the dtype of the blocks. The Gram matrices of per-sample
 /// gradients (full GGN, Fisher, EF) are built with it. (Measured: faer is
 /// fastest with a column-major destination; writing straight into the
-/// row-major result was 25% slower than this plus one copy.)
+/// row-major result was 25% slower.) The result is that buffer itself, made
+/// symmetric in place: one `(P, P)` allocation in all.
 pub struct GramAccumulator {
     p: usize,
-    f32: Option<faer::Mat<f32>>,
-    f64: Option<faer::Mat<f64>>,
+    f32: Option<LowerGram<f32>>,
+    f64: Option<LowerGram<f64>>,
 }
 
 impl GramAccumulator {
     /// A zero `(p, p)` accumulator in `dtype` (f32 or f64).
     pub fn new(p: usize, dtype: crate::tensor::DType) -> Self {
         let (f32, f64) = match dtype {
-            crate::tensor::DType::F32 => (Some(faer::Mat::zeros(p, p)), None),
-            _ => (None, Some(faer::Mat::zeros(p, p))),
+            crate::tensor::DType::F32 => (Some(LowerGram::zeros(p)), None),
+            _ => (None, Some(LowerGram::zeros(p))),
         };
         GramAccumulator { p, f32, f64 }
     }
@@ -190,13 +191,13 @@ impl GramAccumulator {
         } else {
             (crate::tensor::contiguous(a)?, false)
         };
-        fn update<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, v: &[T], n: usize, p: usize, col_major: bool) {
+        fn update<T: GramScalar>(h: &mut LowerGram<T>, v: &[T], n: usize, p: usize, col_major: bool) {
             let m = if col_major {
                 faer::MatRef::from_column_major_slice(v, n, p)
             } else {
                 faer::MatRef::from_row_major_slice(v, n, p)
             };
-            syrk_lower(h, m);
+            h.add(m);
         }
         if let Some(h) = &mut self.f32 {
             crate::tensor::with_host_slice(&data, |v: &[f32]| update(h, v, n, p, col_major))?;
@@ -206,26 +207,29 @@ impl GramAccumulator {
         Ok(())
     }
 
-    /// The symmetric matrix `(P, P)` as a tensor of `dtype` on `device`.
-    pub fn finish(self, dtype: crate::tensor::DType, device: &crate::tensor::Device) -> Result<Tensor> {
+    /// `scale · H`, the symmetric matrix `(P, P)`, as a tensor of `dtype` on
+    /// `device`: the accumulator's own buffer (no copy where `dtype` is the
+    /// accumulator's).
+    pub fn finish(self, scale: f64, dtype: crate::tensor::DType, device: &crate::tensor::Device) -> Result<Tensor> {
         let p = self.p;
         let t = if let Some(h) = self.f32 {
-            Tensor::from_vec(symmetric_row_major(&h), (p, p), device)?
+            Tensor::from_vec(h.into_symmetric(scale as f32), (p, p), device)?
         } else {
             let h = self.f64.expect("one accumulator is set");
-            Tensor::from_vec(symmetric_row_major(&h), (p, p), device)?
+            Tensor::from_vec(h.into_symmetric(scale), (p, p), device)?
         };
         Ok(t.to_dtype(dtype)?)
     }
 }
 
-/// X Xᵀ for `x (p, n)`, symmetric, as a rank-n update of one triangle
-/// (half the operations of `x.matmul(x.t())`): KFAC's factors
-/// A ∝ Σ u uᵀ and B = Σ v vᵀ are such products with n ≫ p.
-pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
+/// `scale · X Xᵀ` for `x (p, n)`, symmetric, as a rank-n update of one
+/// triangle (half the operations of `x.matmul(x.t())`): KFAC's factors
+/// A ∝ Σ u uᵀ and B = Σ v vᵀ are such products with n ≫ p. The scale is
+/// applied in place (KFAC's 1/(N·R)), not as a second `(p, p)` tensor.
+pub fn gram_rows(x: &Tensor, scale: f64) -> Result<Tensor> {
     let mut gram = GramAccumulator::new(x.dim(0)?, x.dtype());
     gram.add(&x.t()?)?;
-    gram.finish(x.dtype(), x.device())
+    gram.finish(scale, x.dtype(), x.device())
 }
 
 /// Σ_b V_b V_bᵀ `(O, O)` for the blocks V_b `(O, R)` of `v (B, O, R)`: the
@@ -238,14 +242,14 @@ pub fn gram_rows(x: &Tensor) -> Result<Tensor> {
 pub fn gram_of_blocks(v: &Tensor) -> Result<Tensor> {
     let (b, o, r) = v.dims3()?;
     let v = tensor::contiguous(v)?;
-    fn sum<T: faer::traits::ComplexField + Copy + Default + Send + Sync + From<u8>>(v: &[T], b: usize, o: usize, r: usize) -> Vec<T> {
+    fn sum<T: GramScalar>(v: &[T], b: usize, o: usize, r: usize) -> Vec<T> {
         use rayon::prelude::*;
         // Block V_b as the column-major (R, O) matrix V_bᵀ: H += (V_bᵀ)ᵀ V_bᵀ.
         let block = |i: usize| faer::MatRef::from_column_major_slice(&v[i * o * r..(i + 1) * o * r], r, o);
         let per_block = o * o * r / 2;
         let h = if b <= 1 || per_block >= tensor::THREADING_THRESHOLD {
-            let mut h = faer::Mat::<T>::zeros(o, o);
-            (0..b).for_each(|i| syrk_lower(&mut h, block(i)));
+            let mut h = LowerGram::zeros(o);
+            (0..b).for_each(|i| h.add(block(i)));
             h
         } else {
             let tasks = rayon::current_num_threads().min(b);
@@ -253,13 +257,13 @@ pub fn gram_of_blocks(v: &Tensor) -> Result<Tensor> {
             (0..tasks)
                 .into_par_iter()
                 .map(|t| {
-                    let mut h = faer::Mat::<T>::zeros(o, o);
-                    (t * per..((t + 1) * per).min(b)).for_each(|i| syrk_lower(&mut h, block(i)));
+                    let mut h = LowerGram::zeros(o);
+                    (t * per..((t + 1) * per).min(b)).for_each(|i| h.add(block(i)));
                     h
                 })
-                .reduce(|| faer::Mat::<T>::zeros(o, o), |a, c| a + c)
+                .reduce(|| LowerGram::zeros(o), LowerGram::sum)
         };
-        symmetric_row_major(&h)
+        h.into_symmetric(T::from(1u8))
     }
     let out = match v.dtype() {
         tensor::DType::F32 => Tensor::from_vec(tensor::with_host_slice(&v, |s: &[f32]| sum(s, b, o, r))?, (o, o), v.device())?,
@@ -268,13 +272,86 @@ pub fn gram_of_blocks(v: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// The element types a [`LowerGram`] holds.
+trait GramScalar: faer::traits::ComplexField + Copy + Default + Send + Sync + From<u8> + std::ops::MulAssign + std::ops::AddAssign {}
+impl GramScalar for f32 {}
+impl GramScalar for f64 {}
+
+/// A column-major `(p, p)` buffer whose lower triangle (i ≥ j, at
+/// `j·p + i`) accumulates rank-k updates; the upper part stays zero until
+/// [`LowerGram::into_symmetric`] mirrors it.
+struct LowerGram<T> {
+    p: usize,
+    buf: Vec<T>,
+}
+
+impl<T: GramScalar> LowerGram<T> {
+    /// All zero. (`vec![0; n]` of a float is a zeroed allocation: the
+    /// kernel's fresh pages, no memset.)
+    fn zeros(p: usize) -> Self {
+        LowerGram { p, buf: vec![T::default(); p * p] }
+    }
+
+    /// Lower triangle += mᵀm for `m (n, p)` in any layout.
+    fn add(&mut self, m: faer::MatRef<'_, T>) {
+        let p = self.p;
+        syrk_lower(faer::MatMut::from_column_major_slice_mut(&mut self.buf, p, p), m);
+    }
+
+    /// The element-wise sum of two accumulators (a reduction's step).
+    fn sum(mut self, other: Self) -> Self {
+        self.buf.iter_mut().zip(&other.buf).for_each(|(a, &b)| *a += b);
+        self
+    }
+
+    /// `scale ·` the symmetric matrix, row-major (which, symmetric, is the
+    /// same buffer as column-major), made in place: the lower triangle
+    /// scaled, then copied into the upper one.
+    ///
+    /// Threads own blocks of 8 columns. Column j's upper entries (i < j, at
+    /// `j·p + i`) are the lower entries (j, i) of the columns i < j, at
+    /// `i·p + j`; for a block j0..j0+8 those are 8 adjacent entries of each
+    /// column i. Writes go only to upper entries, reads only to lower
+    /// ones, so no two threads touch the same element.
+    fn into_symmetric(mut self, scale: T) -> Vec<T> {
+        use rayon::prelude::*;
+        const COLS: usize = 8;
+        let p = self.p;
+        if p == 0 {
+            return self.buf;
+        }
+        if scale != T::from(1u8) {
+            self.buf.par_chunks_mut(p).enumerate().for_each(|(j, col)| col[j..].iter_mut().for_each(|x| *x *= scale));
+        }
+        struct Shared<T>(*mut T);
+        // SAFETY: the pointer is only used as described above: disjoint
+        // writes, and reads of elements no thread writes.
+        unsafe impl<T: Send> Sync for Shared<T> {}
+        let base = Shared(self.buf.as_mut_ptr());
+        let base = &base;
+        (0..p.div_ceil(COLS)).into_par_iter().for_each(|blk| {
+            let j0 = blk * COLS;
+            let j1 = (j0 + COLS).min(p);
+            for i in 0..j1 - 1 {
+                for j in (j0.max(i + 1))..j1 {
+                    // SAFETY: i < j < p, so both offsets are in the p·p
+                    // buffer; (j, i) at i·p + j is lower (read only), (i, j)
+                    // at j·p + i is upper and written by this block alone.
+                    unsafe { *base.0.add(j * p + i) = *base.0.add(i * p + j) };
+                }
+            }
+        });
+        self.buf
+    }
+}
+
 /// Lower triangle of `h (p, p)` += mᵀm for `m (n, p)` in any layout.
-fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: &mut faer::Mat<T>, m: faer::MatRef<'_, T>) {
+fn syrk_lower<T: faer::traits::ComplexField + Copy + From<u8>>(h: faer::MatMut<'_, T>, m: faer::MatRef<'_, T>) {
     use faer::linalg::matmul::triangular::{matmul, BlockStructure};
     // n·p²/2 multiply-adds (one triangle).
     let (par, scope) = tensor::faer_par(m.nrows() * m.ncols() * m.ncols() / 2);
     matmul(
-        h.as_mut(),
+        h,
         BlockStructure::TriangularLower,
         faer::Accum::Add,
         m.transpose(),
@@ -317,62 +394,33 @@ pub fn gemm_gflops(n: usize, dtype: crate::tensor::DType, repeat: usize) -> Resu
     }
 }
 
-/// The full symmetric matrix, row-major, from the lower triangle of a
-/// column-major `h`. Blocks of 8 rows in parallel, each written from `h`
-/// alone: row i's upper part is column i of h (a contiguous copy); its
-/// lower part h[i, j] (j < i) is read 8 rows at a time from column j, where
-/// those 8 entries are adjacent.
-fn symmetric_row_major<T: Copy + Default + Send + Sync + faer::traits::ComplexField>(h: &faer::Mat<T>) -> Vec<T> {
-    use rayon::prelude::*;
-    const ROWS: usize = 8;
-    let p = h.nrows();
-    let mut v = vec![T::default(); p * p];
-    if p == 0 {
-        return v;
-    }
-    let cs = h.col_stride() as usize;
-    // SAFETY: faer stores column j contiguously at base + j·col_stride, p
-    // entries per column, p columns; the slice spans exactly that.
-    let buf = unsafe { std::slice::from_raw_parts(h.as_ptr(), cs * (p - 1) + p) };
-    let col = |j: usize| &buf[j * cs..j * cs + p];
-    v.par_chunks_mut(ROWS * p).enumerate().for_each(|(blk, rows)| {
-        let i0 = blk * ROWS;
-        let n = rows.len() / p;
-        for j in 0..i0 {
-            let c = &col(j)[i0..i0 + n];
-            for (a, &x) in c.iter().enumerate() {
-                rows[a * p + j] = x;
-            }
-        }
-        for a in 0..n {
-            let i = i0 + a;
-            rows[a * p + i..(a + 1) * p].copy_from_slice(&col(i)[i..]);
-            for j in i0..i {
-                rows[a * p + j] = col(j)[i];
-            }
-        }
-    });
-    v
-}
-
 #[cfg(test)]
 mod gram_tests {
     use crate::tensor::{DType, Device, Tensor};
 
-    /// `gram_rows` equals X Xᵀ for contiguous X and for the transpose of a
-    /// contiguous matrix (both layouts it reads without copying), f32 and f64.
+    /// `gram_rows(x, s)` equals s · X Xᵀ for contiguous X and for the
+    /// transpose of a contiguous matrix (both layouts it reads without
+    /// copying), f32 and f64, and is exactly symmetric (the upper triangle
+    /// mirrored in place, across the 8-column blocks and a partial last one).
     #[test]
-    fn gram_rows_is_x_xt() {
+    fn gram_rows_is_scaled_x_xt() {
         let dev = Device::Cpu;
-        let a = Tensor::randn(0f64, 1.0, (70, 130), &dev).unwrap();
-        for x in [a.clone(), a.t().unwrap()] {
-            let want = x.matmul(&x.t().unwrap()).unwrap();
-            for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
-                let got = super::gram_rows(&x.to_dtype(dtype).unwrap()).unwrap();
-                assert_eq!(got.dtype(), dtype);
-                let err = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                assert!(err.to_scalar::<f64>().unwrap() <= tol * scale, "{:?} {dtype:?}", x.dims());
+        for (p, n) in [(70, 130), (1, 5), (8, 3), (17, 40)] {
+            let a = Tensor::randn(0f64, 1.0, (p, n), &dev).unwrap();
+            for x in [a.clone(), a.t().unwrap().contiguous().unwrap().t().unwrap()] {
+                for scale in [1.0, 0.37] {
+                    let want = (x.matmul(&x.t().unwrap()).unwrap() * scale).unwrap();
+                    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+                        let got = super::gram_rows(&x.to_dtype(dtype).unwrap(), scale).unwrap();
+                        assert_eq!(got.dtype(), dtype);
+                        let got = got.to_dtype(DType::F64).unwrap();
+                        let asym = (&got - got.t().unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                        assert_eq!(asym, 0.0, "({p}, {n}) {dtype:?}: not symmetric");
+                        let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                        let size = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                        assert!(err <= tol * size, "({p}, {n}) {dtype:?} scale {scale}: {err}");
+                    }
+                }
             }
         }
     }

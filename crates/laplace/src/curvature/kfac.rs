@@ -48,13 +48,15 @@ impl FromStr for KfacApprox {
     }
 }
 
-/// `X Xᵀ` for X `(rows, cols)`: a symmetric rank-k update (half a product)
-/// when the factor is large enough for that to pay, a plain product otherwise.
-fn gram_rows(x: &Tensor) -> Result<Tensor> {
+/// `scale · X Xᵀ` for X `(rows, cols)`: a symmetric rank-k update (half a
+/// product, scaled in place) when the factor is large enough for that to
+/// pay, a plain product otherwise.
+fn gram_rows(x: &Tensor, scale: f64) -> Result<Tensor> {
     if x.dim(0)? >= SYRK_MIN_DIM {
-        crate::linalg::gram_rows(x)
+        crate::linalg::gram_rows(x, scale)
     } else {
-        Ok(x.mm(&x.t()?)?)
+        let g = x.mm(&x.t()?)?;
+        Ok(if scale == 1.0 { g } else { (g * scale)? })
     }
 }
 
@@ -64,35 +66,34 @@ const SYRK_MIN_DIM: usize = 64;
 /// The input factor A `(I, I)`.
 pub fn input_factor(u: &Tensor, n_data: usize, approx: KfacApprox) -> Result<Tensor> {
     let (m, i, r) = u.dims3()?;
-    let a = if r == 1 {
+    let scale = 1.0
+        / match approx {
+            KfacApprox::Expand => n_data * r,
+            KfacApprox::Reduce => n_data,
+        } as f64;
+    if r == 1 {
         // Linear: U as (M, I), A ∝ Uᵀ U.
-        gram_rows(&u.reshape((m, i))?.t()?)?
-    } else {
-        // U with the patch axis first, (I, M, R): free when the layer keeps
-        // it that way (Conv2d does), a copy otherwise.
-        let uimr = tensor::contiguous(&u.transpose(0, 1)?)?;
-        match approx {
-            // Σ_n Σ_r u uᵀ: every (n, r) is a column.
-            KfacApprox::Expand => gram_rows(&uimr.reshape((i, m * r))?)?,
-            // ū_n = (1/R) Σ_r u_{n,r}: (I, M).
-            KfacApprox::Reduce => gram_rows(&(uimr.sum(2)? / r as f64)?)?,
-        }
-    };
-    let scale = match approx {
-        KfacApprox::Expand => n_data * r,
-        KfacApprox::Reduce => n_data,
-    };
-    Ok((a / scale as f64)?)
+        return gram_rows(&u.reshape((m, i))?.t()?, scale);
+    }
+    // U with the patch axis first, (I, M, R): free when the layer keeps
+    // it that way (Conv2d does), a copy otherwise.
+    let uimr = tensor::contiguous(&u.transpose(0, 1)?)?;
+    match approx {
+        // Σ_n Σ_r u uᵀ: every (n, r) is a column.
+        KfacApprox::Expand => gram_rows(&uimr.reshape((i, m * r))?, scale),
+        // ū_n = (1/R) Σ_r u_{n,r}: (I, M).
+        KfacApprox::Reduce => gram_rows(&(uimr.sum(2)? / r as f64)?, scale),
+    }
 }
 
 /// The output factor B `(O, O)`.
 pub fn output_factor(v: &Tensor, approx: KfacApprox) -> Result<Tensor> {
     let (m, k, o, r) = v.dims4()?;
     match approx {
-        _ if r == 1 => gram_rows(&v.reshape((m * k, o))?.t()?),
+        _ if r == 1 => gram_rows(&v.reshape((m * k, o))?.t()?, 1.0),
         // Σ_n Σ_k Σ_r v vᵀ: the Gram matrix of the columns of the M·K blocks (O, R).
         KfacApprox::Expand => crate::linalg::gram_of_blocks(&v.reshape((m * k, o, r))?),
-        KfacApprox::Reduce => gram_rows(&tensor::sum_dim(v, 3)?.reshape((m * k, o))?.t()?),
+        KfacApprox::Reduce => gram_rows(&tensor::sum_dim(v, 3)?.reshape((m * k, o))?.t()?, 1.0),
     }
 }
 

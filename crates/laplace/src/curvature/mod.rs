@@ -351,7 +351,7 @@ impl<'m> Curvature<'m> {
             FullSum::Matrix { h, kernel: MatrixKernel::HessianProducts } => check_finite(h, "Hessian"),
             FullSum::Matrix { h, kernel: MatrixKernel::LastLayer(_) } => check_finite(h, "curvature"),
             FullSum::Gram(gram) => {
-                let h = gram.finish(self.model.dtype(), self.model.device())?;
+                let h = gram.finish(1.0, self.model.dtype(), self.model.device())?;
                 check_finite(self.selection.reorder(self.selection.reorder(h, 0)?, 1)?, "curvature")
             }
         }
