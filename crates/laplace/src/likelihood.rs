@@ -147,11 +147,13 @@ impl Likelihood {
         match self {
             // Row k = √p_k (e_k − p): L = diag(√p) − √p pᵀ, and
             // Lᵀ L = diag(p) − 2ppᵀ + (Σ_k p_k) ppᵀ = diag(p) − ppᵀ.
+            // Formed as √p_k · (I − 1 pᵀ)_{kj}: two (M, C, C) buffers at
+            // once, not three (a 100-class batch of 512 has 20 MB each).
             Likelihood::Classification => {
                 let p = softmax(f)?;
-                let sp = p.sqrt()?;
-                let outer = sp.unsqueeze(2)?.broadcast_mul(&p.unsqueeze(1)?)?;
-                Ok((diag_embed(&sp)? - outer)?)
+                let eye = Tensor::eye(c, f.dtype(), f.device())?.unsqueeze(0)?;
+                let centred = eye.broadcast_sub(&p.reshape((m, 1, c))?)?;
+                Ok(centred.broadcast_mul(&p.sqrt()?.reshape((m, c, 1))?)?)
             }
             Likelihood::Regression => Ok(eye_batch(m, c, f)?),
         }

@@ -78,6 +78,37 @@ fn kron_over_batches_is_the_factorwise_sum() {
     }
 }
 
+/// The backward pass in chunks of output rows (one row at a time with the
+/// smallest bound on temporaries) gives the factors and diagonals of all
+/// rows at once: B and the exact diagonals summed over the chunks, A formed
+/// once. Convolutions, BatchNorm's exact-diagonal blocks, one-hot Embedding
+/// factors and attention, with K > 1 rows (the exact GGN, an MC Fisher).
+#[test]
+fn kron_and_diag_in_chunks_of_rows_are_those_of_all_rows() {
+    for name in ["cls_cnn", "reg_multi", "graph/resnet_bn", "transformer/encoder_mha"] {
+        let fx = Fixture::load(name);
+        let n = fx.data.len();
+        for kind in [CurvatureKind::Ggn, CurvatureKind::FisherMc { samples: 3, seed: 5 }] {
+            let all = Curvature::new(&fx.model, fx.likelihood, kind, &Subset::All).unwrap();
+            let rows = Curvature::new(&fx.model, fx.likelihood, kind, &Subset::All).unwrap().with_chunk_elems(1);
+            let (_, d_all) = all.diag(&whole(&fx)).unwrap();
+            let (_, d_rows) = rows.diag(&whole(&fx)).unwrap();
+            assert_close(&d_rows, &d_all, 1e-12, &format!("{name} {kind:?}: diag"));
+            for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
+                let (_, k_all) = all.kron(&whole(&fx), n, approx).unwrap();
+                let (_, k_rows) = rows.kron(&whole(&fx), n, approx).unwrap();
+                assert_eq!(k_all.blocks.len(), k_rows.blocks.len());
+                for (b, (x, y)) in k_all.blocks.iter().zip(&k_rows.blocks).enumerate() {
+                    assert_eq!(x.len(), y.len(), "{name} block {b}: factor count");
+                    for (f, (p, q)) in x.iter().zip(y).enumerate() {
+                        assert_close(q, p, 1e-12, &format!("{name} {kind:?} {approx:?} block {b} factor {f}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `7 · kron(x, N = 1)` equals `kron(x repeated 7 times, N = 7)` (as
 /// Kronecker products: the scalar is split differently among the factors).
 #[test]

@@ -97,62 +97,108 @@ pub fn output_factor(v: &Tensor, approx: KfacApprox) -> Result<Tensor> {
     }
 }
 
-/// The blocks of one layer: weight `[B, A]` (or `[B·A]` when 1 × 1), then
-/// bias `[B]`, each tagged "is the bias"; for ops that are not Kronecker
-/// factored, one 1-D exact-diagonal block per tensor.
-pub fn layer_blocks(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_elems: usize) -> Result<Vec<(bool, Vec<Tensor>)>> {
+/// One layer's KFAC, summed over chunks of output rows (see
+/// `Curvature::kron`): what depends on the rows (B, and the exact diagonals
+/// of ops that are not Kronecker factored) adds up over the chunks; A is the
+/// inputs' alone and is formed once, with the first chunk.
+pub(crate) enum LayerKfac {
+    /// A `(I, I)` (one-hot patches: its diagonal `(V,)`) and B `(O, O)`.
+    Factored {
+        a: Tensor,
+        b: Tensor,
+        /// How B is formed: the layer's approximation (`expand` for one-hot patches).
+        b_approx: KfacApprox,
+        /// A 1 × 1 weight, whose single block is the product B·A.
+        scalar_weight: bool,
+        has_bias: bool,
+    },
+    /// The exact diagonals of the weight and the bias (ops that are not
+    /// Kronecker factored: BatchNorm's scale and shift).
+    Diagonal { weight: Tensor, bias: Option<Tensor> },
+}
+
+impl LayerKfac {
+    /// The first chunk's share: A and B, or the diagonals.
+    pub(crate) fn new(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_elems: usize) -> Result<Self> {
+        let has_bias = view.affine.has_bias();
+        if !view.affine.kron_factored() {
+            let (weight, bias) = exact_diagonals(view, chunk_elems)?;
+            return Ok(LayerKfac::Diagonal { weight, bias });
+        }
+        let (o, i, _) = view.affine.affine_dims();
+        let scalar_weight = o == 1 && i == 1;
+        if let Some(oh) = view.one_hot() {
+            // One-hot patches (Embedding): A = diag(a), a_v = (1/(N·R)) · #{(n, r): id = v},
+            // with B as for `expand`, whichever the approximation.
+            let mut counts = vec![0.0; oh.vocab];
+            for id in oh.ids.iter().flatten() {
+                counts[*id] += 1.0;
+            }
+            let r = oh.positions as f64;
+            let s = &view.sensitivities;
+            let a = tensor::from_f64(counts.iter().map(|c| c / (n_data as f64 * r)).collect(), &[oh.vocab], s.dtype(), s.device())?;
+            let b = output_factor(s, KfacApprox::Expand)?;
+            return Ok(LayerKfac::Factored { a, b, b_approx: KfacApprox::Expand, scalar_weight, has_bias });
+        }
+        let groups = view.groups();
+        let patches = if groups > 1 {
+            // ū = (1/G) Σ_g u_g, averaged over the G groups of U's rows. Summed
+            // as (G, I·M·R) over its leading axis: Conv2d keeps U as a
+            // contiguous (G·I, M, R) buffer, so this reads it in place, where
+            // a (M, G, I, R) view needed a copy and a strided reduction.
+            let u = view.patches()?;
+            let (m, gi, r) = u.dims3()?;
+            let rows_first = u.transpose(0, 1)?.contiguous()?.reshape((groups, gi / groups * m * r))?;
+            let mean = (tensor::sum_dim(&rows_first, 0)? / groups as f64)?;
+            mean.reshape((gi / groups, m, r))?.transpose(0, 1)?
+        } else {
+            view.patches()?
+        };
+        let a = input_factor(&patches, n_data, approx)?;
+        let b = output_factor(&view.sensitivities, approx)?;
+        Ok(LayerKfac::Factored { a, b, b_approx: approx, scalar_weight, has_bias })
+    }
+
+    /// A later chunk's share added: B, or the diagonals.
+    pub(crate) fn add(&mut self, view: &AffineView, chunk_elems: usize) -> Result<()> {
+        match self {
+            LayerKfac::Factored { b, b_approx, .. } => *b = (&*b + output_factor(&view.sensitivities, *b_approx)?)?,
+            LayerKfac::Diagonal { weight, bias } => {
+                let (w, b) = exact_diagonals(view, chunk_elems)?;
+                *weight = (&*weight + w)?;
+                if let (Some(bias), Some(b)) = (bias, b) {
+                    *bias = (&*bias + b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The layer's blocks, each tagged "is the bias": weight `[B, A]` (or
+    /// `[B·A]` when 1 × 1), then bias `[B]`; for ops that are not
+    /// Kronecker factored, one 1-D exact-diagonal block per tensor.
+    pub(crate) fn into_blocks(self) -> Result<Vec<(bool, Vec<Tensor>)>> {
+        let mut blocks = Vec::with_capacity(2);
+        match self {
+            LayerKfac::Factored { a, b, scalar_weight, has_bias, .. } => {
+                blocks.push((false, if scalar_weight { vec![(&b * &a)?] } else { vec![b.clone(), a] }));
+                if has_bias {
+                    blocks.push((true, vec![b]));
+                }
+            }
+            LayerKfac::Diagonal { weight, bias } => {
+                blocks.push((false, vec![weight]));
+                blocks.extend(bias.map(|b| (true, vec![b])));
+            }
+        }
+        Ok(blocks)
+    }
+}
+
+/// The exact curvature diagonals of a layer's weight and bias.
+fn exact_diagonals(view: &AffineView, chunk_elems: usize) -> Result<(Tensor, Option<Tensor>)> {
     let has_bias = view.affine.has_bias();
-    if !view.affine.kron_factored() {
-        let all = LayerSelection { weight: Some(Selected::All), bias: has_bias.then_some(Selected::All) };
-        let (w, b) = diag_gram(view, &all, chunk_elems)?;
-        let mut blocks = vec![(false, vec![w.expect("the weight is selected")])];
-        if let Some(b) = b {
-            blocks.push((true, vec![b]));
-        }
-        return Ok(blocks);
-    }
-    if let Some(oh) = view.one_hot() {
-        // One-hot patches (Embedding): A = diag(a), a_v = (1/(N·R)) · #{(n, r): id = v},
-        // with B as for `expand`, whichever the approximation.
-        let mut counts = vec![0.0; oh.vocab];
-        for id in oh.ids.iter().flatten() {
-            counts[*id] += 1.0;
-        }
-        let r = oh.positions as f64;
-        let s = &view.sensitivities;
-        let a = tensor::from_f64(counts.iter().map(|c| c / (n_data as f64 * r)).collect(), &[oh.vocab], s.dtype(), s.device())?;
-        let b = output_factor(&view.sensitivities, KfacApprox::Expand)?;
-        let mut blocks = vec![(false, vec![b.clone(), a])];
-        if has_bias {
-            blocks.push((true, vec![b]));
-        }
-        return Ok(blocks);
-    }
-    let groups = view.groups();
-    let patches = if groups > 1 {
-        // ū = (1/G) Σ_g u_g, averaged over the G groups of U's rows. Summed
-        // as (G, I·M·R) over its leading axis: Conv2d keeps U as a
-        // contiguous (G·I, M, R) buffer, so this reads it in place, where
-        // a (M, G, I, R) view needed a copy and a strided reduction.
-        let u = view.patches()?;
-        let (m, gi, r) = u.dims3()?;
-        let rows_first = u.transpose(0, 1)?.contiguous()?.reshape((groups, gi / groups * m * r))?;
-        let mean = (tensor::sum_dim(&rows_first, 0)? / groups as f64)?;
-        mean.reshape((gi / groups, m, r))?.transpose(0, 1)?
-    } else {
-        view.patches()?
-    };
-    let a = input_factor(&patches, n_data, approx)?;
-    let b = output_factor(&view.sensitivities, approx)?;
-    let mut blocks = Vec::with_capacity(2);
-    let (o, i, _) = view.affine.affine_dims();
-    if o == 1 && i == 1 {
-        blocks.push((false, vec![(&b * &a)?]));
-    } else {
-        blocks.push((false, vec![b.clone(), a]));
-    }
-    if has_bias {
-        blocks.push((true, vec![b]));
-    }
-    Ok(blocks)
+    let all = LayerSelection { weight: Some(Selected::All), bias: has_bias.then_some(Selected::All) };
+    let (w, b) = diag_gram(view, &all, chunk_elems)?;
+    Ok((w.expect("the weight is selected"), b))
 }

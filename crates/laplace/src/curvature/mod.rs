@@ -369,11 +369,14 @@ impl<'m> Curvature<'m> {
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
         let mut parts = std::collections::HashMap::new();
-        engine::backward(self.model, &tape, rows, |view| {
+        self.backward_in_row_chunks(&tape, rows, |view, _| {
             if let Some(sel) = self.selection.layer(view.layer) {
                 let (w, b) = diag::diag_gram(&view, sel, self.chunk_elems)?;
-                parts.extend(w.map(|w| ((view.layer, false), w)));
-                parts.extend(b.map(|b| ((view.layer, true), b)));
+                for (key, part) in [((view.layer, false), w), ((view.layer, true), b)] {
+                    if let Some(part) = part {
+                        add_part(&mut parts, key, part)?;
+                    }
+                }
             }
             Ok(())
         })?;
@@ -404,20 +407,28 @@ impl<'m> Curvature<'m> {
         let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
-        let mut blocks = std::collections::HashMap::new();
-        engine::backward(self.model, &tape, rows, |view| {
+        let mut layers = std::collections::HashMap::new();
+        self.backward_in_row_chunks(&tape, rows, |view, first| {
             if self.selection.layer(view.layer).is_some() {
-                let transposed = view.affine.weight_layout() == crate::nn::WeightLayout::InOut;
-                for (is_bias, mut block) in kfac::layer_blocks(&view, n_data, approx, self.chunk_elems)? {
-                    // W stored (I, O): [B, A] on W (O, I) is [A, B] on the stored tensor.
-                    if transposed && !is_bias && block.len() == 2 {
-                        block.swap(0, 1);
-                    }
-                    blocks.insert((view.layer, is_bias), block);
+                if first {
+                    layers.insert(view.layer, kfac::LayerKfac::new(&view, n_data, approx, self.chunk_elems)?);
+                } else if let Some(layer) = layers.get_mut(&view.layer) {
+                    layer.add(&view, self.chunk_elems)?;
                 }
             }
             Ok(())
         })?;
+        let mut blocks = std::collections::HashMap::new();
+        for (layer, factors) in layers {
+            let transposed = self.model.nodes()[layer].op.affine().is_some_and(|a| a.weight_layout() == crate::nn::WeightLayout::InOut);
+            for (is_bias, mut block) in factors.into_blocks()? {
+                // W stored (I, O): [B, A] on W (O, I) is [A, B] on the stored tensor.
+                if transposed && !is_bias && block.len() == 2 {
+                    block.swap(0, 1);
+                }
+                blocks.insert((layer, is_bias), block);
+            }
+        }
         let (dt, dev) = (self.model.dtype(), self.model.device());
         let kron = Kron::new(self.selection.in_theta_order(self.model, blocks, |t| Ok(vec![Tensor::zeros(t.len, dt, dev)?]))?)?;
         for (b, fs) in kron.blocks.iter().enumerate() {
@@ -462,6 +473,37 @@ impl<'m> Curvature<'m> {
         crate::budget::check(&format!("full {what} for P = {p}"), &[p, p], self.model.dtype().size_in_bytes())
     }
 
+    /// The backward pass of the output rows `rows (M, K, C)`, in chunks of
+    /// rows: `visit(view, first)` at every parameterized node of every
+    /// chunk, `first` for the first chunk. The diagonals and KFAC's B are
+    /// sums over the K rows, so the chunks' shares add up (A, which does not
+    /// depend on the rows, is formed with the first alone).
+    ///
+    /// A pass holds about three sensitivities `(M, K, W)` at its widest node
+    /// output W: with many rows per point (the exact GGN has K = C) and
+    /// feature maps (W in the thousands) the largest buffers of the whole
+    /// computation, each of them fresh memory. A chunk of K_c rows holds
+    /// M·K_c·W ≤ `chunk_elems / 4` of them instead. Chunks copy their rows
+    /// (M·K_c·C), so where W < 8·C (an MLP whose layers are about as wide
+    /// as its output) the rows are as large as what chunking saves, and all
+    /// K go back at once.
+    fn backward_in_row_chunks(&self, tape: &engine::Tape, rows: Tensor, mut visit: impl FnMut(engine::AffineView<'_>, bool) -> Result<()>) -> Result<()> {
+        let (m, k) = (rows.dim(0)?, rows.dim(1)?);
+        let c: usize = rows.dims()[2..].iter().product();
+        let model = self.model;
+        let widest = (0..model.nodes().len()).map(|i| model.value_shape(model.node_value(i)).iter().product::<usize>()).max().unwrap_or(1);
+        let chunk = ((self.chunk_elems / 4) / m.saturating_mul(widest).max(1)).clamp(1, k.max(1));
+        if chunk >= k || widest < 8 * c {
+            return engine::backward(model, tape, rows, |view| visit(view, true));
+        }
+        for start in (0..k).step_by(chunk) {
+            let len = chunk.min(k - start);
+            let rows = rows.narrow(1, start, len)?.contiguous()?;
+            engine::backward(model, tape, rows, |view| visit(view, start == 0))?;
+        }
+        Ok(())
+    }
+
     /// The bound on temporaries, in elements.
     pub(crate) fn chunk_elems(&self) -> usize {
         self.chunk_elems
@@ -491,6 +533,21 @@ impl<'m> Curvature<'m> {
         let m = x.len();
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
     }
+}
+
+/// `parts[key] += part` (inserted where absent): the shares of chunks of rows.
+fn add_part<K: std::hash::Hash + Eq>(parts: &mut std::collections::HashMap<K, Tensor>, key: K, part: Tensor) -> Result<()> {
+    use std::collections::hash_map::Entry;
+    match parts.entry(key) {
+        Entry::Occupied(mut e) => {
+            let sum = (e.get() + part)?;
+            e.insert(sum);
+        }
+        Entry::Vacant(e) => {
+            e.insert(part);
+        }
+    }
+    Ok(())
 }
 
 /// A full curvature being summed over batches (see [`Curvature::full_sum`]).
