@@ -23,6 +23,59 @@ use crate::tensor::{self, Mm, Tensor};
 /// the weight's and the bias's, each `(n,)`. `chunk_elems` bounds the size
 /// of temporary per-sample gradients.
 pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    diag_part(view, sel, chunk_elems)?.finish()
+}
+
+/// A layer's diagonal from some of the output rows, as it is summed over
+/// chunks of rows: a sum of per-chunk diagonals, but for a Linear weight,
+/// whose Σ_k V² `(M, O)` is what adds up over chunks (its product with U²
+/// is formed once, by [`DiagPart::finish`], not once per chunk).
+pub(crate) struct DiagPart {
+    weight: Option<WeightPart>,
+    bias: Option<Tensor>,
+}
+
+enum WeightPart {
+    Diagonal(Tensor),
+    /// Σ_k V² `(M, O)` and U² `(M, I)` of a Linear layer (R = 1).
+    LinearRows { v2: Tensor, u2: Tensor },
+}
+
+impl DiagPart {
+    /// Add the share of another chunk of rows of the same layer.
+    pub(crate) fn add(&mut self, other: DiagPart) -> Result<()> {
+        self.bias = match (self.bias.take(), other.bias) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        };
+        self.weight = match (self.weight.take(), other.weight) {
+            (Some(WeightPart::Diagonal(a)), Some(WeightPart::Diagonal(b))) => Some(WeightPart::Diagonal((a + b)?)),
+            (Some(WeightPart::LinearRows { v2, u2 }), Some(WeightPart::LinearRows { v2: w2, .. })) => {
+                Some(WeightPart::LinearRows { v2: (v2 + w2)?, u2 })
+            }
+            (a, None) => a,
+            (None, b) => b,
+            _ => crate::error::bail!(Invalid, "the chunks of one layer's diagonal differ in form"),
+        };
+        Ok(())
+    }
+
+    /// The weight's and the bias's diagonal entries, each `(n,)`.
+    pub(crate) fn finish(self) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let weight = match self.weight {
+            None => None,
+            Some(WeightPart::Diagonal(w)) => Some(w),
+            Some(WeightPart::LinearRows { v2, u2 }) => {
+                let (o, i) = (v2.dim(1)?, u2.dim(1)?);
+                Some(v2.t()?.mm(&u2)?.reshape(o * i)?) // (Σ_k V²)ᵀ U²  (O, I)
+            }
+        };
+        Ok((weight, self.bias))
+    }
+}
+
+/// The diagonal of the layer in `view` from its rows, as [`DiagPart`].
+pub(crate) fn diag_part(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) -> Result<DiagPart> {
     let v = &view.sensitivities;
     let bias = sel.bias.as_ref().map(|s| sum_sq_leading(&bias_grads(v, s)?)).transpose()?;
     if let (Some(oh), Some(s)) = (view.one_hot(), &sel.weight) {
@@ -31,7 +84,7 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
             Selected::All => w,
             Selected::Some(ids) => tensor::select(&w, &tensor::index_tensor(ids, w.device())?, 0)?,
         };
-        return Ok((Some(w), bias));
+        return Ok(DiagPart { weight: Some(WeightPart::Diagonal(w)), bias });
     }
     let u = &view.patches()?;
     let groups = view.groups();
@@ -47,7 +100,8 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
             Selected::All if r == 1 => {
                 let v2 = tensor::sum_sq_dim(v, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
                 let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
-                v2.t()?.mm(&u2)?.reshape(o * i)?
+                weight = Some(WeightPart::LinearRows { v2, u2 });
+                return Ok(DiagPart { weight, bias });
             }
             Selected::All => {
                 // Σ_n Σ_k (V_{n,k} U_nᵀ)²: per-sample products summed as squares
@@ -63,9 +117,9 @@ pub fn diag_gram(view: &AffineView, sel: &LayerSelection, chunk_elems: usize) ->
                 })?
             }
         };
-        weight = Some(part);
+        weight = Some(WeightPart::Diagonal(part));
     }
-    Ok((weight, bias))
+    Ok(DiagPart { weight, bias })
 }
 
 /// The weight diagonal `(O·V)` of a layer with one-hot patches (Embedding):

@@ -368,18 +368,25 @@ impl<'m> Curvature<'m> {
         let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
         let rows = self.output_rows(&tape.output, &y, batch.offset)?;
-        let mut parts = std::collections::HashMap::new();
-        self.backward_in_row_chunks(&tape, rows, |view, _| {
+        let mut layers = std::collections::HashMap::new();
+        self.backward_in_row_chunks(&tape, rows, |view, first| {
             if let Some(sel) = self.selection.layer(view.layer) {
-                let (w, b) = diag::diag_gram(&view, sel, self.chunk_elems)?;
-                for (key, part) in [((view.layer, false), w), ((view.layer, true), b)] {
-                    if let Some(part) = part {
-                        add_part(&mut parts, key, part)?;
+                let part = diag::diag_part(&view, sel, self.chunk_elems)?;
+                match layers.get_mut(&view.layer) {
+                    Some(sum) if !first => diag::DiagPart::add(sum, part)?,
+                    _ => {
+                        layers.insert(view.layer, part);
                     }
                 }
             }
             Ok(())
         })?;
+        let mut parts = std::collections::HashMap::new();
+        for (layer, part) in layers {
+            let (w, b) = part.finish()?;
+            parts.extend(w.map(|w| ((layer, false), w)));
+            parts.extend(b.map(|b| ((layer, true), b)));
+        }
         let (dt, dev) = (self.model.dtype(), self.model.device());
         let parts = self.selection.in_theta_order(self.model, parts, |t| Ok(Tensor::zeros(t.len, dt, dev)?))?;
         let d = self.selection.reorder(Tensor::cat(&parts, 0)?, 0)?;
@@ -476,8 +483,9 @@ impl<'m> Curvature<'m> {
     /// The backward pass of the output rows `rows (M, K, C)`, in chunks of
     /// rows: `visit(view, first)` at every parameterized node of every
     /// chunk, `first` for the first chunk. The diagonals and KFAC's B are
-    /// sums over the K rows, so the chunks' shares add up (A, which does not
-    /// depend on the rows, is formed with the first alone).
+    /// sums over the K rows, so the chunks' shares add up; what does not
+    /// depend on the rows is formed once (KFAC's A with the first chunk, a
+    /// Linear weight's product of Σ_k V² with U² after the last).
     ///
     /// A pass holds about three sensitivities `(M, K, W)` at its widest node
     /// output W: with many rows per point (the exact GGN has K = C) and
@@ -533,21 +541,6 @@ impl<'m> Curvature<'m> {
         let m = x.len();
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
     }
-}
-
-/// `parts[key] += part` (inserted where absent): the shares of chunks of rows.
-fn add_part<K: std::hash::Hash + Eq>(parts: &mut std::collections::HashMap<K, Tensor>, key: K, part: Tensor) -> Result<()> {
-    use std::collections::hash_map::Entry;
-    match parts.entry(key) {
-        Entry::Occupied(mut e) => {
-            let sum = (e.get() + part)?;
-            e.insert(sum);
-        }
-        Entry::Vacant(e) => {
-            e.insert(part);
-        }
-    }
-    Ok(())
 }
 
 /// A full curvature being summed over batches (see [`Curvature::full_sum`]).
