@@ -162,28 +162,33 @@ impl Cholesky {
 /// fastest with a column-major destination; writing straight into the
 /// row-major result was 25% slower.) The result is that buffer itself, made
 /// symmetric in place: one `(P, P)` allocation in all.
-pub struct GramAccumulator {
-    p: usize,
-    f32: Option<LowerGram<f32>>,
-    f64: Option<LowerGram<f64>>,
+pub struct GramAccumulator(Accumulated);
+
+/// The accumulator's buffer, in its dtype.
+enum Accumulated {
+    F32(LowerGram<f32>),
+    F64(LowerGram<f64>),
 }
 
 impl GramAccumulator {
     /// A zero `(p, p)` accumulator in `dtype` (f32 or f64).
     pub fn new(p: usize, dtype: crate::tensor::DType) -> Self {
-        let (f32, f64) = match dtype {
-            crate::tensor::DType::F32 => (Some(LowerGram::zeros(p)), None),
-            _ => (None, Some(LowerGram::zeros(p))),
-        };
-        GramAccumulator { p, f32, f64 }
+        match dtype {
+            crate::tensor::DType::F32 => GramAccumulator(Accumulated::F32(LowerGram::zeros(p))),
+            _ => GramAccumulator(Accumulated::F64(LowerGram::zeros(p))),
+        }
     }
 
     /// H += AᵀA. `a` is read in place when it is contiguous (row-major) or
     /// the transpose of a contiguous matrix (column-major), copied otherwise.
     pub fn add(&mut self, a: &Tensor) -> Result<()> {
         let (n, p) = a.dims2()?;
-        if p != self.p {
-            bail!(Invalid, "Gram update with {p} columns, accumulator has {}", self.p);
+        let own = match &self.0 {
+            Accumulated::F32(h) => h.p,
+            Accumulated::F64(h) => h.p,
+        };
+        if p != own {
+            bail!(Invalid, "Gram update with {p} columns, accumulator has {own}");
         }
         let at = a.t()?;
         let (data, col_major) = if !a.is_contiguous() && at.is_contiguous() {
@@ -199,10 +204,9 @@ impl GramAccumulator {
             };
             h.add(m);
         }
-        if let Some(h) = &mut self.f32 {
-            crate::tensor::with_host_slice(&data, |v: &[f32]| update(h, v, n, p, col_major))?;
-        } else if let Some(h) = &mut self.f64 {
-            crate::tensor::with_host_slice(&data, |v: &[f64]| update(h, v, n, p, col_major))?;
+        match &mut self.0 {
+            Accumulated::F32(h) => crate::tensor::with_host_slice(&data, |v: &[f32]| update(h, v, n, p, col_major))?,
+            Accumulated::F64(h) => crate::tensor::with_host_slice(&data, |v: &[f64]| update(h, v, n, p, col_major))?,
         }
         Ok(())
     }
@@ -211,12 +215,15 @@ impl GramAccumulator {
     /// `device`: the accumulator's own buffer (no copy where `dtype` is the
     /// accumulator's).
     pub fn finish(self, scale: f64, dtype: crate::tensor::DType, device: &crate::tensor::Device) -> Result<Tensor> {
-        let p = self.p;
-        let t = if let Some(h) = self.f32 {
-            Tensor::from_vec(h.into_symmetric(scale as f32), (p, p), device)?
-        } else {
-            let h = self.f64.expect("one accumulator is set");
-            Tensor::from_vec(h.into_symmetric(scale), (p, p), device)?
+        let t = match self.0 {
+            Accumulated::F32(h) => {
+                let p = h.p;
+                Tensor::from_vec(h.into_symmetric(scale as f32), (p, p), device)?
+            }
+            Accumulated::F64(h) => {
+                let p = h.p;
+                Tensor::from_vec(h.into_symmetric(scale), (p, p), device)?
+            }
         };
         Ok(t.to_dtype(dtype)?)
     }

@@ -201,6 +201,13 @@ impl Model {
         self.shapes.iter().map(|s| s.iter().product::<usize>()).max().unwrap_or(1)
     }
 
+    /// The per-sample size (elements) of the largest node output: the
+    /// widest value sensitivities can reach (the model inputs, which
+    /// [`Model::widest_value`] counts too, get none).
+    pub fn widest_node_output(&self) -> usize {
+        (0..self.nodes().len()).map(|i| self.value_shape(self.node_value(i)).iter().product::<usize>()).max().unwrap_or(1)
+    }
+
     /// Per-sample input shape (of the first input).
     pub fn input_shape(&self) -> &[usize] {
         &self.shapes[0]

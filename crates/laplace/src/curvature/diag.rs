@@ -92,32 +92,29 @@ pub(crate) fn diag_part(view: &AffineView, sel: &LayerSelection, chunk_elems: us
     if let Some(s) = &sel.weight {
         let (m, k, o, r) = v.dims4()?;
         let i = u.dim(1)? / groups;
-        let part = match s {
+        weight = Some(match s {
             // Grouped layers: per-sample gradients a chunk of samples at a time.
-            Selected::All if groups > 1 => chunked_sum_sq(m, chunk_elems / (k * o * i).max(1), |start, len| {
+            Selected::All if groups > 1 => WeightPart::Diagonal(chunked_sum_sq(m, chunk_elems / (k * o * i).max(1), |start, len| {
                 grouped_weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, groups)
-            })?,
-            Selected::All if r == 1 => {
-                let v2 = tensor::sum_sq_dim(v, 1)?.reshape((m, o))?; // Σ_k V²  (M, O)
-                let u2 = u.sqr()?.reshape((m, i))?; // U²  (M, I)
-                weight = Some(WeightPart::LinearRows { v2, u2 });
-                return Ok(DiagPart { weight, bias });
-            }
+            })?),
+            Selected::All if r == 1 => WeightPart::LinearRows {
+                v2: tensor::sum_sq_dim(v, 1)?.reshape((m, o))?, // Σ_k V²  (M, O)
+                u2: u.sqr()?.reshape((m, i))?,                  // U²  (M, I)
+            },
             Selected::All => {
                 // Σ_n Σ_k (V_{n,k} U_nᵀ)²: per-sample products summed as squares
                 // on the fly, (K·O, I) → Σ_k → (O·I).
                 let sq = tensor::sum_sq_products(&v.reshape((m, k * o, r))?, u)?;
-                tensor::sum_leading(&sq.reshape((k, o * i))?, 1)?
+                WeightPart::Diagonal(tensor::sum_leading(&sq.reshape((k, o * i))?, 1)?)
             }
             Selected::Some(ids) => {
                 // Temporaries per sample: (K, S, R) gathered rows and their products.
                 let per_sample = (v.dim(1)? * ids.len() * r).max(1);
-                chunked_sum_sq(m, chunk_elems / per_sample, |start, len| {
+                WeightPart::Diagonal(chunked_sum_sq(m, chunk_elems / per_sample, |start, len| {
                     weight_grads(&u.narrow(0, start, len)?, &v.narrow(0, start, len)?, ids, groups)
-                })?
+                })?)
             }
-        };
-        weight = Some(WeightPart::Diagonal(part));
+        });
     }
     Ok(DiagPart { weight, bias })
 }

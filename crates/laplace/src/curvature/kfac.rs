@@ -20,7 +20,7 @@
 
 use std::str::FromStr;
 
-use super::diag::diag_gram;
+use super::diag::{diag_part, DiagPart};
 use super::selection::{LayerSelection, Selected};
 use crate::engine::AffineView;
 use crate::error::{bail, Error, Result};
@@ -113,8 +113,9 @@ pub(crate) enum LayerKfac {
         has_bias: bool,
     },
     /// The exact diagonals of the weight and the bias (ops that are not
-    /// Kronecker factored: BatchNorm's scale and shift).
-    Diagonal { weight: Tensor, bias: Option<Tensor> },
+    /// Kronecker factored: BatchNorm's scale and shift), summed over chunks
+    /// as the diagonal curvature sums them.
+    Diagonal(DiagPart),
 }
 
 impl LayerKfac {
@@ -122,8 +123,7 @@ impl LayerKfac {
     pub(crate) fn new(view: &AffineView, n_data: usize, approx: KfacApprox, chunk_elems: usize) -> Result<Self> {
         let has_bias = view.affine.has_bias();
         if !view.affine.kron_factored() {
-            let (weight, bias) = exact_diagonals(view, chunk_elems)?;
-            return Ok(LayerKfac::Diagonal { weight, bias });
+            return Ok(LayerKfac::Diagonal(exact_diagonals(view, chunk_elems)?));
         }
         let (o, i, _) = view.affine.affine_dims();
         let scalar_weight = o == 1 && i == 1;
@@ -163,13 +163,7 @@ impl LayerKfac {
     pub(crate) fn add(&mut self, view: &AffineView, chunk_elems: usize) -> Result<()> {
         match self {
             LayerKfac::Factored { b, b_approx, .. } => *b = (&*b + output_factor(&view.sensitivities, *b_approx)?)?,
-            LayerKfac::Diagonal { weight, bias } => {
-                let (w, b) = exact_diagonals(view, chunk_elems)?;
-                *weight = (&*weight + w)?;
-                if let (Some(bias), Some(b)) = (bias, b) {
-                    *bias = (&*bias + b)?;
-                }
-            }
+            LayerKfac::Diagonal(sum) => sum.add(exact_diagonals(view, chunk_elems)?)?,
         }
         Ok(())
     }
@@ -186,8 +180,9 @@ impl LayerKfac {
                     blocks.push((true, vec![b]));
                 }
             }
-            LayerKfac::Diagonal { weight, bias } => {
-                blocks.push((false, vec![weight]));
+            LayerKfac::Diagonal(sum) => {
+                let (weight, bias) = sum.finish()?;
+                blocks.push((false, vec![weight.expect("the weight is selected")]));
                 blocks.extend(bias.map(|b| (true, vec![b])));
             }
         }
@@ -195,10 +190,9 @@ impl LayerKfac {
     }
 }
 
-/// The exact curvature diagonals of a layer's weight and bias.
-fn exact_diagonals(view: &AffineView, chunk_elems: usize) -> Result<(Tensor, Option<Tensor>)> {
-    let has_bias = view.affine.has_bias();
-    let all = LayerSelection { weight: Some(Selected::All), bias: has_bias.then_some(Selected::All) };
-    let (w, b) = diag_gram(view, &all, chunk_elems)?;
-    Ok((w.expect("the weight is selected"), b))
+/// The exact curvature diagonals of a layer's weight and bias, from this
+/// chunk of rows.
+fn exact_diagonals(view: &AffineView, chunk_elems: usize) -> Result<DiagPart> {
+    let all = LayerSelection { weight: Some(Selected::All), bias: view.affine.has_bias().then_some(Selected::All) };
+    diag_part(view, &all, chunk_elems)
 }

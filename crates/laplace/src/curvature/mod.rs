@@ -372,11 +372,10 @@ impl<'m> Curvature<'m> {
         self.backward_in_row_chunks(&tape, rows, |view, first| {
             if let Some(sel) = self.selection.layer(view.layer) {
                 let part = diag::diag_part(&view, sel, self.chunk_elems)?;
-                match layers.get_mut(&view.layer) {
-                    Some(sum) if !first => diag::DiagPart::add(sum, part)?,
-                    _ => {
-                        layers.insert(view.layer, part);
-                    }
+                if first {
+                    layers.insert(view.layer, part);
+                } else if let Some(sum) = layers.get_mut(&view.layer) {
+                    sum.add(part)?;
                 }
             }
             Ok(())
@@ -499,7 +498,7 @@ impl<'m> Curvature<'m> {
         let (m, k) = (rows.dim(0)?, rows.dim(1)?);
         let c: usize = rows.dims()[2..].iter().product();
         let model = self.model;
-        let widest = (0..model.nodes().len()).map(|i| model.value_shape(model.node_value(i)).iter().product::<usize>()).max().unwrap_or(1);
+        let widest = model.widest_node_output();
         let chunk = ((self.chunk_elems / 4) / m.saturating_mul(widest).max(1)).clamp(1, k.max(1));
         if chunk >= k || widest < 8 * c {
             return engine::backward(model, tape, rows, |view| visit(view, true));
