@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import warnings
+import zlib
 from collections import UserDict
 
 import pytest
@@ -177,7 +178,9 @@ def _subnet(model, n, seed):
 
 
 def make_case(name):
-    torch.manual_seed(abs(hash(name)) % 1000)
+    # crc32, not hash(): str hashes are salted per process (PYTHONHASHSEED), which
+    # trained a different model in every run and made tolerance tests flaky
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)
     g = torch.Generator().manual_seed(7)
     if name == "mlp_cls":
         model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -213,7 +216,7 @@ def make_case(name):
                 for p in m.parameters():
                     p.requires_grad_(False)
         return Case(name, model, train, torch.randn(4, 1, 6, 6, generator=g), "classification",
-                    _subnet(model, 30, 3), kron_model=frozen, hess_prior=10.0)
+                    _subnet(model, 30, 3), kron_model=frozen, hess_prior=20.0)
     if name == "transformer":
         mtf = transformer_module()
         torch.manual_seed(mtf.seed_of("encoder_mha"))
@@ -312,6 +315,11 @@ def test_laplace_variant_matches_laplace_torch(case_name, curv, variant):
     assert isinstance(la.backend, OURS[curv])
     what = f"{case_name} {cls.__name__} {curv} vs {ref_cls.__name__}"
     assert rel(la.loss, la_ref.loss) < TOL, what
+    if curv == "hessian" and structure == "full":
+        # an indefinite Hessian: the case's prior must keep H + prior positive definite,
+        # or both evidences are NaN (lowest eigenvalue here: 1.05 below prior 10 for resnet_bn)
+        low = torch.linalg.eigvalsh(posterior_precision(la_ref).double())[0].item()
+        assert low > 0, f"{what}: raise the case's hess_prior (precision eigenvalue {low:.3g})"
     assert rel(la.log_marginal_likelihood().detach(), la_ref.log_marginal_likelihood().detach()) < TOL, what
     assert rel(posterior_precision(la), posterior_precision(la_ref)) < TOL, what
     for a, b in zip(predictive(la, c.test_x), predictive(la_ref, c.test_x)):
@@ -516,17 +524,30 @@ def test_float32_regression_kron_and_ef():
 
 
 def test_stochastic_ggn_is_an_unbiased_estimate():
-    """MC Fisher diagonal → GGN diagonal at the Monte-Carlo rate (error ∝ 1/√samples)."""
+    """MC Fisher diagonal → GGN diagonal, checked as a statistician would: over R
+    independent estimates of S samples each, (1) the mean squared error falls as 1/S,
+    and (2) the mean of the R estimates lies within a few of its own standard errors
+    (estimated from the R replicates) of the exact diagonal: no bias. One draw's error
+    is too noisy for either (8 points: a few entries dominate the norm)."""
     c = case("mlp_cls")
     x, y = first_batch(c)
     _, exact = RustGGN(c.model, c.lik).diag(x, y)
-    torch.manual_seed(0)
-    errs = {}
-    for s in (250, 16000):
-        _, mc = RustGGN(c.model, c.lik, stochastic=True, num_samples=s).diag(x, y)
-        errs[s] = rel(mc, exact)
-    # 64× the samples: 8× smaller error expected; allow a factor 2.7 of noise
-    assert errs[16000] < errs[250] / 3 and errs[16000] < 0.05, errs
+    R = 16
+    mse, bias2, se2 = {}, {}, {}
+    for s in (100, 6400):
+        draws = []
+        for r in range(R):
+            torch.manual_seed(r)
+            draws.append(RustGGN(c.model, c.lik, stochastic=True, num_samples=s).diag(x, y)[1])
+        d = torch.stack(draws).double()
+        mean = d.mean(0)
+        mse[s] = ((d - exact.double()) ** 2).sum(1).mean().item()
+        bias2[s] = ((mean - exact.double()) ** 2).sum().item()
+        se2[s] = ((d - mean) ** 2).sum(1).sum().item() / (R - 1) / R  # E‖mean − exact‖² if unbiased
+    # 64× the samples: 64× smaller mean squared error; a mean of 16 draws is within 3× of it
+    assert 64 / 3 < mse[100] / mse[6400] < 64 * 3, mse
+    for s in (100, 6400):
+        assert bias2[s] < 16 * se2[s], (s, bias2[s], se2[s])
     be = RustGGN(c.model, c.lik, stochastic=True, num_samples=100)
     torch.manual_seed(1)
     _, mc = be.diag(x, y)
