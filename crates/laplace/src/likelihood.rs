@@ -143,19 +143,32 @@ impl Likelihood {
     /// A square root of Λ_n, as rows: `(M, C, C)` with Λ_n = Σ_k L[n, k] L[n, k]ᵀ.
     /// These rows are what the exact GGN pushes back through the network.
     pub fn sqrt_hessian(&self, f: &Tensor) -> Result<Tensor> {
+        self.sqrt_hessian_rows(f, 0..f.dim(1)?)
+    }
+
+    /// Rows `rows` of [`sqrt_hessian`](Self::sqrt_hessian), `(M, rows.len(), C)`,
+    /// formed without the others: a pass over many outputs pulls its rows
+    /// back a range at a time, and never holds all `(M, C, C)` of them (a
+    /// 100-class batch of 512 has 20 MB).
+    pub fn sqrt_hessian_rows(&self, f: &Tensor, rows: std::ops::Range<usize>) -> Result<Tensor> {
         let (m, c) = f.dims2()?;
+        if rows.start > rows.end || rows.end > c {
+            bail!(Invalid, "rows {rows:?} of the square root of Λ: it has {c}");
+        }
+        let (start, len) = (rows.start, rows.len());
+        let eye = Tensor::eye(c, f.dtype(), f.device())?.narrow(0, start, len)?.unsqueeze(0)?; // (1, len, C)
         match self {
             // Row k = √p_k (e_k − p): L = diag(√p) − √p pᵀ, and
             // Lᵀ L = diag(p) − 2ppᵀ + (Σ_k p_k) ppᵀ = diag(p) − ppᵀ.
-            // Formed as √p_k · (I − 1 pᵀ)_{kj}: two (M, C, C) buffers at
-            // once, not three (a 100-class batch of 512 has 20 MB each).
+            // Formed as √p_k · (e_k − p)_j: two (M, len, C) buffers at once.
             Likelihood::Classification => {
                 let p = softmax(f)?;
-                let eye = Tensor::eye(c, f.dtype(), f.device())?.unsqueeze(0)?;
                 let centred = eye.broadcast_sub(&p.reshape((m, 1, c))?)?;
-                Ok(centred.broadcast_mul(&p.sqrt()?.reshape((m, c, 1))?)?)
+                let sqrt_p = p.narrow(1, start, len)?.sqrt()?.reshape((m, len, 1))?;
+                Ok(centred.broadcast_mul(&sqrt_p)?)
             }
-            Likelihood::Regression => Ok(eye_batch(m, c, f)?),
+            // L = I: row k is e_k
+            Likelihood::Regression => Ok(eye.broadcast_as((m, len, c))?.contiguous()?),
         }
     }
 
@@ -217,4 +230,42 @@ fn eye_batch(m: usize, c: usize, like: &Tensor) -> Result<Tensor> {
         .unsqueeze(0)?
         .broadcast_as((m, c, c))?
         .contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows of Λ's square root, whole and in ranges: their Gram matrix per
+    /// point is Λ = diag(p) − ppᵀ (classification) or I (regression), in
+    /// closed form, and ranges of rows are the whole's rows.
+    #[test]
+    fn square_root_rows_have_the_hessian_as_gram_matrix_in_any_range() {
+        let (m, c) = (3, 5);
+        let vals: Vec<f64> = (0..m * c).map(|i| ((i * 7919) % 13) as f64 / 4.0 - 1.5).collect();
+        let f = tensor::from_f64(vals.clone(), &[m, c], DType::F64, &tensor::Device::Cpu).unwrap();
+        for lik in [Likelihood::Classification, Likelihood::Regression] {
+            let l = tensor::to_vec_f64(&lik.sqrt_hessian(&f).unwrap()).unwrap();
+            for n in 0..m {
+                let row = &vals[n * c..(n + 1) * c];
+                let z: f64 = row.iter().map(|v| v.exp()).sum();
+                let p: Vec<f64> = row.iter().map(|v| v.exp() / z).collect();
+                for i in 0..c {
+                    for j in 0..c {
+                        let gram: f64 = (0..c).map(|k| l[(n * c + k) * c + i] * l[(n * c + k) * c + j]).sum();
+                        let want = match lik {
+                            Likelihood::Classification => f64::from(u8::from(i == j)) * p[i] - p[i] * p[j],
+                            Likelihood::Regression => f64::from(u8::from(i == j)),
+                        };
+                        assert!((gram - want).abs() < 1e-14, "{lik:?} point {n} ({i}, {j}): {gram} vs {want}");
+                    }
+                }
+            }
+            let parts = [0..2, 2..2, 2..5].map(|r| lik.sqrt_hessian_rows(&f, r).unwrap());
+            let joined = tensor::to_vec_f64(&Tensor::cat(&parts, 1).unwrap()).unwrap();
+            assert_eq!(joined, l, "{lik:?}: rows in ranges are not the whole's rows");
+            let e = lik.sqrt_hessian_rows(&f, 4..6).unwrap_err().to_string();
+            assert!(e.contains("4..6") && e.contains('5'), "{e}");
+        }
+    }
 }

@@ -367,7 +367,7 @@ impl<'m> Curvature<'m> {
         let y = self.targets(&batch.y, &batch.x)?;
         let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
-        let rows = self.output_rows(&tape.output, &y, batch.offset)?;
+        let rows = self.output_row_source(&tape.output, &y, batch.offset)?;
         let mut layers = std::collections::HashMap::new();
         self.backward_in_row_chunks(&tape, rows, |view, first| {
             if let Some(sel) = self.selection.layer(view.layer) {
@@ -412,7 +412,7 @@ impl<'m> Curvature<'m> {
         let y = self.targets(&batch.y, &batch.x)?;
         let tape = engine::forward(self.model, &batch.x, self.selection.active())?;
         let loss = self.likelihood.loss(&tape.output, &y)?;
-        let rows = self.output_rows(&tape.output, &y, batch.offset)?;
+        let rows = self.output_row_source(&tape.output, &y, batch.offset)?;
         let mut layers = std::collections::HashMap::new();
         self.backward_in_row_chunks(&tape, rows, |view, first| {
             if self.selection.layer(view.layer).is_some() {
@@ -488,25 +488,28 @@ impl<'m> Curvature<'m> {
     ///
     /// A pass holds about three sensitivities `(M, K, W)` at its widest node
     /// output W: with many rows per point (the exact GGN has K = C) and
-    /// feature maps (W in the thousands) the largest buffers of the whole
-    /// computation, each of them fresh memory. A chunk of K_c rows holds
-    /// M·K_c·W ≤ `chunk_elems / 4` of them instead. Chunks copy their rows
-    /// (M·K_c·C), so where W < 8·C (an MLP whose layers are about as wide
-    /// as its output) the rows are as large as what chunking saves, and all
-    /// K go back at once.
-    fn backward_in_row_chunks(&self, tape: &engine::Tape, rows: Tensor, mut visit: impl FnMut(engine::AffineView<'_>, bool) -> Result<()>) -> Result<()> {
-        let (m, k) = (rows.dim(0)?, rows.dim(1)?);
-        let c: usize = rows.dims()[2..].iter().product();
+    /// feature maps (W in the thousands), or many outputs (K = C = 100),
+    /// the largest buffers of the whole computation, each of them fresh
+    /// memory. A chunk of K_c rows holds M·K_c·W ≤ `chunk_elems / 4` of them
+    /// instead (the fewest such chunks, their sizes evened out). The exact
+    /// GGN's rows are formed a chunk at a time ([`OutputRows::SqrtHessian`]);
+    /// rows formed whole (Monte-Carlo samples) are copied per chunk
+    /// (M·K_c·C), so where W < 8·C that copy is as large as what chunking
+    /// saves, and all K go back at once.
+    fn backward_in_row_chunks(&self, tape: &engine::Tape, rows: OutputRows<'_>, mut visit: impl FnMut(engine::AffineView<'_>, bool) -> Result<()>) -> Result<()> {
+        let (m, k, c) = rows.dims()?;
         let model = self.model;
         let widest = model.widest_node_output();
-        let chunk = ((self.chunk_elems / 4) / m.saturating_mul(widest).max(1)).clamp(1, k.max(1));
-        if chunk >= k || widest < 8 * c {
-            return engine::backward(model, tape, rows, |view| visit(view, true));
+        let most = ((self.chunk_elems / 4) / m.saturating_mul(widest).max(1)).clamp(1, k.max(1));
+        // the fewest chunks of at most `most` rows, evened out (10 rows, at most 8: 5 + 5, not 8 + 2)
+        let chunk = k.div_ceil(k.div_ceil(most).max(1)).max(1);
+        let copies = matches!(rows, OutputRows::Formed(_));
+        if chunk >= k || (copies && widest < 8 * c) {
+            return engine::backward(model, tape, rows.range(0..k)?, |view| visit(view, true));
         }
         for start in (0..k).step_by(chunk) {
             let len = chunk.min(k - start);
-            let rows = rows.narrow(1, start, len)?.contiguous()?;
-            engine::backward(model, tape, rows, |view| visit(view, start == 0))?;
+            engine::backward(model, tape, rows.range(start..start + len)?, |view| visit(view, start == 0))?;
         }
         Ok(())
     }
@@ -525,6 +528,15 @@ impl<'m> Curvature<'m> {
         }
     }
 
+    /// The output rows of `output_rows`, as a source of any range of them:
+    /// the exact GGN's are formed a range at a time, the others whole.
+    fn output_row_source<'f>(&self, f: &'f Tensor, y: &Tensor, offset: usize) -> Result<OutputRows<'f>> {
+        Ok(match self.kind {
+            CurvatureKind::Ggn | CurvatureKind::Hessian => OutputRows::SqrtHessian(self.likelihood, f),
+            CurvatureKind::FisherMc { .. } | CurvatureKind::Ef => OutputRows::Formed(self.output_rows(f, y, offset)?),
+        })
+    }
+
     /// Output rows `(M, K, C)` whose Gram matrix per point is Λ̃_n.
     pub(crate) fn output_rows(&self, f: &Tensor, y: &Tensor, offset: usize) -> Result<Tensor> {
         match self.kind {
@@ -539,6 +551,38 @@ impl<'m> Curvature<'m> {
         self.model.check_input(x)?;
         let m = x.len();
         self.likelihood.prepare_targets(y, m, self.model.n_outputs(), self.model.dtype())
+    }
+}
+
+/// The output rows `(M, K, C)` a backward pass pulls back, whole or a range
+/// of rows at a time (see [`Curvature::backward_in_row_chunks`]).
+enum OutputRows<'f> {
+    /// Rows of the likelihood's square root of Λ at the outputs `f (M, C)`
+    /// (the exact GGN: K = C), formed only when asked for.
+    SqrtHessian(Likelihood, &'f Tensor),
+    /// Rows formed whole (Monte-Carlo samples, the empirical Fisher's gradients).
+    Formed(Tensor),
+}
+
+impl OutputRows<'_> {
+    /// (M, K, C): points, rows per point, outputs.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        Ok(match self {
+            OutputRows::SqrtHessian(_, f) => {
+                let (m, c) = f.dims2()?;
+                (m, c, c)
+            }
+            OutputRows::Formed(rows) => (rows.dim(0)?, rows.dim(1)?, rows.dims()[2..].iter().product()),
+        })
+    }
+
+    /// Rows `range` of every point, `(M, range.len(), C)` (contiguous).
+    fn range(&self, range: std::ops::Range<usize>) -> Result<Tensor> {
+        Ok(match self {
+            OutputRows::SqrtHessian(likelihood, f) => likelihood.sqrt_hessian_rows(f, range)?,
+            OutputRows::Formed(rows) if range.start == 0 && range.end == rows.dim(1)? => rows.clone(),
+            OutputRows::Formed(rows) => rows.narrow(1, range.start, range.len())?.contiguous()?,
+        })
     }
 }
 
